@@ -1,0 +1,158 @@
+"""L-infinity attacks in [0, 1] pixel space: PGD with several losses (optionally returning
+the whole path), CW-inf, and DARWIN's two branches advanced together.
+
+All attacks put the attacked models in the mode asked for (``bn_mode``: 'eval' or 'train')
+and restore the modes they found. Returned samples are detached.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .errors import InputError
+
+EPS_DEFAULT = 8 / 255  # in [0, 1] pixel units
+ALPHA_DEFAULT = 2 / 255
+
+
+@contextlib.contextmanager
+def model_modes(models: Sequence[nn.Module], training: Sequence[bool]):
+    """Temporarily set each model's train/eval mode; restore the previous modes after."""
+    before = [m.training for m in models]
+    try:
+        for m, t in zip(models, training):
+            m.train(t)
+        yield
+    finally:
+        for m, t in zip(models, before):
+            m.train(t)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The plain module inside a DistributedDataParallel wrapper (or the model itself)."""
+    return getattr(model, "module", model)
+
+
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
+    """Proj(z): clip to the eps-ball around x, then to [0, 1]."""
+    return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
+
+
+def random_start(x: torch.Tensor, eps: float, kind: str | None,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+    """'uniform': x + U(-eps, eps); 'normal': x + 0.001 N(0, 1) (TRADES/RSLAD); None: x."""
+    if kind is None or kind == "none" or eps == 0:
+        return x.clone()
+    gen_dev = generator.device if generator is not None else x.device
+    if kind == "uniform":
+        noise = (torch.rand(x.shape, generator=generator, device=gen_dev) * 2 - 1) * eps
+    elif kind == "normal":
+        noise = 0.001 * torch.randn(x.shape, generator=generator, device=gen_dev)
+    else:
+        raise InputError(f"unknown random start {kind!r}; expected 'uniform', 'normal' or None")
+    return project(x + noise.to(x.device, x.dtype), x, eps)
+
+
+def kl_per_sample(target_logits: torch.Tensor, logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
+    """KL(softmax(target/tau) || softmax(logits/tau)) for each sample, summed over classes."""
+    log_p = F.log_softmax(target_logits.float() / tau, dim=1)
+    log_q = F.log_softmax(logits.float() / tau, dim=1)
+    return (log_p.exp() * (log_p - log_q)).sum(1)
+
+
+def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
+    """max(max_{j != y} z_j - z_y, -kappa) per sample (the quantity CW-inf maximises)."""
+    logits = logits.float()
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
+    return torch.clamp(other - true, min=-kappa)
+
+
+LossFn = Callable[[torch.Tensor], torch.Tensor]  # logits -> per-sample loss to *ascend*
+
+
+def pgd(model: nn.Module, x: torch.Tensor, loss_fn: LossFn, eps: float = EPS_DEFAULT,
+        alpha: float = ALPHA_DEFAULT, steps: int = 10, start: str | None = "uniform",
+        bn_mode: str = "eval", return_path: bool = False, generator: torch.Generator | None = None,
+        autocast=contextlib.nullcontext):
+    """Projected sign-gradient ascent of ``loss_fn(model(x_adv))`` in the L-inf eps-ball.
+
+    ``loss_fn`` maps logits to a per-sample loss; its sum is differentiated, so samples are
+    independent whenever the model is (eval-mode batch norm). Returns the final sample, or
+    with ``return_path`` the list [x(1), ..., x(n)] whose last item is the final sample:
+    the path costs no extra forward pass, each point being the output of one step.
+    """
+    if steps < 0:
+        raise InputError(f"attack steps must be >= 0, found {steps}")
+    model = unwrap(model)  # attacks never go through DistributedDataParallel's reducer
+    x = x.detach()
+    x_adv = random_start(x, eps, start, generator)
+    path = []
+    with model_modes([model], [bn_mode == "train"]), torch.enable_grad():
+        for _ in range(steps):
+            x_adv.requires_grad_(True)
+            with autocast():
+                loss = loss_fn(model(x_adv)).sum()
+            grad, = torch.autograd.grad(loss, x_adv)
+            x_adv = project(x_adv.detach() + alpha * grad.sign(), x, eps)
+            if return_path:
+                path.append(x_adv)
+    return path if return_path else x_adv
+
+
+def pgd_ce(model, x, y, **kw):
+    """Untargeted PGD on the cross-entropy (PGD-20 evaluation, PGD-AT, ARD/IAD attacks)."""
+    return pgd(model, x, lambda z: F.cross_entropy(z.float(), y, reduction="none"), **kw)
+
+
+def pgd_kl(model, x, target_logits, **kw):
+    """PGD maximising KL(softmax(target) || softmax(model(x_adv))) (TRADES, RSLAD)."""
+    target_logits = target_logits.detach()
+    return pgd(model, x, lambda z: kl_per_sample(target_logits, z), **kw)
+
+
+def pgd_targeted(model, x, target, **kw):
+    """PGD *descending* the CE towards ``target`` (DARWIN's targeted branch)."""
+    return pgd(model, x, lambda z: -F.cross_entropy(z.float(), target, reduction="none"), **kw)
+
+
+def cw_inf(model, x, y, eps=EPS_DEFAULT, alpha=0.003, steps=30, kappa=50.0, **kw):
+    """CW-inf: PGD on the margin loss with kappa (30 steps of 0.003 in the protocol)."""
+    return pgd(model, x, lambda z: cw_margin(z, y, kappa), eps=eps, alpha=alpha, steps=steps, **kw)
+
+
+def dual_branch_paths(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pair: torch.Tensor,
+                      target: torch.Tensor, eps: float = EPS_DEFAULT, alpha: float = ALPHA_DEFAULT,
+                      steps: int = 10, start: str | None = "uniform", bn_mode: str = "eval",
+                      generator: torch.Generator | None = None, autocast=contextlib.nullcontext
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """DARWIN's two paths, advanced together: the untargeted path from x (ascending CE(., y))
+    and the targeted path from the partner x' (descending CE(., target)).
+
+    With eval-mode batch norm both branches go through one batched forward/backward per step
+    (samples are independent, so the result equals two separate attacks). With 'train'-mode
+    batch norm each branch keeps its own forward, so each is normalised by its own batch.
+    Returns ([xh(1)..xh(n)], [xt(1)..xt(n)]).
+    """
+    b = len(x)
+    if bn_mode == "train":
+        up = pgd_ce(model, x, y, eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode,
+                    return_path=True, generator=generator, autocast=autocast)
+        tp = pgd_targeted(model, x_pair, target, eps=eps, alpha=alpha, steps=steps, start=start,
+                          bn_mode=bn_mode, return_path=True, generator=generator, autocast=autocast)
+        return up, tp
+    both_x = torch.cat([x, x_pair])
+    labels = torch.cat([y, target])
+    sign = torch.cat([torch.ones(b, device=x.device), -torch.ones(len(x_pair), device=x.device)])
+
+    def loss_fn(z):
+        return sign * F.cross_entropy(z.float(), labels, reduction="none")
+
+    path = pgd(model, both_x, loss_fn, eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode,
+               return_path=True, generator=generator, autocast=autocast)
+    return [p[:b] for p in path], [p[b:] for p in path]

@@ -1,0 +1,234 @@
+"""Training engine: SGD with the schedules of SPEC.md, an atomic per-epoch checkpoint of
+everything needed to resume (model, optimiser, scheduler, RNG states, epoch, history), and
+per-epoch metrics handed to callbacks (the stages plug MLflow in there).
+
+Randomness is re-seeded from (seed, epoch) at the start of every epoch, so a run killed after
+epoch k and resumed ends with the same weights as an uninterrupted run on CPU.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+import torch
+import torch.nn as nn
+
+from .data import TrainBatches
+from .errors import InputError
+from .losses import Objective
+from .utils import atomic_torch_save, autocast, make_generator, progress, select_device
+
+Callback = Callable[[int, dict], None]
+
+
+@dataclass
+class OptimConfig:
+    """SGD and its learning-rate schedule. Epoch counts are in epochs of the batch provider."""
+
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 2e-4
+    nesterov: bool = False
+    schedule: Literal["piecewise", "cosine", "onecycle", "constant"] = "piecewise"
+    milestones: list[float] = field(default_factory=list)  # epochs where lr *= gamma (piecewise)
+    gamma: float = 0.1
+    onecycle_warmup: float = 0.3   # fraction of training spent rising to lr (onecycle)
+
+    def __post_init__(self):
+        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
+            raise InputError(f"optimiser: epochs, batch_size and lr must be positive, found {self}")
+        if self.schedule not in ("piecewise", "cosine", "onecycle", "constant"):
+            raise InputError(f"optimiser.schedule: expected piecewise|cosine|onecycle|constant, "
+                             f"found {self.schedule!r}")
+
+
+@dataclass
+class RunConfig:
+    """How to run: seed, device, numerics and where the resumable checkpoint lives."""
+
+    seed: int = 0
+    device: str = "auto"
+    bf16: bool = False            # bf16 autocast (CUDA; CPU works but is slow)
+    channels_last: bool = False
+    checkpoint_dir: str = ""      # empty: no checkpoint, no resume
+    progress_every_s: float = 30.0
+
+
+def lr_factor(schedule: str, epoch_float: float, total_epochs: int, milestones, gamma: float,
+              warmup: float) -> float:
+    """Multiplier of the base lr at a (fractional) epoch."""
+    if schedule == "constant":
+        return 1.0
+    if schedule == "piecewise":
+        return gamma ** sum(math.floor(epoch_float) >= m for m in milestones)
+    t = min(epoch_float / total_epochs, 1.0)
+    if schedule == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * t))
+    # onecycle: linear rise to 1 over `warmup`, then cosine decay to 0
+    if t < warmup:
+        return t / warmup if warmup > 0 else 1.0
+    return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-12)))
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, iters_per_epoch: int):
+    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+                          weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda it: lr_factor(cfg.schedule, it / iters_per_epoch, cfg.epochs, cfg.milestones,
+                                  cfg.gamma, cfg.onecycle_warmup))
+    return opt, sched
+
+
+def fingerprint(*parts) -> str:
+    """A hash of the settings a checkpoint belongs to: resume only into the same run."""
+    text = json.dumps([p if isinstance(p, (dict, list, str, int, float)) else repr(p) for p in parts],
+                      sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+class Trainer:
+    """Trains ``model`` with ``objective`` on ``batches``; checkpoints and resumes.
+
+    ``evaluate`` (optional) is called after each epoch with the model in eval mode and returns
+    extra metrics (e.g. held-out natural and PGD accuracy). ``callbacks`` get (epoch, metrics).
+    ``is_main`` is False on non-zero ranks of a distributed run: they write nothing.
+    """
+
+    def __init__(self, model: nn.Module, objective: Objective, batches: TrainBatches,
+                 optim: OptimConfig, run: RunConfig, teacher: nn.Module | None = None,
+                 evaluate: Callable[[nn.Module], dict] | None = None,
+                 callbacks: list[Callback] | None = None, is_main: bool = True,
+                 settings_fingerprint: str = "", log: Callable[[str], None] = print):
+        self.device = select_device(run.device)
+        self.model = model
+        self.objective = objective
+        self.batches = batches
+        self.optim_cfg, self.run_cfg = optim, run
+        self.teacher = teacher
+        if objective.needs_teacher and teacher is None:
+            raise InputError(f"method {objective.name!r} needs a teacher model")
+        self.evaluate = evaluate
+        self.callbacks = list(callbacks or [])
+        self.is_main = is_main
+        self.log = log if is_main else (lambda *_: None)
+        self.optimizer, self.scheduler = build_optimizer(model, optim, len(batches))
+        self.fingerprint = fingerprint(settings_fingerprint, asdict(optim), objective.name,
+                                       asdict(objective.config), run.seed)
+        self.history: list[dict] = []
+        self.start_epoch = 0
+        self.ckpt_path = Path(run.checkpoint_dir) / "state.pt" if run.checkpoint_dir else None
+
+    # ------------------------------------------------------------- checkpoint
+    def _save_state(self, epoch: int) -> None:
+        if self.ckpt_path is None or not self.is_main:
+            return
+        plain = getattr(self.model, "module", self.model)
+        state = {
+            "fingerprint": self.fingerprint,
+            "epoch": epoch,
+            "model": plain.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "rng_torch": torch.get_rng_state(),
+            "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "history": json.dumps(self.history),
+        }
+        atomic_torch_save(state, self.ckpt_path)
+
+    def try_resume(self) -> bool:
+        """Load the last checkpoint if it belongs to this run's settings; True if resumed."""
+        if self.ckpt_path is None or not self.ckpt_path.exists():
+            return False
+        try:
+            state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
+        except Exception as exc:  # noqa: BLE001
+            self.log(f"checkpoint {self.ckpt_path} is unreadable ({exc}); starting from scratch")
+            return False
+        if state.get("fingerprint") != self.fingerprint:
+            self.log(f"checkpoint {self.ckpt_path} belongs to other settings; starting from scratch")
+            return False
+        getattr(self.model, "module", self.model).load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        torch.set_rng_state(state["rng_torch"])
+        if state["rng_cuda"] and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["rng_cuda"])
+        self.history = json.loads(state["history"])
+        self.start_epoch = int(state["epoch"])
+        self.log(f"resumed from {self.ckpt_path} after epoch {self.start_epoch}")
+        return True
+
+    # ------------------------------------------------------------- training
+    def fit(self, stop_after_epoch: int | None = None) -> list[dict]:
+        """Train to the configured number of epochs (or stop early after ``stop_after_epoch``,
+        used by tests to simulate a kill). Returns the per-epoch history."""
+        self.model.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval()
+            for p in self.teacher.parameters():
+                p.requires_grad_(False)
+        if self.run_cfg.channels_last:
+            self.model.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
+        self.try_resume()
+        for epoch in range(self.start_epoch, self.optim_cfg.epochs):
+            metrics = self._train_epoch(epoch)
+            if self.evaluate is not None:
+                self.model.eval()
+                metrics.update(self.evaluate(getattr(self.model, "module", self.model)))
+            self.history.append(metrics)
+            self._save_state(epoch + 1)
+            for cb in self.callbacks:
+                if self.is_main:
+                    cb(epoch + 1, metrics)
+            self.log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                              for k, v in metrics.items()))
+            if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
+                break
+        self.model.eval()
+        return self.history
+
+    def _train_epoch(self, epoch: int) -> dict:
+        seed = self.run_cfg.seed
+        torch.manual_seed(seed * 1_000_003 + epoch)
+        attack_gen = make_generator(seed * 7_919 + epoch, self.device)
+        self.model.train()
+        sums: dict[str, float] = {}
+        count, images = 0, 0
+        start = time.perf_counter()
+        amp = lambda: autocast(self.device, self.run_cfg.bf16)  # noqa: E731
+        batches = self.batches.epoch(seed, epoch)
+        for batch in progress(batches, total=len(self.batches), desc=f"epoch {epoch + 1}",
+                              every_s=self.run_cfg.progress_every_s):
+            if self.run_cfg.channels_last:
+                batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+            loss, parts = self.objective(self.model, self.teacher, batch, epoch=epoch,
+                                         generator=attack_gen, autocast=amp)
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"epoch {epoch + 1}: loss became {loss.item()} (parts "
+                                         f"{ {k: float(v) for k, v in parts.items()} })")
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            self.optimizer.step()
+            self.scheduler.step()
+            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + float(v)
+            count += 1
+            images += len(batch.x)
+        elapsed = time.perf_counter() - start
+        out = {"epoch": epoch + 1}
+        out.update({k: v / max(count, 1) for k, v in sums.items()})
+        out.update({"lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
+                    "images_per_s": images / max(elapsed, 1e-9)})
+        return out

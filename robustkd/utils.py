@@ -1,0 +1,87 @@
+"""Small helpers shared by the core modules: devices, seeds, atomic files, progress."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, TypeVar
+
+import torch
+
+T = TypeVar("T")
+
+
+def select_device(name: str = "auto") -> torch.device:
+    """'auto' picks CUDA when present, else CPU; any torch device string is accepted."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def seed_everything(seed: int) -> None:
+    torch.manual_seed(seed)
+    if torch.cuda.is_available():
+        torch.cuda.manual_seed_all(seed)
+
+
+def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
+    gen = torch.Generator(device=device)
+    gen.manual_seed(int(seed) % (2**63))
+    return gen
+
+
+def autocast(device: torch.device, bf16: bool):
+    """bf16 autocast where asked for; a no-op context otherwise."""
+    if not bf16:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
+
+    A killed process leaves the previous file intact (rename is atomic on POSIX).
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+
+
+def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
+             every_s: float = 10.0, stream=None) -> Iterator[T]:
+    """A log-friendly progress bar: one line every ``every_s`` seconds and one at the end.
+
+    Lines (not carriage returns) so that DVC, Prefect and CI logs stay readable.
+    """
+    stream = stream or sys.stderr
+    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    start = last = time.perf_counter()
+    count = 0
+    for item in iterable:
+        yield item
+        count += 1
+        now = time.perf_counter()
+        if now - last >= every_s or (total is not None and count == total):
+            last = now
+            rate = count / max(now - start, 1e-9)
+            frac = f"{count}/{total} ({100 * count / total:.0f}%)" if total else f"{count}"
+            eta = f", eta {(total - count) / rate:.0f}s" if total else ""
+            print(f"[{desc}] {frac}, {rate:.2f} it/s{eta}", file=stream, flush=True)
