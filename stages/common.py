@@ -1,0 +1,144 @@
+"""Helpers shared by the stage CLIs: paths, params, atomic JSON/CSV/arrays, the per-epoch
+history writer, and the one way every CLI reports bad input (message, exit code 2)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import functools
+import io
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import torch
+
+from robustkd.data import ImageSet, load_npz, to_chw_tensor
+from robustkd.errors import InputError
+from robustkd.utils import atomic_path, select_device
+
+from .params import Params, load_params
+
+# Fixed output locations shared with dvc.yaml.
+PREPARED = Path("data/prepared")
+GENERATED = Path("data/generated")
+MODELS = Path("models")
+METRICS = Path("metrics")
+CHECKPOINTS = Path("checkpoints")
+REPORTS = Path("reports")
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--params", default="params.yaml", help="parameters file (default: params.yaml)")
+    return p
+
+
+def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse.ArgumentParser]):
+    """Run a stage main; bad input prints one clear line and exits 2 (no traceback)."""
+
+    @functools.wraps(main)
+    def entry(argv=None):
+        args = build().parse_args(argv)
+        try:
+            main(args)
+        except InputError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    return entry
+
+
+def setup_run(params: Params) -> torch.device:
+    if params.run.threads:
+        torch.set_num_threads(params.run.threads)
+    return select_device(params.run.device)
+
+
+def write_json(obj, path: str | os.PathLike) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
+
+
+def write_csv(rows: list[dict], path: str | os.PathLike) -> None:
+    keys: list[str] = []
+    for row in rows:
+        keys += [k for k in row if k not in keys]
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=keys)
+    writer.writeheader()
+    writer.writerows(rows)
+    with atomic_path(path) as tmp:
+        tmp.write_text(buf.getvalue())
+
+
+def save_arrays(path: str | os.PathLike, **arrays: np.ndarray) -> None:
+    """An uncompressed .npz (plain arrays, no pickle), written atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
+
+
+def save_imageset(data: ImageSet, path: str | os.PathLike) -> None:
+    save_arrays(path, image=data.images.permute(0, 2, 3, 1).numpy(), label=data.labels.numpy(),
+                classes=np.array(data.classes))
+
+
+def load_imageset(path: str | os.PathLike) -> ImageSet:
+    images, labels = load_npz(path)
+    with np.load(path, allow_pickle=False) as npz:
+        classes = [str(c) for c in npz["classes"]] if "classes" in npz.files else \
+            [str(i) for i in range(int(labels.max()) + 1)]
+    return ImageSet(to_chw_tensor(images), torch.from_numpy(labels.astype(np.int64)), classes)
+
+
+class HistoryWriter:
+    """Per-epoch callback: rewrites the CSV history and the JSON of the latest metrics."""
+
+    def __init__(self, csv_path: Path, json_path: Path, extra: dict | None = None):
+        self.csv_path, self.json_path = csv_path, json_path
+        self.rows: list[dict] = []
+        self.extra = extra or {}
+
+    def __call__(self, epoch: int, metrics: dict) -> None:
+        self.rows.append(dict(metrics))
+        write_csv(self.rows, self.csv_path)
+        write_json({**self.extra, **metrics}, self.json_path)
+
+    def load_previous(self, history: list[dict]) -> None:
+        """After a resume: keep the epochs trained before the kill."""
+        self.rows = [dict(h) for h in history]
+
+
+def heldout_monitor(heldout: ImageSet | None, device: torch.device, pgd_steps: int, eps: float,
+                    step_size: float, seed: int):
+    """Per-epoch natural and PGD accuracy on the held-out slice (None when there is none)."""
+    if heldout is None or len(heldout) == 0:
+        return None
+    from robustkd import attacks
+    from robustkd.data import to_float
+    from robustkd.utils import make_generator
+
+    x = to_float(heldout.images)
+    y = heldout.labels
+
+    def evaluate(model) -> dict:
+        model.eval()
+        gen = make_generator(seed, device)
+        nat = adv = 0
+        for i in range(0, len(x), 256):
+            xb, yb = x[i:i + 256].to(device), y[i:i + 256].to(device)
+            with torch.no_grad():
+                nat += (model(xb).argmax(1) == yb).sum().item()
+            xa = attacks.pgd_ce(model, xb, yb, eps=eps, alpha=step_size, steps=pgd_steps, generator=gen)
+            with torch.no_grad():
+                adv += (model(xa).argmax(1) == yb).sum().item()
+        return {"heldout_natural": 100.0 * nat / len(y), f"heldout_pgd{pgd_steps}": 100.0 * adv / len(y)}
+
+    return evaluate
+
+
+def read_params(args) -> Params:
+    return load_params(args.params)

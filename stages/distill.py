@@ -1,0 +1,82 @@
+"""Stage distill: train the student from the teacher with a robust distillation method
+(darwin, darwin_lf, rslad, ard, iad, adaad; natural_kd as the non-adversarial reference),
+mixing real and generated images at ``ddpm.fraction`` per batch. Resumes after a kill."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from robustkd.data import GeneratedPool, to_float
+from robustkd.losses import create_objective
+from robustkd.models import create_model, load_checkpoint, save_checkpoint
+
+from .common import (CHECKPOINTS, GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser,
+                     read_params, setup_run)
+from .params import method_settings
+from .training import run_training
+
+
+def load_generated() -> GeneratedPool | None:
+    path = GENERATED / "images.npy"
+    if not path.exists():
+        return None
+    images = np.load(path, mmap_mode="r", allow_pickle=False)
+    labels = np.load(GENERATED / "labels.npy", allow_pickle=False)
+    return GeneratedPool(images, labels) if len(labels) else None
+
+
+def teacher_predictions(teacher, images_u8: torch.Tensor, device, batch: int = 512) -> torch.Tensor:
+    """The teacher's argmax on clean images: DARWIN-LF's labels for partner sampling."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(images_u8), batch):
+            out.append(teacher(to_float(images_u8[i:i + batch]).to(device)).argmax(1).cpu())
+    return torch.cat(out)
+
+
+def main(args) -> None:
+    params = read_params(args)
+    method = args.method or params.distill.method
+    out_dir = Path(args.out_dir) if args.out_dir else None
+    device = setup_run(params)
+    cfg = params.distill
+    train = load_imageset(PREPARED / "train.npz")
+    heldout = load_imageset(PREPARED / "heldout.npz")
+    teacher = load_checkpoint(MODELS / "teacher.pt").to(device)
+    generated = load_generated()
+    objective = create_objective(method, method_settings(params, method),
+                                 where=f"{args.params}:distill.settings.{method}")
+    partner_labels = None
+    if objective.needs_partners and getattr(objective.config, "label_free", False):
+        partner_labels = teacher_predictions(teacher, train.images, device)
+    torch.manual_seed(params.run.seed)
+    student = create_model(cfg.student.arch, train.num_classes, **cfg.student.options)
+    name = args.name or ("student" if out_dir is None else method)
+    model_path = (out_dir or MODELS) / f"{name}.pt"
+    metrics_dir = out_dir or METRICS
+    history = run_training(student, objective, cfg.optim, params, train, heldout, device,
+                           CHECKPOINTS / name if out_dir is None else out_dir / "checkpoint",
+                           metrics_dir / f"{name}_history.csv", metrics_dir / f"{name}_train.json",
+                           teacher=teacher, generated=generated,
+                           fraction=params.ddpm.fraction if generated is not None else 0.0,
+                           partner_labels=partner_labels, monitor_steps=cfg.monitor_pgd_steps)
+    save_checkpoint(student, model_path, method=method, teacher_arch=teacher.arch,
+                    dataset=params.data.source, epochs=len(history))
+    print(f"{method} student {cfg.student.arch} -> {model_path}: {history[-1]}")
+
+
+def build_parser():
+    p = parser(__doc__)
+    p.add_argument("--method", help="override distill.method (e.g. for the comparison pipeline)")
+    p.add_argument("--name", help="model name (default: 'student', or the method with --out-dir)")
+    p.add_argument("--out-dir", help="write model, history and checkpoint here instead of models/")
+    return p
+
+
+run = cli(main, build_parser)
+
+if __name__ == "__main__":
+    run()

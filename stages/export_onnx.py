@@ -1,0 +1,90 @@
+"""Stage export_onnx: the student -> models/student.onnx (one file, dynamic batch, [0, 1]
+pixel input with normalisation inside), onnx.checker, onnxruntime parity on the test subset
+and latency of torch eager and onnxruntime; the figures go to metrics/export.json."""
+
+from __future__ import annotations
+
+import time
+import warnings
+
+import numpy as np
+import torch
+
+from robustkd.data import stratified_first_k, to_float
+from robustkd.errors import InputError
+from robustkd.models import load_checkpoint
+from robustkd.utils import atomic_path
+
+from .common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, write_json
+
+INPUT_NAME = "image"
+OUTPUT_NAME = "logits"
+
+
+def export(model, path, opset: int) -> None:
+    example = torch.rand(2, 3, 32, 32)
+    batch = torch.export.Dim("batch", min=1, max=65536)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset,
+                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
+                          dynamic_shapes={"x": {0: batch}}, external_data=False, verbose=False)
+
+
+def median_latency_ms(fn, repeats: int) -> float:
+    fn()  # warm-up
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return 1000 * float(np.median(times))
+
+
+def main(args) -> None:
+    import onnx
+    import onnxruntime as ort
+
+    params = read_params(args)
+    cfg = params.export
+    model = load_checkpoint(MODELS / "student.pt").eval()
+    path = MODELS / "student.onnx"
+    export(model, path, cfg.opset)
+    onnx.checker.check_model(onnx.load(str(path)), full_check=True)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    test = load_imageset(PREPARED / "test.npz")
+    if params.evaluate.per_class is not None:
+        test = test.subset(stratified_first_k(test.labels, params.evaluate.per_class, test.num_classes))
+    x = to_float(test.images)
+    with torch.no_grad():
+        ref = model(x).numpy()
+    got = session.run([OUTPUT_NAME], {INPUT_NAME: x.numpy()})[0]
+    max_diff = float(np.abs(ref - got).max())
+    agreement = float((ref.argmax(1) == got.argmax(1)).mean())
+    if max_diff > cfg.parity_atol:
+        raise InputError(f"onnxruntime parity: max |logit difference| {max_diff:.3g} exceeds "
+                         f"export.parity_atol {cfg.parity_atol}")
+    latency = {}
+    for bs in cfg.latency_batch_sizes:
+        xb = torch.rand(bs, 3, 32, 32)
+        xn = xb.numpy()
+        with torch.no_grad():
+            t_torch = median_latency_ms(lambda: model(xb), cfg.latency_repeats)
+        t_ort = median_latency_ms(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: xn}), cfg.latency_repeats)
+        latency[f"batch{bs}"] = {"torch_ms": t_torch, "onnxruntime_ms": t_ort, "speedup": t_torch / t_ort}
+    report = {"onnx": str(path), "opset": cfg.opset, "input": INPUT_NAME, "output": OUTPUT_NAME,
+              "checker": "passed", "num_images": len(x), "max_abs_logit_diff": max_diff,
+              "prediction_agreement": agreement, "latency": latency, "torch_threads": torch.get_num_threads()}
+    write_json(report, METRICS / "export.json")
+    print(f"exported {path}: max |diff| {max_diff:.2e}, agreement {agreement:.4f}, latency {latency}")
+
+
+def build_parser():
+    return parser(__doc__)
+
+
+run = cli(main, build_parser)
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,140 @@
+"""Typed parameters of the pipeline, built from ``params.yaml`` (unknown keys rejected).
+
+Every stage reads the whole file through :func:`load_params`, so a typo anywhere fails
+before any work starts, with the file and key named.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import yaml
+
+from robustkd.config import from_dict
+from robustkd.engine import OptimConfig
+from robustkd.errors import InputError
+from robustkd.evaluation import EvalConfig
+
+
+@dataclass
+class DataParams:
+    """Where the images come from and how much of them the profile uses."""
+
+    source: Literal["imagefolder", "cifar10", "cifar100"] = "imagefolder"
+    root: str = "../shared/datasets/cifar10"   # ImageFolder root, or torchvision download dir
+    download: bool = True                      # torchvision sources: download where a network exists
+    train_per_class: int | None = None         # first k training images of each class (None: all)
+    heldout_per_class: int = 0                 # the next k of each class, for per-epoch monitoring
+    test_per_class: int | None = None          # first k test images of each class kept (None: all)
+
+
+@dataclass
+class ModelParams:
+    arch: str = "resnet18"
+    options: dict = field(default_factory=dict)   # builder keywords, e.g. {width: 16}
+
+
+@dataclass
+class TeacherParams:
+    source: Literal["train", "checkpoint"] = "train"
+    checkpoint: str = ""                    # with source: checkpoint
+    model: ModelParams = field(default_factory=lambda: ModelParams("wrn34_10"))
+    method: Literal["trades", "pgd_at", "natural"] = "trades"
+    settings: dict = field(default_factory=dict)   # the method's config (robustkd.losses)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+
+
+@dataclass
+class DiffusersParams:
+    model_dir: str = ""                    # a local diffusers DDPM pipeline directory
+    scheduler: Literal["ddpm", "ddim"] = "ddim"
+    inference_steps: int = 50
+    batch_size: int = 64
+
+
+@dataclass
+class DdpmParams:
+    """Generated data: the public .npz format, a local diffusers DDPM, or none."""
+
+    source: Literal["none", "npz", "diffusers"] = "none"
+    files: list[str] = field(default_factory=list)
+    num_images: int = 0                    # subsample to this many (0: keep all)
+    relabel: bool = False                  # label with the teacher even when labels exist
+    fraction: float = 0.0                  # share of generated images in each distillation batch
+    drop_test_duplicates: bool = True      # drop generated images identical to a test image
+    max_class_imbalance: float = 0.0       # fail if max/min class count exceeds this (0: report only)
+    diffusers: DiffusersParams = field(default_factory=DiffusersParams)
+
+
+@dataclass
+class DistillParams:
+    method: Literal["darwin", "darwin_lf", "rslad", "ard", "iad", "adaad", "natural_kd"] = "darwin"
+    student: ModelParams = field(default_factory=lambda: ModelParams("resnet18"))
+    settings: dict = field(default_factory=dict)   # per method: {darwin: {...}, rslad: {...}}
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor_pgd_steps: int = 10            # PGD steps of the per-epoch held-out check
+    reference_method: str = "natural_kd"   # the same student trained without adversarial examples
+
+
+@dataclass
+class EvaluateParams:
+    per_class: int | None = None           # the stratified subset "first k per class" (None: all)
+    reference_attacks: list[str] = field(default_factory=lambda: ["natural", "pgd20"])
+    config: EvalConfig = field(default_factory=EvalConfig)
+
+
+@dataclass
+class ExportParams:
+    opset: int = 18
+    latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
+    latency_repeats: int = 20
+    parity_atol: float = 1e-4              # max |logit difference| accepted between torch and ORT
+
+
+@dataclass
+class RunParams:
+    seed: int = 0
+    device: str = "auto"                   # auto: CUDA when present
+    bf16: bool = False
+    channels_last: bool = False
+    threads: int = 0                       # torch CPU threads (0: torch's default)
+
+
+@dataclass
+class CompareParams:
+    methods: list[str] = field(default_factory=lambda: ["darwin", "rslad", "ard"])
+
+
+@dataclass
+class Params:
+    profile: str = "custom"
+    data: DataParams = field(default_factory=DataParams)
+    teacher: TeacherParams = field(default_factory=TeacherParams)
+    ddpm: DdpmParams = field(default_factory=DdpmParams)
+    distill: DistillParams = field(default_factory=DistillParams)
+    evaluate: EvaluateParams = field(default_factory=EvaluateParams)
+    export: ExportParams = field(default_factory=ExportParams)
+    run: RunParams = field(default_factory=RunParams)
+    compare: CompareParams = field(default_factory=CompareParams)
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> Params:
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"parameters file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as exc:
+        raise InputError(f"{path}: not valid YAML: {exc}") from None
+    return from_dict(Params, raw or {}, str(path))
+
+
+def method_settings(params: Params, method: str) -> dict:
+    """The settings block of ``method`` under distill.settings (empty when absent)."""
+    block = params.distill.settings.get(method, {}) or {}
+    if not isinstance(block, dict):
+        raise InputError(f"params.yaml: distill.settings.{method} must be a mapping, found {block!r}")
+    return block

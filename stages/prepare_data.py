@@ -1,0 +1,70 @@
+"""Stage prepare_data: raw CIFAR (torchvision format) or an ImageFolder tree -> uint8 arrays
+(train, held-out, test) in data/prepared/ and a data card in metrics/data_card.json."""
+
+from __future__ import annotations
+
+import hashlib
+
+import torch
+
+from robustkd.data import ImageSet, load_image_folder, load_torchvision_cifar
+from robustkd.errors import InputError
+
+from .common import METRICS, PREPARED, cli, parser, read_params, save_imageset, write_json
+from .params import DataParams
+
+
+def split_per_class(data: ImageSet, first: int | None, then: int) -> tuple[ImageSet, ImageSet]:
+    """Per class: the first ``first`` images (all but ``then`` when None), then the next ``then``."""
+    keep, held = [], []
+    for c in range(data.num_classes):
+        idx = torch.nonzero(data.labels == c).flatten()
+        n_first = len(idx) - then if first is None else first
+        if n_first + then > len(idx) or n_first <= 0:
+            raise InputError(f"data: class {data.classes[c]!r} has {len(idx)} training images; "
+                             f"train_per_class={first} plus heldout_per_class={then} do not fit")
+        keep.append(idx[:n_first])
+        held.append(idx[n_first:n_first + then])
+    return data.subset(torch.sort(torch.cat(keep)).values), data.subset(torch.sort(torch.cat(held)).values)
+
+
+def load_split(cfg: DataParams, train: bool, per_class: int | None) -> ImageSet:
+    if cfg.source == "imagefolder":
+        return load_image_folder(f"{cfg.root}/{'train' if train else 'test'}", per_class=per_class)
+    data = load_torchvision_cifar(cfg.source, cfg.root, train=train, download=cfg.download)
+    if per_class is not None:
+        from robustkd.data import stratified_first_k
+        data = data.subset(stratified_first_k(data.labels, per_class, data.num_classes))
+    return data
+
+
+def card(data: ImageSet) -> dict:
+    return {"num_images": len(data),
+            "per_class": {c: int((data.labels == i).sum()) for i, c in enumerate(data.classes)},
+            "sha256": hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()}
+
+
+def main(args) -> None:
+    params = read_params(args)
+    cfg = params.data
+    limit = None if cfg.train_per_class is None else cfg.train_per_class + cfg.heldout_per_class
+    train_all = load_split(cfg, train=True, per_class=limit)
+    train, heldout = split_per_class(train_all, cfg.train_per_class, cfg.heldout_per_class)
+    test = load_split(cfg, train=False, per_class=cfg.test_per_class)
+    PREPARED.mkdir(parents=True, exist_ok=True)
+    for name, data in [("train", train), ("heldout", heldout), ("test", test)]:
+        save_imageset(data, PREPARED / f"{name}.npz")
+    write_json({"source": cfg.source, "root": cfg.root, "classes": train.classes,
+                "train": card(train), "heldout": card(heldout), "test": card(test)},
+               METRICS / "data_card.json")
+    print(f"prepared {len(train)} train, {len(heldout)} held-out, {len(test)} test images from {cfg.root}")
+
+
+def build_parser():
+    return parser(__doc__)
+
+
+run = cli(main, build_parser)
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,46 @@
+"""Stage train_teacher: adversarially train the teacher (TRADES; PGD-AT as an option), or take
+a given checkpoint with ``teacher.source: checkpoint``. Resumes after a kill."""
+
+from __future__ import annotations
+
+from robustkd.losses import create_objective
+from robustkd.models import create_model, load_checkpoint, save_checkpoint
+
+from .common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
+                     setup_run, write_csv, write_json)
+from .training import run_training
+
+
+def main(args) -> None:
+    params = read_params(args)
+    cfg = params.teacher
+    device = setup_run(params)
+    MODELS.mkdir(exist_ok=True)
+    if cfg.source == "checkpoint":
+        model = load_checkpoint(cfg.checkpoint)  # validates the file before anything is written
+        save_checkpoint(model, MODELS / "teacher.pt", source=cfg.checkpoint)
+        write_json({"source": "checkpoint", "checkpoint": cfg.checkpoint, "arch": model.arch},
+                   METRICS / "teacher_train.json")
+        write_csv([], METRICS / "teacher_history.csv")
+        print(f"teacher taken from {cfg.checkpoint} ({model.arch})")
+        return
+    train = load_imageset(PREPARED / "train.npz")
+    heldout = load_imageset(PREPARED / "heldout.npz")
+    model = create_model(cfg.model.arch, train.num_classes, **cfg.model.options)
+    objective = create_objective(cfg.method, cfg.settings, where=f"{args.params}:teacher.settings")
+    history = run_training(model, objective, cfg.optim, params, train, heldout, device,
+                           CHECKPOINTS / "teacher", METRICS / "teacher_history.csv",
+                           METRICS / "teacher_train.json", monitor_steps=params.distill.monitor_pgd_steps)
+    save_checkpoint(model, MODELS / "teacher.pt", method=cfg.method, epochs=len(history),
+                    dataset=params.data.source)
+    print(f"teacher {cfg.model.arch} trained with {cfg.method}: {history[-1]}")
+
+
+def build_parser():
+    return parser(__doc__)
+
+
+run = cli(main, build_parser)
+
+if __name__ == "__main__":
+    run()

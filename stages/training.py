@@ -1,0 +1,39 @@
+"""What train_teacher and distill share: building the trainer from params and running it
+with the per-epoch history, held-out monitoring and resume."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from robustkd.data import GeneratedPool, ImageSet, TrainBatches
+from robustkd.engine import OptimConfig, RunConfig, Trainer
+from robustkd.losses import Objective
+
+from .common import HistoryWriter, heldout_monitor
+from .params import Params
+
+
+def run_training(model, objective: Objective, optim: OptimConfig, params: Params, train: ImageSet,
+                 heldout: ImageSet | None, device: torch.device, checkpoint_dir: Path, history_csv: Path,
+                 metrics_json: Path, teacher=None, generated: GeneratedPool | None = None,
+                 fraction: float = 0.0, partner_labels=None, monitor_steps: int = 10,
+                 extra_callbacks=(), rank: int = 0, world_size: int = 1) -> list[dict]:
+    eps = getattr(objective.config, "eps", 8 / 255)
+    step = getattr(objective.config, "step_size", 2 / 255)
+    batches = TrainBatches(train, optim.batch_size, device, generated=generated, fraction=fraction,
+                           with_partners=objective.needs_partners, partner_labels=partner_labels,
+                           rank=rank, world_size=world_size)
+    history = HistoryWriter(history_csv, metrics_json, extra={"method": objective.name})
+    run_cfg = RunConfig(seed=params.run.seed, device=str(device), bf16=params.run.bf16,
+                        channels_last=params.run.channels_last, checkpoint_dir=str(checkpoint_dir))
+    trainer = Trainer(model, objective, batches, optim, run_cfg, teacher=teacher,
+                      evaluate=heldout_monitor(heldout, device, monitor_steps, eps, step, params.run.seed),
+                      callbacks=[history, *extra_callbacks], is_main=rank == 0,
+                      settings_fingerprint=repr((asdict(params.data), len(train), fraction,
+                                                 getattr(model, "arch", ""))))
+    if trainer.try_resume():
+        history.load_previous(trainer.history)
+    return trainer.fit()

@@ -1,0 +1,88 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustkd import attacks
+
+EPS = 8 / 255
+
+
+def gen(seed=0):
+    return torch.Generator().manual_seed(seed)
+
+
+@pytest.mark.parametrize("start", ["uniform", "normal", None])
+def test_pgd_stays_in_ball_and_image_range(small_models, tiny_batch, start):
+    model, _ = small_models
+    x, y, *_ = tiny_batch
+    x_adv = attacks.pgd_ce(model, x, y, eps=EPS, steps=5, start=start, generator=gen())
+    assert (x_adv - x).abs().max() <= EPS + 1e-6
+    assert x_adv.min() >= 0 and x_adv.max() <= 1
+
+
+def test_eps_zero_leaves_image_unchanged(small_models, tiny_batch):
+    model, _ = small_models
+    x, y, *_ = tiny_batch
+    assert torch.equal(attacks.pgd_ce(model, x, y, eps=0.0, steps=3, generator=gen()), x)
+    assert torch.equal(attacks.cw_inf(model, x, y, eps=0.0, steps=3, generator=gen()), x)
+
+
+def test_path_has_n_points_and_ends_at_the_returned_sample(small_models, tiny_batch):
+    model, _ = small_models
+    x, y, *_ = tiny_batch
+    path = attacks.pgd_ce(model, x, y, steps=7, return_path=True, generator=gen(3))
+    final = attacks.pgd_ce(model, x, y, steps=7, generator=gen(3))
+    assert len(path) == 7 and torch.equal(path[-1], final)
+    for a, b in zip(path[:-1], path[1:]):  # each step moves by at most alpha
+        assert (b - a).abs().max() <= 2 / 255 + 1e-6
+
+
+def test_targeted_path_lowers_ce_towards_target(small_models, tiny_batch):
+    model, _ = small_models
+    model.eval()
+    x, _, *_ = tiny_batch
+    target = torch.full((len(x),), 3)
+    path = attacks.pgd_targeted(model, x, target, steps=10, start=None, return_path=True)
+    with torch.no_grad():
+        before = F.cross_entropy(model(x), target)
+        after = F.cross_entropy(model(path[-1]), target)
+    assert after < before
+
+
+def test_untargeted_pgd_raises_ce(small_models, tiny_batch):
+    model, _ = small_models
+    model.eval()
+    x, y, *_ = tiny_batch
+    x_adv = attacks.pgd_ce(model, x, y, steps=10, start=None)
+    with torch.no_grad():
+        assert F.cross_entropy(model(x_adv), y) > F.cross_entropy(model(x), y)
+
+
+def test_dual_branch_equals_two_separate_attacks_in_eval_mode(small_models, tiny_batch):
+    model, _ = small_models
+    x, y, xp, _ = tiny_batch
+    up, tp = attacks.dual_branch_paths(model, x, y, xp, target=y, steps=4, start=None)
+    up_ref = attacks.pgd_ce(model, x, y, steps=4, start=None, return_path=True)
+    tp_ref = attacks.pgd_targeted(model, xp, y, steps=4, start=None, return_path=True)
+    for a, b in zip(up + tp, up_ref + tp_ref):
+        assert torch.allclose(a, b, atol=1e-6)
+    assert model.training  # mode restored
+
+
+def test_cw_margin_by_hand():
+    logits = torch.tensor([[1.0, 3.0, 2.0], [10.0, -60.0, 0.0]])
+    y = torch.tensor([0, 0])
+    # sample 0: max other 3 - 1 = 2; sample 1: 0 - 10 = -10 (above -kappa)
+    assert torch.allclose(attacks.cw_margin(logits, y, kappa=50), torch.tensor([2.0, -10.0]))
+    assert torch.allclose(attacks.cw_margin(logits, y, kappa=5), torch.tensor([2.0, -5.0]))
+
+
+def test_attacks_restore_model_modes(small_models, tiny_batch):
+    model, _ = small_models
+    x, y, *_ = tiny_batch
+    model.train()
+    attacks.pgd_ce(model, x, y, steps=1, bn_mode="eval")
+    assert model.training
+    model.eval()
+    attacks.pgd_ce(model, x, y, steps=1, bn_mode="train")
+    assert not model.training

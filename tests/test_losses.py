@@ -1,0 +1,219 @@
+import copy
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from robustkd.data import Batch
+from robustkd.errors import InputError
+from robustkd.losses import (DarwinConfig, TradesConfig, create_objective, darwin_loss, path_weights,
+                             rslad_loss, RsladConfig, ard_loss, ArdConfig, trades_loss, triplet)
+from robustkd.reference import darwin_loss_reference
+
+from .conftest import FixedLinear
+
+
+def kl(p, q):
+    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+
+
+def softmax(z):
+    e = [math.exp(v) for v in z]
+    return [v / sum(e) for v in e]
+
+
+def test_weights_on_three_samples_by_hand():
+    p_t = torch.tensor([[0.9, 0.1], [0.6, 0.4], [0.2, 0.8]])
+    p_s = torch.tensor([[0.5, 0.5], [0.5, 0.5], [0.7, 0.3]])
+    y = torch.tensor([0, 0, 1])
+    # gaps |p_t_y - p_s_y| = 0.4, 0.1, 0.5; max 0.5 -> 0.8, 0.2, 1.0
+    w = path_weights(i=2, n=4, p_t_clean=p_t, p_s_point=p_s, y=y, gamma=0.5, weighting="adaptive")
+    expected = torch.tensor([0.25 + 0.5 * 0.8, 0.25 + 0.5 * 0.2, 0.25 + 0.5 * 1.0])
+    assert torch.allclose(w, expected)
+    assert torch.allclose(path_weights(2, 4, p_t, p_s, y, 0.0, "adaptive"), torch.full((3,), 0.5))
+    assert torch.allclose(path_weights(2, 4, p_t, p_s, y, 1.0, "adaptive"), torch.tensor([0.8, 0.2, 1.0]))
+    assert torch.equal(path_weights(2, 4, p_t, p_s, y, 0.5, "uniform"), torch.ones(3))
+
+
+def test_weights_zero_denominator_gives_zero_second_term():
+    p = torch.tensor([[0.3, 0.7], [0.6, 0.4]])
+    w = path_weights(1, 2, p, p, torch.tensor([0, 1]), 0.5, "adaptive")
+    assert torch.allclose(w, torch.full((2,), 0.25))
+
+
+def test_triplet_is_zero_past_the_margin_and_linear_before():
+    anchor = torch.tensor([[2.0, 0.0, 0.0]])
+    pos = torch.tensor([[2.0, 0.0, 0.0]])     # D(a, pos) = 0
+    neg = torch.tensor([[-5.0, 5.0, 0.0]])    # D(a, neg) large
+    d_neg = kl(softmax([2, 0, 0]), softmax([-5, 5, 0]))
+    assert d_neg > 1.0
+    assert triplet(anchor, pos, neg, margin=1.0, distance="kl").item() == 0.0
+    assert triplet(anchor, pos, neg, margin=d_neg + 0.5, distance="kl").item() == pytest.approx(0.5, abs=1e-5)
+    # squared L2 between probability vectors
+    pa, pn = softmax([2, 0, 0]), softmax([-5, 5, 0])
+    l2 = sum((a - b) ** 2 for a, b in zip(pa, pn))
+    assert triplet(anchor, pos, neg, margin=1.0, distance="l2").item() == pytest.approx(max(0, 1 - l2), abs=1e-6)
+
+
+def linear_pair(seed=0, dim=3 * 32 * 32, classes=4):
+    g = torch.Generator().manual_seed(seed)
+    student = FixedLinear(torch.randn(classes, dim, generator=g) * 0.01, torch.randn(classes, generator=g))
+    teacher = FixedLinear(torch.randn(classes, dim, generator=g) * 0.01, torch.randn(classes, generator=g))
+    return student, teacher
+
+
+def test_arkd_value_by_hand():
+    student, teacher = linear_pair()
+    x = torch.rand(3, 3, 32, 32)
+    y = torch.tensor([0, 1, 2])
+    cfg = DarwinConfig(eps=0.0, steps=2, beta=0.5, use_iakd=False, use_dbkd=False, random_start=False)
+    loss, parts = darwin_loss(student, teacher, x, y, None, None, cfg)
+    with torch.no_grad():
+        t, s = teacher(x).tolist(), student(x).tolist()
+    per = [kl(softmax(a), softmax(b)) for a, b in zip(t, s)]
+    expected = (1 + 0.5) * sum(per) / 3  # eps = 0: xh = x
+    assert parts["arkd"].item() == pytest.approx(expected, rel=1e-5)
+    assert loss.item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_iakd_value_by_hand():
+    student, teacher = linear_pair(1)
+    x = torch.rand(3, 3, 32, 32)
+    y = torch.tensor([0, 1, 3])
+    n, gamma = 3, 0.5
+    cfg = DarwinConfig(eps=0.0, steps=n, gamma=gamma, use_dbkd=False, random_start=False)
+    _, parts = darwin_loss(student, teacher, x, y, None, None, cfg)
+    with torch.no_grad():
+        pt = [softmax(r) for r in teacher(x).tolist()]
+        ps = [softmax(r) for r in student(x).tolist()]
+    gaps = [abs(pt[b][y[b]] - ps[b][y[b]]) for b in range(3)]
+    kls = [kl(pt[b], ps[b]) for b in range(3)]
+    expected = sum(
+        sum(((1 - gamma) * i / n + gamma * gaps[b] / max(gaps)) * kls[b] for b in range(3)) / 3
+        for i in range(1, n))  # i = 1 .. n-1
+    assert parts["iakd"].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_dbkd_value_by_hand():
+    student, teacher = linear_pair(2)
+    x, xp = torch.rand(2, 3, 32, 32), torch.rand(2, 3, 32, 32)
+    y, yp = torch.tensor([0, 1]), torch.tensor([2, 3])
+    n, m = 2, 5.0
+    cfg = DarwinConfig(eps=0.0, steps=n, margin=m, weighting="uniform", use_iakd=False, random_start=False)
+    _, parts = darwin_loss(student, teacher, x, y, xp, yp, cfg)
+    with torch.no_grad():
+        tx, txp = teacher(x).tolist(), teacher(xp).tolist()
+        sx, sxp = student(x).tolist(), student(xp).tolist()
+
+    def tri(a, pos, neg):
+        return max(0.0, kl(softmax(a), softmax(pos)) - kl(softmax(a), softmax(neg)) + m)
+
+    per_step = sum(tri(tx[b], sx[b], sxp[b]) + tri(txp[b], sxp[b], sx[b]) for b in range(2)) / 2
+    assert parts["dbkd"].item() == pytest.approx(n * per_step, rel=1e-5)
+
+
+def test_darwin_matches_straightforward_reference_with_batchnorm(small_models, tiny_batch):
+    student, teacher = small_models
+    x, y, xp, yp = tiny_batch
+    cfg = DarwinConfig(steps=3, random_start=False)
+    student.train()
+    twin = copy.deepcopy(student)  # each call updates BN running statistics, which the next attack uses
+    fast, fast_parts = darwin_loss(student, teacher, x, y, xp, yp, cfg)
+    ref, ref_parts = darwin_loss_reference(twin, teacher, x, y, xp, yp, cfg)
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
+    for k in fast_parts:
+        assert fast_parts[k].item() == pytest.approx(ref_parts[k].item(), rel=1e-4, abs=1e-6)
+
+
+def test_darwin_with_random_start_matches_reference_on_same_generator(small_models, tiny_batch):
+    student, teacher = small_models
+    x, y, xp, yp = tiny_batch
+    cfg = DarwinConfig(steps=2, random_start=True)
+    twin = copy.deepcopy(student)
+    fast, _ = darwin_loss(student, teacher, x, y, xp, yp, cfg, generator=torch.Generator().manual_seed(5))
+    ref, _ = darwin_loss_reference(twin, teacher, x, y, xp, yp, cfg, generator=torch.Generator().manual_seed(5))
+    assert fast.item() == pytest.approx(ref.item(), rel=1e-5)
+
+
+def test_darwin_deterministic_modes_restored_teacher_without_gradient(small_models, tiny_batch):
+    student, teacher = small_models
+    x, y, xp, yp = tiny_batch
+    cfg = DarwinConfig(steps=2, random_start=False)
+    for s_mode, t_mode in [(True, False), (False, True)]:
+        student.train(s_mode)
+        teacher.train(t_mode)
+        twin = copy.deepcopy(student)
+        a, _ = darwin_loss(student, teacher, x, y, xp, yp, cfg)
+        b, _ = darwin_loss(twin, teacher, x, y, xp, yp, cfg)
+        assert a.item() == b.item()
+        assert student.training == s_mode and teacher.training == t_mode
+    teacher.eval()
+    student.train()
+    loss, _ = darwin_loss(student, teacher, x, y, xp, yp, cfg)
+    loss.backward()
+    assert all(p.grad is None for p in teacher.parameters())
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in student.parameters())
+
+
+def test_darwin_lf_ignores_the_labels(small_models, tiny_batch):
+    student, teacher = small_models
+    x, y, xp, yp = tiny_batch
+    cfg = DarwinConfig(steps=2, random_start=False, label_free=True)
+    with torch.no_grad():
+        ty, typ = teacher(x).argmax(1), teacher(xp).argmax(1)
+    twin = copy.deepcopy(student)
+    a, _ = darwin_loss(student, teacher, x, (y + 3) % 10, xp, (yp + 5) % 10, cfg)
+    b, _ = darwin_loss(twin, teacher, x, ty, xp, typ, DarwinConfig(steps=2, random_start=False))
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_module_switches(small_models, tiny_batch):
+    student, teacher = small_models
+    x, y, xp, yp = tiny_batch
+    base = dict(steps=2, random_start=False)
+    twin = copy.deepcopy(student)
+    _, only = darwin_loss(student, teacher, x, y, xp, yp, DarwinConfig(use_iakd=False, use_dbkd=False, **base))
+    assert only["iakd"] == 0 and only["dbkd"] == 0
+    _, all_parts = darwin_loss(twin, teacher, x, y, xp, yp, DarwinConfig(**base))
+    assert all_parts["iakd"] > 0 and all_parts["dbkd"] > 0
+    assert all_parts["arkd"].item() == pytest.approx(only["arkd"].item(), rel=1e-5)
+
+
+def test_trades_with_eps_zero_is_cross_entropy(small_models, tiny_batch):
+    model, _ = small_models
+    model.eval()
+    x, y, *_ = tiny_batch
+    loss, parts = trades_loss(model, x, y, TradesConfig(eps=0.0, steps=2))
+    assert parts["kl"].item() == pytest.approx(0.0, abs=1e-6)
+    assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
+
+
+def test_rslad_and_ard_by_hand():
+    student, teacher = linear_pair(3)
+    x = torch.rand(2, 3, 32, 32)
+    y = torch.tensor([0, 1])
+    with torch.no_grad():
+        t, s = teacher(x).tolist(), student(x).tolist()
+    per = [kl(softmax(a), softmax(b)) for a, b in zip(t, s)]
+    # eps = 0: xh = x; RSLAD's official reduction averages over batch x classes (C = 4)
+    loss, _ = rslad_loss(student, teacher, x, y, RsladConfig(eps=0.0, steps=1))
+    assert loss.item() == pytest.approx(sum(per) / 2 / 4, rel=1e-5)
+    loss, _ = ard_loss(student, teacher, x, y, ArdConfig(eps=0.0, steps=1, temperature=2.0))
+    per_t = [kl(softmax([v / 2 for v in a]), softmax([v / 2 for v in b])) for a, b in zip(t, s)]
+    assert loss.item() == pytest.approx(4 * sum(per_t) / 2 / 4, rel=1e-5)
+
+
+def test_every_objective_runs_and_rejects_unknown_settings(small_models, tiny_batch):
+    student, teacher = small_models
+    x, y, xp, yp = tiny_batch
+    for name in ["natural", "trades", "pgd_at", "natural_kd", "ard", "iad", "rslad", "adaad", "darwin", "darwin_lf"]:
+        settings = {} if name.startswith("natural") else {"steps": 1}
+        obj = create_objective(name, settings)
+        loss, parts = obj(student, teacher, Batch(x, y, xp, yp), epoch=100)
+        assert torch.isfinite(loss) and parts
+    with pytest.raises(InputError, match=r"method darwin: unknown key\(s\) \['stpes'\]"):
+        create_objective("darwin", {"stpes": 3})
+    with pytest.raises(InputError, match="unknown method 'dawrin'"):
+        create_objective("dawrin")
+    assert create_objective("darwin_lf").config.label_free
