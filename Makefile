@@ -32,8 +32,9 @@ test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
 
 # Switch params.yaml to a preset of params/ (cpu, cifar10-resnet18, ...): `make preset PRESET=...`
-preset:
+preset: setup
 	cp params/$(PRESET).yaml params.yaml
+	$(PY) -m stages.prepare_data --download-only
 
 compare: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro compare/dvc.yaml

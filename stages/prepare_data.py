@@ -47,6 +47,14 @@ def card(data: ImageSet) -> dict:
 def main(args) -> None:
     params = read_params(args)
     cfg = params.data
+    if args.download_only:
+        if cfg.source == "imagefolder":
+            print(f"data.source is imagefolder ({cfg.root}): nothing to download")
+            return
+        for train in (True, False):
+            load_torchvision_cifar(cfg.source, cfg.root, train=train, download=True)
+        print(f"{cfg.source} downloaded to {cfg.root}")
+        return
     limit = None if cfg.train_per_class is None else cfg.train_per_class + cfg.heldout_per_class
     train_all = load_split(cfg, train=True, per_class=limit)
     train, heldout = split_per_class(train_all, cfg.train_per_class, cfg.heldout_per_class)
@@ -61,7 +69,10 @@ def main(args) -> None:
 
 
 def build_parser():
-    return parser(__doc__)
+    p = parser(__doc__)
+    p.add_argument("--download-only", action="store_true",
+                   help="only download a torchvision dataset into data.root (before the first dvc repro)")
+    return p
 
 
 run = cli(main, build_parser)

@@ -1,0 +1,54 @@
+"""A tiny profile and a tiny ImageFolder tree, for stage and DVC tests."""
+
+import copy
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+# Ten classes: AutoAttack's standard version targets nine other classes.
+CLASSES = [f"c{i}" for i in range(10)]
+
+
+def make_image_folder(root: Path, train_per_class=7, test_per_class=3, seed=0):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for split, n in (("train", train_per_class), ("test", test_per_class)):
+        for c, name in enumerate(CLASSES):
+            d = root / split / name
+            d.mkdir(parents=True, exist_ok=True)
+            for i in range(n):
+                base = np.zeros((32, 32, 3), np.uint8)
+                base[..., c % 3] = 60 + 18 * c  # a class-dependent colour, so a model can learn something
+                img = np.clip(base + rng.integers(0, 90, (32, 32, 3)), 0, 255).astype(np.uint8)
+                Image.fromarray(img).save(d / f"{i:04d}.png")
+    return root
+
+
+def tiny_params(data_root: str) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    p = copy.deepcopy(params)
+    p["profile"] = "tiny"
+    p["data"].update(root=data_root, train_per_class=6, heldout_per_class=1, test_per_class=3)
+    p["teacher"]["model"] = {"arch": "resnet10_w8", "options": {}}
+    p["teacher"]["settings"] = {"steps": 1}
+    p["teacher"]["optim"].update(epochs=2, batch_size=10)
+    p["distill"]["optim"].update(epochs=2, batch_size=10)
+    p["distill"]["monitor_pgd_steps"] = 2
+    for m in p["distill"]["settings"]:
+        if m != "natural_kd":
+            p["distill"]["settings"][m] = {"steps": 2}
+    p["evaluate"]["per_class"] = 1
+    p["evaluate"]["config"].update(attacks=["natural", "pgd20", "cw", "autoattack"], pgd_steps=3,
+                                   cw_steps=3, batch_size=16)
+    p["export"].update(latency_batch_sizes=[1, 4], latency_repeats=2)
+    p["run"]["threads"] = 1
+    p["compare"]["methods"] = ["darwin", "rslad"]
+    return p
+
+
+def write_params(path: Path, params: dict) -> Path:
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path

@@ -1,0 +1,171 @@
+"""Each stage CLI on tiny data, in a temporary working directory."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from robustkd.models import load_checkpoint
+
+from .stage_fixtures import make_image_folder, tiny_params, write_params
+
+
+@pytest.fixture(scope="module")
+def workdir(tmp_path_factory):
+    """A working directory where the tiny pipeline ran once, stage by stage."""
+    import os
+
+    wd = tmp_path_factory.mktemp("stages")
+    make_image_folder(wd / "raw")
+    write_params(wd / "params.yaml", tiny_params(str(wd / "raw")))
+    old = os.getcwd()
+    os.chdir(wd)
+    try:
+        from stages import (distill, evaluate, export_onnx, ingest_ddpm, prepare_data, report,
+                            train_teacher)
+        prepare_data.run([])
+        train_teacher.run([])
+        ingest_ddpm.run([])
+        distill.run([])
+        distill.run(["--method", "natural_kd", "--name", "reference"])
+        evaluate.run([])
+        export_onnx.run([])
+        report.run([])
+        yield wd
+    finally:
+        os.chdir(old)
+
+
+def test_prepare_data_outputs(workdir):
+    card = json.loads((workdir / "metrics/data_card.json").read_text())
+    assert card["train"]["num_images"] == 60 and card["heldout"]["num_images"] == 10
+    assert card["test"]["per_class"] == {f"c{i}": 3 for i in range(10)}
+
+
+def test_teacher_and_students_are_checkpoints(workdir):
+    for name in ("teacher", "student", "reference"):
+        model = load_checkpoint(workdir / "models" / f"{name}.pt")
+        assert model(torch.rand(2, 3, 32, 32)).shape == (2, 10)
+    assert load_checkpoint(workdir / "models/student.pt").checkpoint_meta["method"] == "darwin"
+    history = (workdir / "metrics/student_history.csv").read_text().splitlines()
+    assert history[0].startswith("epoch,loss,arkd,iakd,dbkd") and len(history) == 3
+
+
+def test_evaluate_writes_every_attack(workdir):
+    for name in ("teacher", "student"):
+        m = json.loads((workdir / f"metrics/evaluate/{name}.json").read_text())
+        for key in ("natural", "pgd20", "cw", "autoattack"):
+            assert 0.0 <= m[key] <= 100.0
+        assert m["pgd20"] <= m["natural"] and m["autoattack"] <= m["natural"]
+        assert m["num_images"] == 10 and m["per_class"] == 1
+    ref = json.loads((workdir / "metrics/evaluate/reference.json").read_text())
+    assert set(ref["per_class_accuracy"]) == {"natural", "pgd20"}
+
+
+def test_export_parity_and_report(workdir):
+    export = json.loads((workdir / "metrics/export.json").read_text())
+    assert export["max_abs_logit_diff"] < 1e-4 and export["prediction_agreement"] == 1.0
+    assert set(export["latency"]) == {"batch1", "batch4"}
+    import onnxruntime as ort
+    session = ort.InferenceSession(str(workdir / "models/student.onnx"), providers=["CPUExecutionProvider"])
+    for batch in (1, 7):  # dynamic batch
+        out = session.run(None, {"image": np.random.rand(batch, 3, 32, 32).astype(np.float32)})[0]
+        assert out.shape == (batch, 10)
+    html = (workdir / "reports/report.html").read_text()
+    assert "data:image/png;base64," in html and "http" not in html.replace("http-equiv", "")
+    assert "| student (resnet10_w8) | darwin |" in (workdir / "reports/report.md").read_text()
+
+
+def test_teacher_from_checkpoint(workdir, tmp_path, monkeypatch):
+    import yaml
+    from stages import train_teacher
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["teacher"].update(source="checkpoint", checkpoint=str(workdir / "models/teacher.pt"))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    train_teacher.run([])
+    assert load_checkpoint(tmp_path / "models/teacher.pt").arch == "resnet10_w8"
+    params["teacher"]["checkpoint"] = str(tmp_path / "nope.pt")
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    with pytest.raises(SystemExit) as err:
+        train_teacher.run([])
+    assert err.value.code == 2
+
+
+def ingest_with(workdir, tmp_path, monkeypatch, arrays: dict, **ddpm):
+    import shutil
+
+    import yaml
+    from stages import ingest_ddpm
+
+    for sub in ("data", "models"):
+        if not (tmp_path / sub).exists():
+            shutil.copytree(workdir / sub, tmp_path / sub)
+    np.savez(tmp_path / "gen.npz", **arrays)
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["ddpm"].update(source="npz", files=[str(tmp_path / "gen.npz")], **ddpm)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    ingest_ddpm.run([])
+    return json.loads((tmp_path / "metrics/ddpm.json").read_text())
+
+
+def generated(n=12, labels=True, seed=1):
+    rng = np.random.default_rng(seed)
+    out = {"image": rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)}
+    if labels:
+        out["label"] = rng.integers(0, 10, n)
+    return out
+
+
+def test_ingest_valid_npz_subsample_dedupe_and_memory_map(workdir, tmp_path, monkeypatch):
+    arrays = generated()
+    test_images = np.load(workdir / "data/prepared/test.npz")["image"]
+    arrays["image"][0] = test_images[0]  # a copy of a test image must be dropped
+    report = ingest_with(workdir, tmp_path, monkeypatch, arrays, num_images=8)
+    assert report["test_duplicates_dropped"] == 1 and report["num_images"] == 8
+    assert report["labelled_by"] == "file" and sum(report["per_class"]) == 8
+    images = np.load(tmp_path / "data/generated/images.npy", mmap_mode="r")
+    assert isinstance(images, np.memmap) and images.shape == (8, 32, 32, 3)
+
+
+def test_ingest_without_labels_uses_teacher(workdir, tmp_path, monkeypatch):
+    report = ingest_with(workdir, tmp_path, monkeypatch, generated(labels=False))
+    assert report["labelled_by"] == "teacher" and report["num_images"] == 12
+    conf = np.load(tmp_path / "data/generated/confidence.npy")
+    assert conf.shape == (12,) and (conf > 0).all() and (conf <= 1).all()
+
+
+@pytest.mark.parametrize("mutate,message", [
+    (lambda a: a.update(image=a["image"].astype(np.float32)), "must be uint8"),
+    (lambda a: a.update(image=a["image"][:, :, :30]), "N x 32 x 32 x 3"),
+    (lambda a: a.pop("image"), "missing key 'image'"),
+    (lambda a: a.update(label=a["label"] + 10), r"labels must lie in \[0, 9\]"),
+])
+def test_broken_npz_fails_clearly_and_keeps_previous_outputs(workdir, tmp_path, monkeypatch, capsys,
+                                                             mutate, message):
+    ingest_with(workdir, tmp_path, monkeypatch, generated())
+    before = {p.name: p.read_bytes() for p in (tmp_path / "data/generated").iterdir()}
+    arrays = generated(seed=2)
+    mutate(arrays)
+    with pytest.raises(SystemExit) as err:
+        ingest_with(workdir, tmp_path, monkeypatch, arrays)
+    assert err.value.code == 2
+    stderr = capsys.readouterr().err
+    assert "gen.npz" in stderr and __import__("re").search(message, stderr)
+    after = {p.name: p.read_bytes() for p in (tmp_path / "data/generated").iterdir()}
+    assert after == before
+
+
+def test_params_typo_is_rejected(tmp_path, monkeypatch, workdir):
+    import yaml
+    from stages import train_teacher
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["teacher"]["optim"]["learning_rate"] = 0.1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit):
+        train_teacher.run([])
