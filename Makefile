@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml
 
 run: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc metrics show
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc metrics show metrics/evaluate metrics/export.json
 
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q

@@ -4,7 +4,7 @@ the student (and the non-adversarial reference student) on the stratified test s
 
 from __future__ import annotations
 
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 from robustkd.data import stratified_first_k, to_float
@@ -26,8 +26,7 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     summary = summarize(results, test.labels, test.num_classes)
     summary.update({"model": str(model_path), "arch": model.arch, "per_class": k,
                     "subset": f"first {k} per class" if k is not None else "full test set",
-                    "method": model.checkpoint_meta.get("method"), "eps": cfg.eps,
-                    "config": asdict(cfg)})
+                    "method": model.checkpoint_meta.get("method"), "eps": cfg.eps})
     write_json(summary, out_path)
     return summary
 
