@@ -16,7 +16,8 @@ def main(args) -> None:
     rows = []
     teacher = METRICS / "evaluate" / "teacher.json"
     if teacher.exists():
-        rows.append(("Teacher " + json.loads(teacher.read_text())["arch"], json.loads(teacher.read_text())))
+        teacher_metrics = json.loads(teacher.read_text())
+        rows.append((f"Teacher {teacher_metrics['arch']}", teacher_metrics))
     for method in params.compare.methods:
         path = Path(args.metrics_dir) / f"{method}.json"
         if not path.exists():
