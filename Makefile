@@ -6,14 +6,19 @@ PYTHON  ?= python3
 # Take torch from a local wheel folder when pip is configured with one (CPU machines here);
 # elsewhere torch==2.13.0 comes from the index (add a PyTorch index URL for other builds).
 FIND_LINKS := $(shell $(PYTHON) -m pip config get global.find-links 2>/dev/null)
-UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) --compile-bytecode
+# TORCH_INDEX: a PyTorch wheel index for other torch builds, e.g. https://download.pytorch.org/whl/cpu
+# (the Docker image) or https://download.pytorch.org/whl/cu128 (GPU machines).
+TORCH_INDEX ?=
+UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) \
+              $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match) \
+              --compile-bytecode
 PRESET  ?= cpu
 
 export DVC_NO_ANALYTICS=1
 export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: setup run test preset compare benchmark clean
+.PHONY: setup run test preset compare benchmark clean mlflow-ui prefect-server schedule serve
 
 setup: $(VENV)/.installed
 
@@ -24,9 +29,11 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m robustkd.tvfix
 	touch $@
 
+# The pipeline through the Prefect flow: one task per DVC stage, MLflow runs, registry.
 run: setup
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pipeline.flow $(FLOW_ARGS)
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc metrics show metrics/evaluate metrics/export.json
+	$(PY) -m pipeline.registry list
 
 test: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
@@ -41,3 +48,17 @@ compare: setup
 
 clean:
 	rm -rf data models metrics reports checkpoints
+
+# UIs and deployment (see README). Servers bind to 127.0.0.1.
+mlflow-ui: setup
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+
+prefect-server: setup
+	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+
+CRON ?= 0 2 * * *
+schedule: setup
+	PREFECT_API_URL=http://127.0.0.1:4200/api PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pipeline.schedule --cron "$(CRON)"
+
+serve: setup
+	$(PY) -m pipeline.serve_model --model models:/robustkd-student@champion --port 8080

@@ -21,6 +21,7 @@ from robustkd.errors import InputError
 from robustkd.utils import atomic_path, select_device
 
 from .params import Params, load_params
+from .tracking import stage_run
 
 # Fixed output locations shared with dvc.yaml.
 PREPARED = Path("data/prepared")
@@ -37,14 +38,22 @@ def parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
-def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse.ArgumentParser]):
-    """Run a stage main; bad input prints one clear line and exits 2 (no traceback)."""
+def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse.ArgumentParser],
+        stage: str, sections: tuple[str, ...] = ()):
+    """Run a stage main inside its MLflow stage run (``args.tracker``; see stages/tracking.py).
+
+    Bad input prints one clear line and exits 2 (no traceback). Only rank 0 of a distributed
+    run (``RANK`` set by torchrun) records anything.
+    """
 
     @functools.wraps(main)
     def entry(argv=None):
         args = build().parse_args(argv)
         try:
-            main(args)
+            params = load_params(args.params)
+            with stage_run(stage, params, sections, enabled=int(os.environ.get("RANK", "0")) == 0) as tracker:
+                args.tracker = tracker
+                main(args)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None

@@ -32,6 +32,9 @@ def main(args) -> None:
     with atomic_path(REPORTS / "comparison.md") as tmp:
         tmp.write_text(text)
     write_json({name: {k: m.get(k) for k, _ in ATTACK_COLUMNS} for name, m in rows}, REPORTS / "comparison.json")
+    args.tracker.log_artifact(REPORTS / "comparison.md")
+    args.tracker.log_artifact(REPORTS / "comparison.json")
+    args.tracker.log_metrics({name: {k: m.get(k) for k, _ in ATTACK_COLUMNS} for name, m in rows})
     print(text)
 
 
@@ -41,7 +44,7 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser)
+run = cli(main, build_parser, "compare_table", ("compare", "evaluate"))
 
 if __name__ == "__main__":
     run()

@@ -62,9 +62,13 @@ def main(args) -> None:
                            metrics_dir / f"{name}_history.csv", metrics_dir / f"{name}_train.json",
                            teacher=teacher, generated=generated,
                            fraction=params.ddpm.fraction if generated is not None else 0.0,
-                           partner_labels=partner_labels, monitor_steps=cfg.monitor_pgd_steps)
+                           partner_labels=partner_labels, monitor_steps=cfg.monitor_pgd_steps,
+                           extra_callbacks=[args.tracker.epoch_callback])
     save_checkpoint(student, model_path, method=method, teacher_arch=teacher.arch,
                     dataset=params.data.source, epochs=len(history))
+    args.tracker.set_tags({"method": method, "student": cfg.student.arch, "teacher": teacher.arch})
+    for path in (metrics_dir / f"{name}_train.json", metrics_dir / f"{name}_history.csv", model_path):
+        args.tracker.log_artifact(path)
     print(f"{method} student {cfg.student.arch} -> {model_path}: {history[-1]}")
 
 
@@ -76,7 +80,7 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser)
+run = cli(main, build_parser, "distill", ("distill", "ddpm", "data", "run"))
 
 if __name__ == "__main__":
     run()

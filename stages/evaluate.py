@@ -14,7 +14,7 @@ from robustkd.models import load_checkpoint
 from .common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, setup_run, write_json
 
 
-def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], device) -> dict:
+def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], device, tracker) -> dict:
     test = load_imageset(PREPARED / "test.npz")
     k = params.evaluate.per_class
     if k is not None:
@@ -28,6 +28,8 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
                     "subset": f"first {k} per class" if k is not None else "full test set",
                     "method": model.checkpoint_meta.get("method"), "eps": cfg.eps})
     write_json(summary, out_path)
+    tracker.log_metrics(summary, prefix=f"{model_path.stem}/")
+    tracker.log_artifact(out_path, "metrics")
     return summary
 
 
@@ -36,13 +38,13 @@ def main(args) -> None:
     device = setup_run(params)
     attacks = params.evaluate.config.attacks
     if args.model:
-        evaluate_file(Path(args.model), Path(args.out), params, args.attacks or attacks, device)
+        evaluate_file(Path(args.model), Path(args.out), params, args.attacks or attacks, device, args.tracker)
         return
     out = METRICS / "evaluate"
-    evaluate_file(MODELS / "teacher.pt", out / "teacher.json", params, attacks, device)
-    evaluate_file(MODELS / "student.pt", out / "student.json", params, attacks, device)
+    evaluate_file(MODELS / "teacher.pt", out / "teacher.json", params, attacks, device, args.tracker)
+    evaluate_file(MODELS / "student.pt", out / "student.json", params, attacks, device, args.tracker)
     evaluate_file(MODELS / "reference.pt", out / "reference.json", params,
-                  params.evaluate.reference_attacks, device)
+                  params.evaluate.reference_attacks, device, args.tracker)
 
 
 def build_parser():
@@ -53,7 +55,7 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser)
+run = cli(main, build_parser, "evaluate", ("evaluate", "run"))
 
 if __name__ == "__main__":
     run()

@@ -4,6 +4,7 @@ and latency of torch eager and onnxruntime; the figures go to metrics/export.jso
 
 from __future__ import annotations
 
+import json
 import time
 import warnings
 
@@ -21,7 +22,11 @@ INPUT_NAME = "image"
 OUTPUT_NAME = "logits"
 
 
-def export(model, path, opset: int) -> None:
+def export(model, path, opset: int, metadata: dict[str, str]) -> None:
+    """One .onnx file; ``metadata`` (class names, method, ...) goes into its metadata_props so
+    the server and the predict CLI need nothing but the file."""
+    import onnx
+
     example = torch.rand(2, 3, 32, 32)
     batch = torch.export.Dim("batch", min=1, max=65536)
     with atomic_path(path) as tmp, warnings.catch_warnings():
@@ -29,6 +34,9 @@ def export(model, path, opset: int) -> None:
         torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_shapes={"x": {0: batch}}, external_data=False, verbose=False)
+        proto = onnx.load(str(tmp))
+        onnx.helper.set_model_props(proto, metadata)
+        onnx.save(proto, str(tmp))
 
 
 def median_latency_ms(fn, repeats: int) -> float:
@@ -48,12 +56,16 @@ def main(args) -> None:
     params = read_params(args)
     cfg = params.export
     model = load_checkpoint(MODELS / "student.pt").eval()
+    test = load_imageset(PREPARED / "test.npz")
+    meta = model.checkpoint_meta
     path = MODELS / "student.onnx"
-    export(model, path, cfg.opset)
+    export(model, path, cfg.opset, {
+        "classes": json.dumps(test.classes), "arch": model.arch, "method": str(meta.get("method")),
+        "teacher_arch": str(meta.get("teacher_arch")), "dataset": str(meta.get("dataset")),
+        "input": "float32 NCHW RGB in [0, 1], 32x32; normalisation is inside the graph"})
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-    test = load_imageset(PREPARED / "test.npz")
     if params.evaluate.per_class is not None:
         test = test.subset(stratified_first_k(test.labels, params.evaluate.per_class, test.num_classes))
     x = to_float(test.images)
@@ -77,6 +89,10 @@ def main(args) -> None:
               "checker": "passed", "num_images": len(x), "max_abs_logit_diff": max_diff,
               "prediction_agreement": agreement, "latency": latency, "torch_threads": torch.get_num_threads()}
     write_json(report, METRICS / "export.json")
+    args.tracker.log_metrics({"max_abs_logit_diff": max_diff, "prediction_agreement": agreement,
+                              "latency": latency})
+    args.tracker.log_artifact(METRICS / "export.json")
+    args.tracker.log_artifact(path)
     print(f"exported {path}: max |diff| {max_diff:.2e}, agreement {agreement:.4f}, latency {latency}")
 
 
@@ -84,7 +100,7 @@ def build_parser():
     return parser(__doc__)
 
 
-run = cli(main, build_parser)
+run = cli(main, build_parser, "export_onnx", ("export",))
 
 if __name__ == "__main__":
     run()

@@ -146,6 +146,8 @@ def main(args) -> None:
     save_npy(GENERATED / "labels.npy", labels)
     save_npy(GENERATED / "confidence.npy", conf)
     write_json(report, METRICS / "ddpm.json")
+    args.tracker.log_metrics(report)
+    args.tracker.log_artifact(METRICS / "ddpm.json")
     print(f"generated data: {report['num_images']} images ({cfg.source})")
 
 
@@ -153,7 +155,7 @@ def build_parser():
     return parser(__doc__)
 
 
-run = cli(main, build_parser)
+run = cli(main, build_parser, "ingest_ddpm", ("ddpm",))
 
 if __name__ == "__main__":
     run()

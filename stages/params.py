@@ -109,6 +109,14 @@ class CompareParams:
 
 
 @dataclass
+class RegistryParams:
+    """The MLflow model registry entry of the exported ONNX student (pipeline/registry.py)."""
+
+    model_name: str = "robustkd-student"
+    natural_tolerance: float = 1.0    # percentage points of natural accuracy a new champion may lose
+
+
+@dataclass
 class Params:
     profile: str = "custom"
     data: DataParams = field(default_factory=DataParams)
@@ -119,6 +127,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     run: RunParams = field(default_factory=RunParams)
     compare: CompareParams = field(default_factory=CompareParams)
+    registry: RegistryParams = field(default_factory=RegistryParams)
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:

@@ -65,6 +65,9 @@ def main(args) -> None:
     write_json({"source": cfg.source, "root": cfg.root, "classes": train.classes,
                 "train": card(train), "heldout": card(heldout), "test": card(test)},
                METRICS / "data_card.json")
+    args.tracker.log_metrics({f"{name}_images": len(data) for name, data in
+                              [("train", train), ("heldout", heldout), ("test", test)]})
+    args.tracker.log_artifact(METRICS / "data_card.json")
     print(f"prepared {len(train)} train, {len(heldout)} held-out, {len(test)} test images from {cfg.root}")
 
 
@@ -75,7 +78,7 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser)
+run = cli(main, build_parser, "prepare_data", ("data",))
 
 if __name__ == "__main__":
     run()

@@ -166,6 +166,7 @@ def main(args) -> None:
             "</style></head><body>" + "\n".join(body) + "</body></html>")
     with atomic_path(REPORTS / "report.html") as tmp:
         tmp.write_text(page)
+    args.tracker.log_artifact(REPORTS, "reports")
     print(f"report written to {REPORTS / 'report.md'} and {REPORTS / 'report.html'}")
 
 
@@ -173,7 +174,7 @@ def build_parser():
     return parser(__doc__)
 
 
-run = cli(main, build_parser)
+run = cli(main, build_parser, "report", ("profile",))
 
 if __name__ == "__main__":
     run()

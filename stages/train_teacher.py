@@ -30,9 +30,12 @@ def main(args) -> None:
     objective = create_objective(cfg.method, cfg.settings, where=f"{args.params}:teacher.settings")
     history = run_training(model, objective, cfg.optim, params, train, heldout, device,
                            CHECKPOINTS / "teacher", METRICS / "teacher_history.csv",
-                           METRICS / "teacher_train.json", monitor_steps=params.distill.monitor_pgd_steps)
+                           METRICS / "teacher_train.json", monitor_steps=params.distill.monitor_pgd_steps,
+                           extra_callbacks=[args.tracker.epoch_callback])
     save_checkpoint(model, MODELS / "teacher.pt", method=cfg.method, epochs=len(history),
                     dataset=params.data.source)
+    for path in (METRICS / "teacher_train.json", METRICS / "teacher_history.csv", MODELS / "teacher.pt"):
+        args.tracker.log_artifact(path)
     print(f"teacher {cfg.model.arch} trained with {cfg.method}: {history[-1]}")
 
 
@@ -40,7 +43,7 @@ def build_parser():
     return parser(__doc__)
 
 
-run = cli(main, build_parser)
+run = cli(main, build_parser, "train_teacher", ("teacher", "data", "run"))
 
 if __name__ == "__main__":
     run()

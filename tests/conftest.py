@@ -10,6 +10,11 @@ SHARED = ROOT.parent / "shared"
 CIFAR_DIR = SHARED / "datasets" / "cifar10"
 sys.path.insert(0, str(ROOT))
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+# Tests track into a SQLite store in their own working directory, never a user's server.
+os.environ.pop("MLFLOW_TRACKING_URI", None)
+os.environ.pop("ROBUSTKD_PARENT_RUN_ID", None)
+os.environ.update(MLFLOW_DISABLE_TELEMETRY="true", PREFECT_SERVER_ANALYTICS_ENABLED="false",
+                  DVC_NO_ANALYTICS="1", PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS="120")
 
 
 class FixedLinear(torch.nn.Module):

@@ -1,6 +1,10 @@
 """A tiny profile and a tiny ImageFolder tree, for stage and DVC tests."""
 
 import copy
+import os
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -52,3 +56,28 @@ def tiny_params(data_root: str) -> dict:
 def write_params(path: Path, params: dict) -> Path:
     path.write_text(yaml.safe_dump(params, sort_keys=False))
     return path
+
+
+def sh(cmd, cwd, check=True, env=None):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", **(env or {})}
+    proc = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=env)
+    if check and proc.returncode:
+        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
+    return proc
+
+
+def project_copy(tmp: Path, params: dict | None = None) -> Path:
+    """The project's git files in ``tmp`` with a tiny ImageFolder and profile, as a fresh git + DVC repo."""
+    listed = subprocess.run(["git", "ls-files", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                            capture_output=True, text=True).stdout.split()
+    for f in listed:
+        if f.startswith(".dvc/") or f == "dvc.lock" or not (ROOT / f).is_file():
+            continue
+        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / f, tmp / f)
+    make_image_folder(tmp / "raw")
+    write_params(tmp / "params.yaml", params or tiny_params("raw"))
+    sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init", tmp)
+    sh("dvc init -q && dvc config core.analytics false && dvc config core.check_update false", tmp)
+    return tmp

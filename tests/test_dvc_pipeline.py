@@ -1,26 +1,12 @@
 """`dvc repro` of a tiny profile in a temporary copy of the repository, for real."""
 
 import json
-import os
-import shutil
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-from .stage_fixtures import ROOT, make_image_folder, tiny_params, write_params
+from .stage_fixtures import project_copy, sh
 
 pytestmark = pytest.mark.slow
-
-
-def sh(cmd, cwd, check=True):
-    env = {**os.environ, "DVC_NO_ANALYTICS": "1",
-           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(cmd, cwd=cwd, shell=True, capture_output=True, text=True, env=env)
-    if check and proc.returncode:
-        raise AssertionError(f"{cmd} failed ({proc.returncode}):\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}")
-    return proc
 
 
 def ran_stages(output: str) -> list[str]:
@@ -29,20 +15,7 @@ def ran_stages(output: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("dvcrepo")
-    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True).stdout.split()
-    files += [f for f in subprocess.run(["git", "ls-files", "--others", "--exclude-standard"], cwd=ROOT,
-                                        capture_output=True, text=True).stdout.split()]
-    for f in files:
-        if f.startswith(".dvc/") or not (ROOT / f).is_file():
-            continue
-        (tmp / f).parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / f, tmp / f)
-    make_image_folder(tmp / "raw")
-    write_params(tmp / "params.yaml", tiny_params("raw"))
-    sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init", tmp)
-    sh("dvc init -q && dvc config core.analytics false && dvc config core.check_update false", tmp)
-    return tmp
+    return project_copy(tmp_path_factory.mktemp("dvcrepo"))
 
 
 def test_repro_runs_every_stage_then_reruns_only_dependants(repo):

@@ -169,3 +169,24 @@ def test_params_typo_is_rejected(tmp_path, monkeypatch, workdir):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit):
         train_teacher.run([])
+
+
+def test_every_stage_run_is_an_mlflow_run(workdir):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("robustkd")
+    all_runs = client.search_runs([exp.experiment_id])
+    runs = {r.data.tags["dvc_stage"]: r for r in all_runs}
+    assert {"prepare_data", "train_teacher", "ingest_ddpm", "distill", "evaluate", "export_onnx",
+            "report"} <= set(runs)
+    assert all(r.info.status == "FINISHED" for r in runs.values())
+    distill = next(r for r in all_runs if r.data.tags.get("method") == "darwin")
+    assert distill.data.params["distill.method"] == "darwin" and distill.data.tags["git_commit"]
+    # per-epoch metrics, loss parts included, one point per epoch
+    for key in ("loss", "arkd", "iakd", "dbkd", "heldout_natural"):
+        assert [m.step for m in client.get_metric_history(distill.info.run_id, key)] == [1, 2], key
+    artifacts = {a.path for a in client.list_artifacts(distill.info.run_id)}
+    assert {"student_history.csv", "student_train.json", "student.pt"} <= artifacts
+    assert "student/autoattack" in runs["evaluate"].data.metrics
+    assert "student.onnx" in {a.path for a in client.list_artifacts(runs["export_onnx"].info.run_id)}

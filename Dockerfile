@@ -1,0 +1,39 @@
+# CPU image of the pipeline: `docker build -t robustkd .` then
+#   docker run --rm -v /path/to/cifar10:/home/robustkd/shared/datasets/cifar10:ro robustkd   (make run)
+# GPU image: docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
+#   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t robustkd:cuda .
+# The install step is the README's (`make setup`), with torch taken from the PyTorch index so that
+# torchvision matches it. Images cannot be built on the machines this project was written on:
+# keep this file's install steps the same as the README's.
+ARG BASE_IMAGE=python:3.11-slim-bookworm
+FROM ${BASE_IMAGE}
+
+ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
+ENV PYTHONUNBUFFERED=1 \
+    PIP_NO_CACHE_DIR=1 \
+    DVC_NO_ANALYTICS=1 \
+    MLFLOW_DISABLE_TELEMETRY=true \
+    PREFECT_SERVER_ANALYTICS_ENABLED=false \
+    PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=120
+
+# make and git (DVC needs a git repository); python3-venv for CUDA bases without it.
+# hadolint ignore=DL3008
+RUN apt-get update \
+    && apt-get install -y --no-install-recommends make git ca-certificates python3 python3-venv \
+    && rm -rf /var/lib/apt/lists/*
+
+RUN useradd --create-home --uid 1000 robustkd
+WORKDIR /home/robustkd/app
+COPY --chown=robustkd:robustkd . .
+USER 1000
+
+# The README's setup (make setup), with the PyTorch CPU (or CUDA) index for torch.
+RUN make setup TORCH_INDEX=${TORCH_INDEX} \
+    && git init -q && git add -A \
+    && git -c user.email=robustkd@localhost -c user.name=robustkd commit -qm image
+
+# params.yaml's data.root (../shared/datasets/cifar10, an ImageFolder tree) is mounted at
+# /home/robustkd/shared/datasets/cifar10; or set data.source: cifar10 to download CIFAR-10.
+ENV PATH=/home/robustkd/app/.venv/bin:$PATH
+EXPOSE 8080
+CMD ["make", "run"]

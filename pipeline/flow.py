@@ -1,0 +1,199 @@
+"""The Prefect flow over the DVC pipeline: one task per DVC stage, MLflow parent run, registry.
+
+    python -m pipeline.flow                                  # the pipeline of params.yaml
+    python -m pipeline.flow --preset cifar10-resnet18        # switch params.yaml to a preset first
+    python -m pipeline.flow --methods darwin rslad ard       # and compare these methods
+
+Each task runs ``dvc repro --single-item STAGE``, so DVC still skips what is up to date and owns
+the caching; Prefect owns the order, the logs (every line of the stage's output) and the retries.
+Only transient failures are retried (a killed process, a held DVC lock, a locked database): a bad
+input or a bug fails the same way twice and is not retried.
+
+All stage runs of one flow run nest in MLflow under one parent run, tagged with the git commit
+and the Prefect flow run. The last task registers the exported ONNX student (pipeline/registry.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+from collections import deque
+from pathlib import Path
+
+import yaml
+from prefect import flow, get_run_logger, task
+from prefect.runtime import flow_run as current_flow_run
+
+from stages.params import load_params
+from stages.tracking import DEFAULT_EXPERIMENT, git_commit, setup_mlflow, tracking_enabled, tracking_uri
+
+from . import registry
+
+# Output of a stage that failed for a reason that may not recur: worth a retry.
+TRANSIENT_PATTERNS = [
+    r"exited with -9\b", r"exited with 137\b", r"exited with -15\b", r"exited with 143\b",  # killed
+    r"Unable to acquire lock", r"database is locked", r"Connection (refused|reset)",
+    r"Temporary failure in name resolution", r"CUDA error: (launch failure|unspecified)",
+]
+
+
+class StageFailed(RuntimeError):
+    def __init__(self, stage: str, returncode: int, transient: bool, tail: str):
+        kind = "transient failure, retried" if transient else "not retried: the same input fails again"
+        super().__init__(f"stage {stage!r} failed (dvc exit {returncode}; {kind}):\n{tail}")
+        self.stage, self.returncode, self.transient = stage, returncode, transient
+
+
+def is_transient_output(output: str) -> bool:
+    return any(re.search(p, output) for p in TRANSIENT_PATTERNS)
+
+
+def retry_only_transient(task, task_run, state) -> bool:
+    """Prefect retry condition: retry a StageFailed marked transient, nothing else."""
+    try:
+        state.result()
+    except StageFailed as exc:
+        return exc.transient
+    except Exception:  # noqa: BLE001 - any other error is not a transient stage failure
+        return False
+    return False
+
+
+def main_stages(root: Path) -> list[str]:
+    """The stages of dvc.yaml in file order (which is the pipeline's order)."""
+    return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
+
+
+def compare_stages(methods: list[str]) -> list[str]:
+    return ([f"compare/dvc.yaml:distill@{m}" for m in methods]
+            + [f"compare/dvc.yaml:evaluate@{m}" for m in methods] + ["compare/dvc.yaml:table"])
+
+
+def stage_env(extra: dict[str, str]) -> dict[str, str]:
+    """The environment of a stage: this interpreter's bin first (dvc.yaml says ``python``)."""
+    env = {**os.environ, **extra, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def dvc_executable() -> str:
+    local = Path(sys.executable).parent / "dvc"
+    return str(local) if local.exists() else (shutil.which("dvc") or "dvc")
+
+
+@task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_only_transient, task_run_name="{stage}")
+def run_stage(stage: str, root: str, env: dict[str, str]) -> dict:
+    """``dvc repro --single-item STAGE``, streaming its output into the Prefect log."""
+    logger = get_run_logger()
+    start = time.perf_counter()
+    proc = subprocess.Popen([dvc_executable(), "repro", "--single-item", stage], cwd=root, env=stage_env(env),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
+    tail: deque[str] = deque(maxlen=40)
+    ran = False
+    for line in proc.stdout:
+        line = line.rstrip()
+        if line:
+            logger.info(line)
+            tail.append(line)
+            ran |= line.startswith("Running stage")
+    rc = proc.wait()
+    if rc != 0:
+        text = "\n".join(tail)
+        raise StageFailed(stage, rc, is_transient_output(text), text)
+    return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - start, 1)}
+
+
+@task(task_run_name="register-student")
+def register_student(root: str, parent_run_id: str | None) -> dict:
+    logger = get_run_logger()
+    version, decision = registry.register_workspace(Path(root), parent_run_id=parent_run_id, log=logger.info)
+    return {"version": version, "alias": decision.alias if decision else None,
+            "reason": decision.reason if decision else "already registered"}
+
+
+def apply_preset(root: Path, preset: str) -> None:
+    src = root / "params" / f"{preset}.yaml"
+    if not src.is_file():
+        names = sorted(p.stem for p in (root / "params").glob("*.yaml"))
+        raise ValueError(f"preset {preset!r}: {src} does not exist; presets: {', '.join(names)}")
+    load_params(src)  # validate before touching params.yaml
+    shutil.copyfile(src, root / "params.yaml")
+
+
+def set_compare_methods(params_path: Path, methods: list[str]) -> None:
+    """Rewrite the ``methods:`` line of the ``compare:`` block, leaving the rest of the file as is."""
+    text = params_path.read_text()
+    new, n = re.subn(r"(?m)^(compare:\s*\n(?:\s*#.*\n)*\s+methods:).*$", rf"\1 [{', '.join(methods)}]", text)
+    if n != 1:
+        raise ValueError(f"{params_path}: no 'compare:' block with a 'methods:' line to set")
+    params_path.write_text(new)
+    load_params(params_path)
+
+
+@flow(name="robustkd-pipeline", log_prints=True)
+def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = None, register_model: bool = True,
+                      project_dir: str = ".") -> dict:
+    """Run the DVC pipeline stage by stage (and the method comparison when ``methods`` is given),
+    then register the ONNX student. ``preset``: a file of params/ copied to params.yaml first."""
+    root = Path(project_dir).resolve()
+    if preset:
+        apply_preset(root, preset)
+    if methods:
+        set_compare_methods(root / "params.yaml", methods)
+    params = load_params(root / "params.yaml")
+    stages = main_stages(root) + (compare_stages(methods) if methods else [])
+    env = {"MLFLOW_TRACKING_URI": tracking_uri(root)}
+    results: list[dict] = []
+    parent_id = None
+    if tracking_enabled():
+        # The parent run is created with the client, not made "active": the stage processes and
+        # the registration open their own runs under it.
+        mlflow = setup_mlflow(root)
+        env["MLFLOW_EXPERIMENT_NAME"] = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+        client = mlflow.MlflowClient()
+        experiment = client.get_experiment_by_name(env["MLFLOW_EXPERIMENT_NAME"])
+        parent = client.create_run(experiment.experiment_id, run_name=f"flow {current_flow_run.name or ''}".strip(),
+                                   tags={"git_commit": git_commit(root), "stage": "flow", "profile": params.profile,
+                                         "prefect_flow_run_id": str(current_flow_run.id or "")})
+        parent_id = parent.info.run_id
+        env["ROBUSTKD_PARENT_RUN_ID"] = parent_id
+        for key, value in {"preset": preset or "-", "methods": ",".join(methods or []) or "-",
+                           "stages": ",".join(stages)}.items():
+            client.log_param(parent_id, key, value)
+    status = "FAILED"
+    try:
+        for stage in stages:
+            results.append(run_stage(stage, str(root), env))
+        registered = register_student(str(root), parent_id) if register_model else None
+        status = "FINISHED"
+    finally:
+        if parent_id is not None:
+            client.set_terminated(parent_id, status=status)
+    summary = {"parent_run_id": parent_id, "stages": results, "registered": registered}
+    print(f"stages run: {[r['stage'] for r in results if r['ran']]}; up to date: "
+          f"{[r['stage'] for r in results if not r['ran']]}; registry: {registered}")
+    return summary
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", help="copy params/PRESET.yaml to params.yaml first")
+    p.add_argument("--methods", nargs="+", help="also run the comparison of these methods")
+    p.add_argument("--no-register", action="store_true", help="do not register the ONNX student")
+    p.add_argument("--project-dir", default=".")
+    args = p.parse_args(argv)
+    try:
+        robustkd_pipeline(preset=args.preset, methods=args.methods, register_model=not args.no_register,
+                          project_dir=args.project_dir)
+    except (StageFailed, ValueError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""The MLflow model registry of ONNX students: register, promote, compare.
+
+``python -m pipeline.registry register`` registers ``models/student.onnx`` (MLflow's ONNX flavour)
+with tags for method, student, teacher, dataset and each attack's accuracy, then decides its alias:
+
+- ``champion`` moves to the new version only if its AutoAttack accuracy is at least the current
+  champion's and its natural accuracy is within ``registry.natural_tolerance`` percentage points of
+  the champion's (the first version becomes champion);
+- otherwise the new version gets ``challenger``, and the reason is logged and kept in the
+  version's ``alias_reason`` tag.
+
+An ONNX file already registered (same SHA-256) is not registered again.
+``python -m pipeline.registry list`` prints the registered students side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from stages.params import load_params
+from stages.tracking import git_commit, setup_mlflow
+
+ATTACK_COLUMNS = [("natural", "Natural"), ("pgd20", "PGD-20"), ("cw", "CW"), ("autoattack", "AA")]
+CHAMPION, CHALLENGER = "champion", "challenger"
+
+
+@dataclass
+class Decision:
+    alias: str
+    reason: str
+
+
+def decide_alias(new: dict, champion: dict | None, natural_tolerance: float) -> Decision:
+    """Champion or challenger for a new version, from accuracies in percent.
+
+    ``new`` / ``champion``: {"natural": ..., "autoattack": ...}; ``champion`` None when there is none.
+    """
+    if champion is None:
+        return Decision(CHAMPION, "first registered student")
+    if new.get("autoattack") is None:
+        return Decision(CHALLENGER, "no AutoAttack accuracy for the new version (evaluate.config.attacks)")
+    if champion.get("autoattack") is None:
+        return Decision(CHAMPION, "the champion has no AutoAttack accuracy")
+    aa_new, aa_old = float(new["autoattack"]), float(champion["autoattack"])
+    nat_new, nat_old = float(new["natural"]), float(champion["natural"])
+    if aa_new < aa_old:
+        return Decision(CHALLENGER, f"AutoAttack {aa_new:.2f}% < champion's {aa_old:.2f}%")
+    if nat_new < nat_old - natural_tolerance:
+        return Decision(CHALLENGER, f"natural {nat_new:.2f}% more than {natural_tolerance} points below "
+                                    f"the champion's {nat_old:.2f}%")
+    return Decision(CHAMPION, f"AutoAttack {aa_new:.2f}% >= {aa_old:.2f}%, natural {nat_new:.2f}% within "
+                              f"{natural_tolerance} of {nat_old:.2f}%")
+
+
+def sha256_file(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _tag_float(tags: dict, key: str) -> float | None:
+    try:
+        return float(tags[key])
+    except (KeyError, ValueError):
+        return None
+
+
+def _version_metrics(version) -> dict:
+    return {k: _tag_float(version.tags, k) for k, _ in ATTACK_COLUMNS}
+
+
+def current_champion(client, model_name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(model_name, CHAMPION)
+    except MlflowException:
+        return None
+
+
+def find_registered(client, model_name: str, sha: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        versions = client.search_model_versions(f"name = '{model_name}'")
+    except MlflowException:
+        return None
+    return next((v for v in versions if v.tags.get("onnx_sha256") == sha), None)
+
+
+def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, natural_tolerance: float,
+                  parent_run_id: str | None = None, log=print) -> tuple[str, Decision | None]:
+    """Register ``onnx_path`` (unless already registered); returns (version, decision or None)."""
+    import mlflow
+    import onnx
+
+    client = mlflow.MlflowClient()
+    sha = sha256_file(onnx_path)
+    existing = find_registered(client, model_name, sha)
+    if existing is not None:
+        log(f"{onnx_path} (sha256 {sha[:12]}) is already version {existing.version} of {model_name}: "
+            "nothing registered")
+        return str(existing.version), None
+    version_tags = {**{k: str(v) for k, v in tags.items()},
+                    **{k: f"{metrics[k]:.2f}" for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None},
+                    "onnx_sha256": sha}
+    with mlflow.start_run(run_name="register", parent_run_id=parent_run_id,
+                          tags={"stage": "register", "git_commit": tags.get("git_commit", "")}):
+        mlflow.log_metrics({k: float(metrics[k]) for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None})
+        info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student",
+                                     registered_model_name=model_name,
+                                     onnx_execution_providers=["CPUExecutionProvider"],
+                                     pip_requirements=["onnx==1.23.2", "onnxruntime==1.32.0"],
+                                     save_as_external_data=False)
+    version = str(info.registered_model_version)
+    for k, v in version_tags.items():
+        client.set_model_version_tag(model_name, version, k, v)
+    champion = current_champion(client, model_name)
+    decision = decide_alias(metrics, _version_metrics(champion) if champion else None, natural_tolerance)
+    client.set_registered_model_alias(model_name, decision.alias, version)
+    client.set_model_version_tag(model_name, version, "alias_reason", decision.reason)
+    log(f"{model_name} version {version} -> {decision.alias}: {decision.reason}")
+    return version, decision
+
+
+def workspace_metadata(root: Path) -> tuple[dict, dict]:
+    """(accuracies, tags) of the pipeline's student from its metrics files and ONNX metadata."""
+    import onnx
+
+    onnx_path = root / "models/student.onnx"
+    eval_path = root / "metrics/evaluate/student.json"
+    for p in (onnx_path, eval_path):
+        if not p.is_file():
+            raise FileNotFoundError(f"{p} missing: run the pipeline (make run / dvc repro) first")
+    metrics = json.loads(eval_path.read_text())
+    props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
+    params = load_params(root / "params.yaml")
+    tags = {"method": props.get("method", metrics.get("method")), "student": props.get("arch", metrics.get("arch")),
+            "teacher": props.get("teacher_arch"), "dataset": props.get("dataset", params.data.source),
+            "profile": params.profile, "eval_images": metrics.get("num_images"),
+            "eval_subset": metrics.get("subset"), "git_commit": git_commit(root)}
+    return {k: metrics.get(k) for k, _ in ATTACK_COLUMNS}, tags
+
+
+def register_workspace(root: Path = Path("."), parent_run_id: str | None = None, log=print):
+    root = Path(root).resolve()
+    params = load_params(root / "params.yaml")
+    setup_mlflow(root)
+    metrics, tags = workspace_metadata(root)
+    return register_onnx(root / "models/student.onnx", metrics, tags, params.registry.model_name,
+                         params.registry.natural_tolerance, parent_run_id=parent_run_id, log=log)
+
+
+def students_table(model_name: str) -> str:
+    """Registered versions side by side (newest first), as a Markdown table."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    versions = sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: -int(v.version))
+    aliases: dict[str, list[str]] = {}
+    if versions:  # search results leave aliases empty: take them from the registered model
+        for alias, version in client.get_registered_model(model_name).aliases.items():
+            aliases.setdefault(str(version), []).append(alias)
+    header = ["version", "aliases", "method", "student", "teacher", "dataset"] + [l for _, l in ATTACK_COLUMNS]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for v in versions:
+        t = v.tags
+        cells = [v.version, ",".join(aliases.get(str(v.version), [])) or "-", t.get("method", "-"), t.get("student", "-"),
+                 t.get("teacher", "-"), t.get("dataset", "-")] + [t.get(k, "-") for k, _ in ATTACK_COLUMNS]
+        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=["register", "list"])
+    p.add_argument("--root", default=".", help="project directory (default: .)")
+    args = p.parse_args(argv)
+    root = Path(args.root).resolve()
+    if args.command == "register":
+        try:
+            register_workspace(root)
+        except FileNotFoundError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            raise SystemExit(2) from None
+    else:
+        setup_mlflow(root)
+        print(students_table(load_params(root / "params.yaml").registry.model_name))
+
+
+if __name__ == "__main__":
+    main()

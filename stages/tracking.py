@@ -1,0 +1,166 @@
+"""MLflow tracking of stage runs behind a small interface.
+
+Every stage CLI opens ``stage_run(...)``; it yields a :class:`Tracker` whose ``epoch_callback``
+plugs into the training engine's per-epoch callbacks (so metrics are logged live while a model
+trains) and whose ``log_*`` methods record params, metrics and artifacts. The core library never
+sees MLflow: it only calls callbacks.
+
+Settings (environment variables, so ``dvc repro``, the Prefect flow and a shell behave alike):
+
+- ``MLFLOW_TRACKING_URI``: where runs go. Default: ``sqlite:///<project>/mlflow.db``, where
+  ``<project>`` is ``DVC_ROOT`` (set by DVC for stage commands) or the working directory. A server
+  URI (``http://127.0.0.1:5000``) works the same.
+- ``MLFLOW_EXPERIMENT_NAME``: the experiment (default ``robustkd``).
+- ``ROBUSTKD_PARENT_RUN_ID``: set by the Prefect flow; stage runs nest under that parent run.
+- ``ROBUSTKD_TRACKING=off``: no tracking at all (a :class:`NullTracker`).
+
+Each run is tagged with the DVC stage (``DVC_STAGE``, set by DVC; else the stage's own name), the
+git commit of the project and the params profile.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import subprocess
+from pathlib import Path
+from typing import Iterator
+
+DEFAULT_EXPERIMENT = "robustkd"
+
+
+def project_root() -> Path:
+    return Path(os.environ.get("DVC_ROOT") or os.getcwd()).resolve()
+
+
+def tracking_uri(root: Path | None = None) -> str:
+    uri = os.environ.get("MLFLOW_TRACKING_URI")
+    if uri:
+        return uri
+    return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
+
+
+def tracking_enabled() -> bool:
+    return os.environ.get("ROBUSTKD_TRACKING", "on").lower() not in ("off", "0", "false", "no")
+
+
+def git_commit(root: Path | None = None) -> str:
+    """The project's commit, with ``-dirty`` when tracked files differ ('unknown' outside git)."""
+    cwd = str(root or project_root())
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
+                             timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return sha + ("-dirty" if dirty else "")
+
+
+def flatten(obj, prefix: str = "") -> dict[str, str]:
+    """Nested params -> {"distill.optim.lr": "0.1", ...} (MLflow params are flat strings)."""
+    out: dict[str, str] = {}
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out.update(flatten(v, f"{prefix}.{k}" if prefix else str(k)))
+    else:
+        out[prefix] = str(obj)[:6000]
+    return out
+
+
+def numeric_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
+    """The finite numbers of a (nested) metrics dict, with nested keys joined by '/'."""
+    out: dict[str, float] = {}
+    for k, v in metrics.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(numeric_metrics(v, key + "/"))
+        elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+            out[key] = float(v)
+    return out
+
+
+class NullTracker:
+    """Tracking switched off (or a non-zero rank of a distributed run): records nothing."""
+
+    run_id: str | None = None
+
+    def log_params(self, params: dict) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
+        pass
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        pass
+
+    def set_tags(self, tags: dict) -> None:
+        pass
+
+    def epoch_callback(self, epoch: int, metrics: dict) -> None:
+        self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
+
+
+class MlflowTracker(NullTracker):
+    def __init__(self, mlflow_module, run_id: str):
+        self._mlflow = mlflow_module
+        self.run_id = run_id
+
+    def log_params(self, params: dict) -> None:
+        flat = flatten(params)
+        items = list(flat.items())
+        for i in range(0, len(items), 100):  # MLflow's batch limit
+            self._mlflow.log_params(dict(items[i:i + 100]))
+
+    def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
+        values = numeric_metrics(metrics, prefix)
+        if values:
+            self._mlflow.log_metrics(values, step=step)
+
+    def log_artifact(self, path, artifact_path: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self._mlflow.log_artifacts(str(path), artifact_path)
+        elif path.is_file():
+            self._mlflow.log_artifact(str(path), artifact_path)
+
+    def set_tags(self, tags: dict) -> None:
+        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+
+
+def setup_mlflow(root: Path | None = None):
+    """Import MLflow, point it at the tracking URI and experiment; returns the module."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(root))
+    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    return mlflow
+
+
+@contextlib.contextmanager
+def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: bool = True,
+              ) -> Iterator[NullTracker]:
+    """An MLflow run for one stage execution (nested under ``ROBUSTKD_PARENT_RUN_ID`` when set).
+
+    ``sections``: the params sections logged as the run's params (all of them when empty).
+    A failing stage ends its run as FAILED; the exception propagates unchanged.
+    """
+    if not (enabled and tracking_enabled()):
+        yield NullTracker()
+        return
+    from dataclasses import asdict
+
+    mlflow = setup_mlflow()
+    dvc_stage = os.environ.get("DVC_STAGE", stage)
+    tags = {"dvc_stage": dvc_stage, "stage": stage, "git_commit": git_commit()}
+    if params is not None:
+        tags["profile"] = params.profile
+    parent = os.environ.get("ROBUSTKD_PARENT_RUN_ID") or None
+    with mlflow.start_run(run_name=dvc_stage, parent_run_id=parent, tags=tags) as run:
+        tracker = MlflowTracker(mlflow, run.info.run_id)
+        if params is not None:
+            raw = asdict(params)
+            tracker.log_params({k: raw[k] for k in sections} if sections else raw)
+        yield tracker

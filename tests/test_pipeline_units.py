@@ -1,0 +1,82 @@
+"""Fast tests of the orchestration layer's decisions: champion/challenger, retries, params
+rewriting, the stage list; and hadolint on the Dockerfile."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline.flow import (StageFailed, compare_stages, is_transient_output, main_stages,
+                           set_compare_methods)
+from pipeline.registry import CHALLENGER, CHAMPION, decide_alias
+from stages.tracking import flatten, numeric_metrics
+
+from .stage_fixtures import ROOT, tiny_params, write_params
+
+
+def test_first_version_is_champion():
+    assert decide_alias({"natural": 50, "autoattack": 20}, None, 1.0).alias == CHAMPION
+
+
+@pytest.mark.parametrize("new, alias, word", [
+    ({"natural": 50.0, "autoattack": 20.0}, CHAMPION, "AutoAttack"),     # equal AA is enough
+    ({"natural": 49.0, "autoattack": 21.0}, CHAMPION, "within"),         # natural at the tolerance
+    ({"natural": 48.9, "autoattack": 25.0}, CHALLENGER, "natural"),      # natural beyond it
+    ({"natural": 60.0, "autoattack": 19.9}, CHALLENGER, "AutoAttack"),   # less robust
+    ({"natural": 60.0, "autoattack": None}, CHALLENGER, "no AutoAttack"),
+])
+def test_champion_rule(new, alias, word):
+    decision = decide_alias(new, {"natural": 50.0, "autoattack": 20.0}, 1.0)
+    assert decision.alias == alias and word in decision.reason
+
+
+def test_only_transient_failures_are_retried():
+    killed = "ERROR: failed to reproduce 'distill': failed to run: python -m stages.distill, exited with -9"
+    locked = "ERROR: Unable to acquire lock. Most likely another DVC process is running"
+    bad_input = "error: params.yaml: distill.optim: unknown key 'lrr'\nERROR: ... exited with 2"
+    assert is_transient_output(killed) and is_transient_output(locked)
+    assert not is_transient_output(bad_input)
+    assert "not retried" in str(StageFailed("distill", 255, False, bad_input))
+
+
+def test_set_compare_methods_rewrites_one_line(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text((ROOT / "params.yaml").read_text())
+    before = params.read_text().splitlines()
+    set_compare_methods(params, ["darwin", "ard"])
+    after = params.read_text().splitlines()
+    changed = [(a, b) for a, b in zip(before, after) if a != b]
+    assert changed == [("  methods: [darwin, rslad, ard, natural_kd]", "  methods: [darwin, ard]")]
+
+
+def test_set_compare_methods_names_the_problem(tmp_path):
+    params = write_params(tmp_path / "params.yaml", {k: v for k, v in tiny_params("raw").items() if k != "compare"})
+    with pytest.raises(ValueError, match="compare"):
+        set_compare_methods(params, ["darwin"])
+
+
+def test_stage_lists():
+    assert main_stages(ROOT)[:2] == ["prepare_data", "train_teacher"] and main_stages(ROOT)[-1] == "report"
+    assert compare_stages(["a", "b"]) == ["compare/dvc.yaml:distill@a", "compare/dvc.yaml:distill@b",
+                                          "compare/dvc.yaml:evaluate@a", "compare/dvc.yaml:evaluate@b",
+                                          "compare/dvc.yaml:table"]
+
+
+def test_tracking_flattens_params_and_keeps_finite_numbers():
+    assert flatten({"a": {"b": 1, "c": [1, 2]}}) == {"a.b": "1", "a.c": "[1, 2]"}
+    got = numeric_metrics({"x": 1, "m": "darwin", "ok": True, "nan": float("nan"), "lat": {"b1": {"ms": 2.0}}})
+    assert got == {"x": 1.0, "lat/b1/ms": 2.0}
+
+
+def test_hadolint_passes_on_the_dockerfile():
+    hadolint = Path(sys.executable).parent / "hadolint"
+    out = subprocess.run([str(hadolint), str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+
+def test_ci_runs_the_readme_test_command():
+    assert (ROOT / ".ci/run").read_text().strip().splitlines()[-1].strip() == "make test"
+    readme = (ROOT / "README.md").read_text()
+    assert "make run" in readme and "make test" in readme
+    assert "make setup" in (ROOT / "Dockerfile").read_text()
