@@ -125,6 +125,7 @@ class Trainer:
                                        asdict(objective.config), run.seed)
         self.history: list[dict] = []
         self.start_epoch = 0
+        self._resumed = False
         self.ckpt_path = Path(run.checkpoint_dir) / "state.pt" if run.checkpoint_dir else None
 
     # ------------------------------------------------------------- checkpoint
@@ -146,6 +147,8 @@ class Trainer:
 
     def try_resume(self) -> bool:
         """Load the last checkpoint if it belongs to this run's settings; True if resumed."""
+        if self._resumed:
+            return True
         if self.ckpt_path is None or not self.ckpt_path.exists():
             return False
         try:
@@ -165,6 +168,7 @@ class Trainer:
         self.history = json.loads(state["history"])
         self.start_epoch = int(state["epoch"])
         self.log(f"resumed from {self.ckpt_path} after epoch {self.start_epoch}")
+        self._resumed = True
         return True
 
     # ------------------------------------------------------------- training

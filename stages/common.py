@@ -113,8 +113,11 @@ class HistoryWriter:
 
     def __call__(self, epoch: int, metrics: dict) -> None:
         self.rows.append(dict(metrics))
+        self.flush()
+
+    def flush(self) -> None:
         write_csv(self.rows, self.csv_path)
-        write_json({**self.extra, **metrics}, self.json_path)
+        write_json({**self.extra, **(self.rows[-1] if self.rows else {})}, self.json_path)
 
     def load_previous(self, history: list[dict]) -> None:
         """After a resume: keep the epochs trained before the kill."""

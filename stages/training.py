@@ -36,4 +36,10 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
                                                  getattr(model, "arch", ""))))
     if trainer.try_resume():
         history.load_previous(trainer.history)
-    return trainer.fit()
+        for row in trainer.history:  # the resumed run's tracker gets the epochs trained before the kill
+            for callback in extra_callbacks:
+                callback(int(row["epoch"]), row)
+    result = trainer.fit()
+    if rank == 0:
+        history.flush()  # also when every epoch was done before a kill: DVC removed the outputs
+    return result

@@ -190,3 +190,16 @@ def test_every_stage_run_is_an_mlflow_run(workdir):
     assert {"student_history.csv", "student_train.json", "student.pt"} <= artifacts
     assert "student/autoattack" in runs["evaluate"].data.metrics
     assert "student.onnx" in {a.path for a in client.list_artifacts(runs["export_onnx"].info.run_id)}
+
+
+def test_rerun_after_the_last_epoch_rewrites_outputs_dvc_removed(workdir, monkeypatch):
+    """A kill after the last epoch's checkpoint: the rerun trains nothing but writes every output."""
+    from stages import train_teacher
+
+    monkeypatch.chdir(workdir)
+    before = (workdir / "metrics/teacher_history.csv").read_text()
+    for name in ("teacher_train.json", "teacher_history.csv"):
+        (workdir / "metrics" / name).unlink()
+    train_teacher.run([])
+    assert (workdir / "metrics/teacher_history.csv").read_text() == before
+    assert json.loads((workdir / "metrics/teacher_train.json").read_text())["epoch"] == 2
