@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from .data import TrainBatches
+from .distributed import average_scalars, wrap_ddp
 from .errors import InputError
 from .losses import Objective
 from .utils import atomic_torch_save, autocast, make_generator, progress, select_device
@@ -60,6 +61,7 @@ class RunConfig:
     bf16: bool = False            # bf16 autocast (CUDA; CPU works but is slow)
     channels_last: bool = False
     checkpoint_dir: str = ""      # empty: no checkpoint, no resume
+    sync_bn: bool = False         # distributed runs: SyncBatchNorm (GPU only) instead of per-rank BN
     progress_every_s: float = 30.0
 
 
@@ -185,9 +187,12 @@ class Trainer:
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
         self.try_resume()
+        # Under torchrun: DistributedDataParallel (gradients averaged over ranks). The attacks
+        # unwrap it, so only the loss's forwards go through DDP.
+        self.model = wrap_ddp(self.model, self.device, self.run_cfg.sync_bn)
         for epoch in range(self.start_epoch, self.optim_cfg.epochs):
             metrics = self._train_epoch(epoch)
-            if self.evaluate is not None:
+            if self.evaluate is not None and self.is_main:
                 self.model.eval()
                 metrics.update(self.evaluate(getattr(self.model, "module", self.model)))
             self.history.append(metrics)
@@ -199,6 +204,7 @@ class Trainer:
                               for k, v in metrics.items()))
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
+        self.model = getattr(self.model, "module", self.model)
         self.model.eval()
         return self.history
 
@@ -232,7 +238,9 @@ class Trainer:
             images += len(batch.x)
         elapsed = time.perf_counter() - start
         out = {"epoch": epoch + 1}
-        out.update({k: v / max(count, 1) for k, v in sums.items()})
+        # mean over ranks of each rank's mean (equal shards: the global batch's mean)
+        out.update(average_scalars({k: v / max(count, 1) for k, v in sums.items()}))
+        world = self.batches.world_size
         out.update({"lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
-                    "images_per_s": images / max(elapsed, 1e-9)})
+                    "images_per_s": images * world / max(elapsed, 1e-9)})
         return out

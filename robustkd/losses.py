@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from . import attacks
 from .attacks import kl_per_sample, model_modes
 from .config import from_dict
+from .distributed import global_max
 from .errors import InputError
 
 EPS = 8 / 255     # L-inf radius, [0, 1] pixel units
@@ -83,13 +84,14 @@ def path_weights(i: int, n: int, p_t_clean: torch.Tensor, p_s_point: torch.Tenso
                  gamma: float, weighting: str) -> torch.Tensor:
     """w(xh(i)|x) = (1-gamma) i/n + gamma |p_t(x)_y - p_s(xh(i))_y| / max_batch |...|.
 
-    Computed without gradient; a zero denominator gives a zero second term.
+    Computed without gradient; a zero denominator gives a zero second term. Under torchrun the
+    max is over the global batch (all ranks), so the weights are those of one process.
     """
     if weighting == "uniform":
         return torch.ones(len(y), device=y.device)
     with torch.no_grad():
         gap = (p_t_clean.gather(1, y[:, None]) - p_s_point.gather(1, y[:, None])).abs().squeeze(1)
-        denom = gap.max()
+        denom = global_max(gap.max())
         second = gap / denom if denom > 0 else torch.zeros_like(gap)
         return (1 - gamma) * i / n + gamma * second
 

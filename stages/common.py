@@ -66,6 +66,15 @@ def setup_run(params: Params) -> torch.device:
     return select_device(params.run.device)
 
 
+def setup_distributed(params: Params):
+    """(DistInfo, device): joins torchrun's process group when there is one."""
+    from robustkd.distributed import init_distributed
+
+    if params.run.threads:
+        torch.set_num_threads(params.run.threads)
+    return init_distributed(params.run.device, params.run.backend)
+
+
 def write_json(obj, path: str | os.PathLike) -> None:
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")

@@ -14,7 +14,7 @@ from robustkd.losses import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
 
 from .common import (CHECKPOINTS, GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser,
-                     read_params, setup_run)
+                     read_params, setup_distributed)
 from .params import method_settings
 from .training import run_training
 
@@ -41,7 +41,7 @@ def main(args) -> None:
     params = read_params(args)
     method = args.method or params.distill.method
     out_dir = Path(args.out_dir) if args.out_dir else None
-    device = setup_run(params)
+    dist_info, device = setup_distributed(params)
     cfg = params.distill
     train = load_imageset(PREPARED / "train.npz")
     heldout = load_imageset(PREPARED / "heldout.npz")
@@ -63,7 +63,10 @@ def main(args) -> None:
                            teacher=teacher, generated=generated,
                            fraction=params.ddpm.fraction if generated is not None else 0.0,
                            partner_labels=partner_labels, monitor_steps=cfg.monitor_pgd_steps,
-                           extra_callbacks=[args.tracker.epoch_callback])
+                           extra_callbacks=[args.tracker.epoch_callback],
+                           rank=dist_info.rank, world_size=dist_info.world_size)
+    if not dist_info.is_main:
+        return
     save_checkpoint(student, model_path, method=method, teacher_arch=teacher.arch,
                     dataset=params.data.source, epochs=len(history))
     args.tracker.set_tags({"method": method, "student": cfg.student.arch, "teacher": teacher.arch})

@@ -11,22 +11,31 @@ from robustkd.data import stratified_first_k, to_float
 from robustkd.evaluation import evaluate_model, summarize
 from robustkd.models import load_checkpoint
 
-from .common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, setup_run, write_json
+from .common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, setup_distributed, write_json
 
 
-def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], device, tracker) -> dict:
+def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], device, tracker,
+                  dist_info=None) -> dict:
+    """Evaluate one checkpoint; under torchrun each rank attacks its share of the batches and
+    rank 0 writes the gathered totals."""
+    rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     test = load_imageset(PREPARED / "test.npz")
     k = params.evaluate.per_class
     if k is not None:
         test = test.subset(stratified_first_k(test.labels, k, test.num_classes))
     model = load_checkpoint(model_path).to(device)
     cfg = replace(params.evaluate.config, attacks=list(attacks), seed=params.run.seed)
-    print(f"evaluating {model_path} ({model.arch}) on {len(test)} test images: {attacks}")
-    results = evaluate_model(model, to_float(test.images), test.labels, cfg, device)
+    if rank == 0:
+        print(f"evaluating {model_path} ({model.arch}) on {len(test)} test images: {attacks}"
+              + (f" over {world} processes" if world > 1 else ""))
+    results = evaluate_model(model, to_float(test.images), test.labels, cfg, device,
+                             log=print if rank == 0 else (lambda *_: None), rank=rank, world_size=world)
     summary = summarize(results, test.labels, test.num_classes)
     summary.update({"model": str(model_path), "arch": model.arch, "per_class": k,
                     "subset": f"first {k} per class" if k is not None else "full test set",
-                    "method": model.checkpoint_meta.get("method"), "eps": cfg.eps})
+                    "method": model.checkpoint_meta.get("method"), "eps": cfg.eps, "processes": world})
+    if rank != 0:
+        return summary
     write_json(summary, out_path)
     tracker.log_metrics(summary, prefix=f"{model_path.stem}/")
     tracker.log_artifact(out_path, "metrics")
@@ -35,16 +44,16 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
 
 def main(args) -> None:
     params = read_params(args)
-    device = setup_run(params)
+    dist_info, device = setup_distributed(params)
     attacks = params.evaluate.config.attacks
     if args.model:
-        evaluate_file(Path(args.model), Path(args.out), params, args.attacks or attacks, device, args.tracker)
+        evaluate_file(Path(args.model), Path(args.out), params, args.attacks or attacks, device, args.tracker, dist_info)
         return
     out = METRICS / "evaluate"
-    evaluate_file(MODELS / "teacher.pt", out / "teacher.json", params, attacks, device, args.tracker)
-    evaluate_file(MODELS / "student.pt", out / "student.json", params, attacks, device, args.tracker)
+    evaluate_file(MODELS / "teacher.pt", out / "teacher.json", params, attacks, device, args.tracker, dist_info)
+    evaluate_file(MODELS / "student.pt", out / "student.json", params, attacks, device, args.tracker, dist_info)
     evaluate_file(MODELS / "reference.pt", out / "reference.json", params,
-                  params.evaluate.reference_attacks, device, args.tracker)
+                  params.evaluate.reference_attacks, device, args.tracker, dist_info)
 
 
 def build_parser():

@@ -101,6 +101,22 @@ class RunParams:
     bf16: bool = False
     channels_last: bool = False
     threads: int = 0                       # torch CPU threads (0: torch's default)
+    # Distributed (torchrun): train_teacher, distill and evaluate are launched with
+    # `torchrun --nproc_per_node` when nproc_per_node > 1 (stages/launch.py).
+    nproc_per_node: int = 1                # processes per machine (GPUs per machine on GPU nodes)
+    nnodes: int = 1                        # machines; > 1 needs rdzv_endpoint, reachable from all
+    rdzv_endpoint: str = ""                # host:port of the rendezvous (c10d), e.g. node0:29400
+    rdzv_id: str = "robustkd"              # the job's rendezvous id (same on every machine)
+    backend: Literal["auto", "nccl", "gloo"] = "auto"   # auto: NCCL on GPUs, gloo on CPUs
+    sync_bn: bool = False                  # SyncBatchNorm across ranks (GPU only) instead of per-rank BN
+
+    def __post_init__(self):
+        if self.nproc_per_node < 1 or self.nnodes < 1:
+            raise InputError(f"run.nproc_per_node and run.nnodes must be >= 1, found "
+                             f"{self.nproc_per_node} and {self.nnodes}")
+        if self.nnodes > 1 and not self.rdzv_endpoint:
+            raise InputError(f"run.nnodes is {self.nnodes} but run.rdzv_endpoint is empty: set it to "
+                             "host:port of a machine every node reaches")
 
 
 @dataclass

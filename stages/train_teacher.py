@@ -7,16 +7,18 @@ from robustkd.losses import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
 
 from .common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
-                     setup_run, write_csv, write_json)
+                     setup_distributed, write_csv, write_json)
 from .training import run_training
 
 
 def main(args) -> None:
     params = read_params(args)
     cfg = params.teacher
-    device = setup_run(params)
+    dist_info, device = setup_distributed(params)
     MODELS.mkdir(exist_ok=True)
     if cfg.source == "checkpoint":
+        if not dist_info.is_main:
+            return
         model = load_checkpoint(cfg.checkpoint)  # validates the file before anything is written
         save_checkpoint(model, MODELS / "teacher.pt", source=cfg.checkpoint)
         write_json({"source": "checkpoint", "checkpoint": cfg.checkpoint, "arch": model.arch},
@@ -31,7 +33,10 @@ def main(args) -> None:
     history = run_training(model, objective, cfg.optim, params, train, heldout, device,
                            CHECKPOINTS / "teacher", METRICS / "teacher_history.csv",
                            METRICS / "teacher_train.json", monitor_steps=params.distill.monitor_pgd_steps,
-                           extra_callbacks=[args.tracker.epoch_callback])
+                           extra_callbacks=[args.tracker.epoch_callback],
+                           rank=dist_info.rank, world_size=dist_info.world_size)
+    if not dist_info.is_main:
+        return
     save_checkpoint(model, MODELS / "teacher.pt", method=cfg.method, epochs=len(history),
                     dataset=params.data.source)
     for path in (METRICS / "teacher_train.json", METRICS / "teacher_history.csv", MODELS / "teacher.pt"):

@@ -28,7 +28,8 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
                            rank=rank, world_size=world_size)
     history = HistoryWriter(history_csv, metrics_json, extra={"method": objective.name})
     run_cfg = RunConfig(seed=params.run.seed, device=str(device), bf16=params.run.bf16,
-                        channels_last=params.run.channels_last, checkpoint_dir=str(checkpoint_dir))
+                        channels_last=params.run.channels_last, checkpoint_dir=str(checkpoint_dir),
+                        sync_bn=params.run.sync_bn)
     trainer = Trainer(model, objective, batches, optim, run_cfg, teacher=teacher,
                       evaluate=heldout_monitor(heldout, device, monitor_steps, eps, step, params.run.seed),
                       callbacks=[history, *extra_callbacks], is_main=rank == 0,
@@ -37,7 +38,7 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     if trainer.try_resume():
         history.load_previous(trainer.history)
         for row in trainer.history:  # the resumed run's tracker gets the epochs trained before the kill
-            for callback in extra_callbacks:
+            for callback in extra_callbacks if rank == 0 else ():
                 callback(int(row["epoch"]), row)
     result = trainer.fit()
     if rank == 0:

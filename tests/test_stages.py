@@ -1,6 +1,7 @@
 """Each stage CLI on tiny data, in a temporary working directory."""
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -203,3 +204,37 @@ def test_rerun_after_the_last_epoch_rewrites_outputs_dvc_removed(workdir, monkey
     train_teacher.run([])
     assert (workdir / "metrics/teacher_history.csv").read_text() == before
     assert json.loads((workdir / "metrics/teacher_train.json").read_text())["epoch"] == 2
+
+
+@pytest.mark.slow
+def test_stages_under_torchrun_write_once_and_match_the_single_process_evaluation(workdir):
+    """run.nproc_per_node: 2 -> stages.launch starts torchrun (gloo); rank 0 alone writes."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params["run"]["nproc_per_node"] = 2
+    write_params(workdir / "params_2proc.yaml", params)
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+
+    def launch(*args):
+        proc = subprocess.run([sys.executable, "-m", "stages.launch", *args, "--params", "params_2proc.yaml"],
+                              cwd=workdir, capture_output=True, text=True, env=env, timeout=900)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+        return proc.stdout
+
+    out = launch("distill", "--method", "rslad", "--out-dir", "ddp")
+    assert "launching: " in out and "--nproc_per_node=2" in out
+    assert load_checkpoint(workdir / "ddp/rslad.pt").checkpoint_meta["method"] == "rslad"
+    assert len((workdir / "ddp/rslad_history.csv").read_text().splitlines()) == 3
+
+    launch("evaluate", "--model", "models/student.pt", "--out", "ddp/student_eval.json")
+    single = json.loads((workdir / "metrics/evaluate/student.json").read_text())
+    sharded = json.loads((workdir / "ddp/student_eval.json").read_text())
+    assert sharded["processes"] == 2
+    for key in ("natural", "pgd20", "cw", "autoattack", "per_class_accuracy"):
+        assert sharded[key] == single[key], key
