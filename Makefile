@@ -47,6 +47,10 @@ preset: setup
 compare: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro compare/dvc.yaml
 
+# Speed and memory, side by side in one run (benchmarks/bench.py): table + benchmarks/results.json
+benchmark: setup
+	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+
 clean:
 	rm -rf data models metrics reports checkpoints
 

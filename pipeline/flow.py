@@ -37,7 +37,7 @@ from . import registry
 # Output of a stage that failed for a reason that may not recur: worth a retry.
 TRANSIENT_PATTERNS = [
     r"exited with -9\b", r"exited with 137\b", r"exited with -15\b", r"exited with 143\b",  # killed
-    r"Unable to acquire lock", r"database is locked", r"Connection (refused|reset)",
+    r"Unable to acquire lock", r"is busy, it is being blocked by", r"database is locked", r"Connection (refused|reset)",
     r"Temporary failure in name resolution", r"CUDA error: (launch failure|unspecified)",
 ]
 

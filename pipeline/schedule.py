@@ -26,7 +26,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     parameters = {"project_dir": str(Path(args.project_dir).resolve()), "preset": args.preset,
                   "methods": args.methods, "register_model": True}
-    robustkd_pipeline.serve(name=args.name, cron=args.cron, parameters=parameters)
+    # global_limit=1: runs of this deployment never overlap (they share one workspace and DVC's
+    # locks); a run due while another is going waits for it.
+    robustkd_pipeline.serve(name=args.name, cron=args.cron, parameters=parameters, global_limit=1)
 
 
 if __name__ == "__main__":

@@ -129,18 +129,19 @@ def cw_inf(model, x, y, eps=EPS_DEFAULT, alpha=0.003, steps=30, kappa=50.0, **kw
 def dual_branch_paths(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pair: torch.Tensor,
                       target: torch.Tensor, eps: float = EPS_DEFAULT, alpha: float = ALPHA_DEFAULT,
                       steps: int = 10, start: str | None = "uniform", bn_mode: str = "eval",
-                      generator: torch.Generator | None = None, autocast=contextlib.nullcontext
-                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                      generator: torch.Generator | None = None, autocast=contextlib.nullcontext,
+                      joint: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """DARWIN's two paths, advanced together: the untargeted path from x (ascending CE(., y))
     and the targeted path from the partner x' (descending CE(., target)).
 
     With eval-mode batch norm both branches go through one batched forward/backward per step
     (samples are independent, so the result equals two separate attacks). With 'train'-mode
     batch norm each branch keeps its own forward, so each is normalised by its own batch.
-    Returns ([xh(1)..xh(n)], [xt(1)..xt(n)]).
+    ``joint=False`` runs the branches one after the other even in eval mode (faster on CPUs, where
+    large batches fall out of cache). Returns ([xh(1)..xh(n)], [xt(1)..xt(n)]).
     """
     b = len(x)
-    if bn_mode == "train":
+    if bn_mode == "train" or not joint:
         up = pgd_ce(model, x, y, eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode,
                     return_path=True, generator=generator, autocast=autocast)
         tp = pgd_targeted(model, x_pair, target, eps=eps, alpha=alpha, steps=steps, start=start,

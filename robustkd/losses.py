@@ -21,6 +21,7 @@ from . import attacks
 from .attacks import kl_per_sample, model_modes
 from .config import from_dict
 from .distributed import global_max
+from .grouped_bn import grouped_batchnorm
 from .errors import InputError
 
 EPS = 8 / 255     # L-inf radius, [0, 1] pixel units
@@ -60,10 +61,16 @@ class DarwinConfig:
     tau: float = 1.0                      # softmax temperature of every p(.)
     attack_bn_mode: Literal["eval", "train"] = "eval"   # student mode while walking the paths [choice]
     # How the student's loss forwards on the 2n+1 points are run when it is in train mode:
-    # 'per_point' - one forward per point, each normalised by its own mini-batch (the default,
-    #               what a straightforward implementation computes);
-    # 'joint'     - one forward over all points, batch norm sees them together (faster, changes BN).
+    # 'per_point' - each point normalised by its own mini-batch's statistics (the default, what a
+    #               straightforward implementation computes);
+    # 'joint'     - one forward over all points, batch norm sees them together (changes BN).
     loss_forward: Literal["per_point", "joint"] = "per_point"
+    # How forwards over several mini-batches (the two attack branches, the teacher on the path,
+    # the student's per-point loss forwards) are run; the values are the same either way:
+    # 'joint' - concatenated into one large forward (per-point BN kept by robustkd.grouped_bn):
+    #           better GPU utilisation; 'split' - one forward per mini-batch: faster on CPUs, where
+    #           large batches fall out of cache; 'auto' - joint on CUDA, split elsewhere.
+    batching: Literal["auto", "joint", "split"] = "auto"
 
     def __post_init__(self):
         if self.steps < 1:
@@ -76,6 +83,8 @@ class DarwinConfig:
             raise InputError(f"DarwinConfig.weighting must be 'adaptive' or 'uniform', found {self.weighting!r}")
         if self.attack_bn_mode not in ("eval", "train"):
             raise InputError(f"DarwinConfig.attack_bn_mode must be 'eval' or 'train', found {self.attack_bn_mode!r}")
+        if self.batching not in ("auto", "joint", "split"):
+            raise InputError(f"DarwinConfig.batching must be 'auto', 'joint' or 'split', found {self.batching!r}")
         if self.loss_forward not in ("per_point", "joint"):
             raise InputError(f"DarwinConfig.loss_forward must be 'per_point' or 'joint', found {self.loss_forward!r}")
 
@@ -109,12 +118,32 @@ def triplet(anchor: torch.Tensor, pos_logits: torch.Tensor, neg_logits: torch.Te
     return F.relu(d_pos - d_neg + margin)
 
 
-def _student_forwards(student: nn.Module, points: list[torch.Tensor], mode: str) -> list[torch.Tensor]:
-    """Student logits on each point; per point (own BN statistics) or in one joint forward."""
-    if mode == "joint" or not student.training:
-        # In eval mode samples are independent: one forward is exactly per-point.
-        return list(student(torch.cat(points)).split([len(p) for p in points]))
+def resolve_batching(batching: str, device: torch.device) -> bool:
+    """True: join mini-batches into one forward ('auto': on CUDA only)."""
+    return batching == "joint" or (batching == "auto" and device.type == "cuda")
+
+
+def _student_forwards(student: nn.Module, points: list[torch.Tensor], mode: str,
+                      join: bool = True) -> list[torch.Tensor]:
+    """Student logits on each point; per point (own BN statistics) or in one joint-BN forward."""
+    sizes = [len(p) for p in points]
+    if mode == "joint":
+        return list(student(torch.cat(points)).split(sizes))
+    if not join:
+        return [student(p) for p in points]
+    if not student.training:  # eval mode: samples are independent, one forward is per-point
+        return list(student(torch.cat(points)).split(sizes))
+    if len(set(sizes)) == 1:
+        with grouped_batchnorm(student, len(points)):
+            return list(student(torch.cat(points)).split(sizes))
     return [student(p) for p in points]
+
+
+def _no_grad_forward(model: nn.Module, points: list[torch.Tensor], join: bool) -> list[torch.Tensor]:
+    """An eval-mode model's logits on several mini-batches, joined or one by one."""
+    if join:
+        return list(model(torch.cat(points)).float().split([len(p) for p in points]))
+    return [model(p).float() for p in points]
 
 
 def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
@@ -131,12 +160,12 @@ def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torc
     if cfg.use_dbkd and x_pair is None:
         raise InputError("darwin_loss: DBKD is on but no partner images (x_pair) were given")
     student_mode = student.training
+    join = resolve_batching(cfg.batching, x.device)
     with model_modes([teacher], [False]):
         with torch.no_grad(), autocast():
-            clean = torch.cat([x, x_pair]) if cfg.use_dbkd else x
-            t_clean = teacher(clean).float()
-        t_x = t_clean[:len(x)]
-        t_xp = t_clean[len(x):] if cfg.use_dbkd else None
+            t_clean = _no_grad_forward(teacher, [x, x_pair] if cfg.use_dbkd else [x], join)
+        t_x = t_clean[0]
+        t_xp = t_clean[1] if cfg.use_dbkd else None
         if cfg.label_free:
             y = t_x.argmax(1)
             y_pair = t_xp.argmax(1) if t_xp is not None else None
@@ -145,7 +174,7 @@ def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torc
         kw = dict(eps=cfg.eps, alpha=cfg.step_size, steps=n, start=start, bn_mode=cfg.attack_bn_mode,
                   generator=generator, autocast=autocast)
         if cfg.use_dbkd:
-            path_u, path_t = attacks.dual_branch_paths(student, x, y, x_pair, target=y, **kw)
+            path_u, path_t = attacks.dual_branch_paths(student, x, y, x_pair, target=y, joint=join, **kw)
         else:
             path_u, path_t = attacks.pgd_ce(student, x, y, return_path=True, **kw), []
 
@@ -153,7 +182,7 @@ def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torc
         # forward (eval mode, so batching changes nothing).
         t_points = path_u if cfg.use_iakd else path_u[-1:]
         with torch.no_grad(), autocast():
-            t_path = list(teacher(torch.cat(t_points)).float().split(len(x)))
+            t_path = _no_grad_forward(teacher, t_points, join)
         if not cfg.use_iakd:
             t_path = [None] * (n - 1) + t_path
 
@@ -161,7 +190,7 @@ def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torc
     need_path = cfg.use_iakd or cfg.use_dbkd
     points = [x] + (path_u if need_path else path_u[-1:]) + (path_t if cfg.use_dbkd else [])
     with autocast():
-        outs = _student_forwards(student, points, cfg.loss_forward)
+        outs = _student_forwards(student, points, cfg.loss_forward, join)
     s_x = outs[0].float()
     s_u = [o.float() for o in outs[1:1 + (n if need_path else 1)]]
     s_t = [o.float() for o in outs[1 + n:]] if cfg.use_dbkd else []

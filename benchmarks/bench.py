@@ -1,0 +1,461 @@
+"""Speed and memory of DARWIN training and robustness evaluation, measured side by side.
+
+    make benchmark                              # CPU profile: resnet10_w8 student, resnet10_w16 teacher
+    python -m benchmarks.bench --preset paper   # GPU: ResNet-18 student, WRN-34-10 teacher
+
+Every case runs in its own process (same data, same initial weights, same seed), so each one's
+peak memory is its own: peak resident memory above the process's baseline on CPUs, peak CUDA
+memory allocated on GPUs. Prints a table and writes JSON (``--out``).
+
+Cases
+- training steps (images/s): DARWIN n=10 (the project's defaults), the straightforward DARWIN of
+  ``robustkd.reference`` (each branch, path point and weight its own forward), DARWIN's
+  implementation options (batching joint/split, joint BN, bf16, channels_last, torch.compile),
+  RSLAD and TRADES (the teacher's objective, on the teacher) at the same attack length; the loss of
+  the first step, and the forward/backward passes each makes per batch, counted in units of one
+  batch through one model;
+- evaluation (images/s): PGD-20, CW-inf (30 steps), AutoAttack standard, on the trained
+  student when ``models/student.pt`` exists (a random network is broken at once and would flatter
+  AutoAttack);
+- inference latency of the ONNX student, onnxruntime against torch eager, batch 1 and 256.
+On GPUs also: the measured bf16 matmul throughput, the fraction of it DARWIN's step reaches
+(FLOPs counted by torch.utils.flop_counter) and the GPU-hours of a full CIFAR-10 DARWIN run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {
+    "cpu": {"student": "resnet10_w8", "teacher": "resnet10_w16", "batch": 128, "steps": 10,
+            "timed_steps": 2, "eval_images": 100, "aa_images": 100, "train_images": 3000, "epochs": 6},
+    "paper": {"student": "resnet18", "teacher": "wrn34_10", "batch": 128, "steps": 10,
+              "timed_steps": 10, "eval_images": 1000, "aa_images": 500, "train_images": 50000,
+              "epochs": 200},
+}
+TRAIN_CASES = ["darwin", "darwin_reference", "darwin_batching_joint", "darwin_batching_split",
+               "darwin_joint_bn", "darwin_bf16", "darwin_channels_last", "darwin_compile", "rslad",
+               "rslad_channels_last", "trades"]
+EVAL_CASES = ["pgd20", "cw", "autoattack"]
+
+
+# ---------------------------------------------------------------- memory
+def _rss_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+class PeakMemory:
+    """Peak memory of the measured block: CUDA allocator peak, or resident-set high-water mark
+    (reset through /proc/self/clear_refs) above the RSS at the start."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self.base = torch.cuda.memory_allocated()
+        else:
+            try:
+                Path("/proc/self/clear_refs").write_text("5")
+            except OSError:
+                pass
+            self.base = _rss_kib("VmRSS") * 1024
+        return self
+
+    def __exit__(self, *exc):
+        import torch
+
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak_mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
+        else:
+            self.peak_mib = max(_rss_kib("VmHWM") * 1024 - self.base, 0) / 2**20
+        return False
+
+
+# ---------------------------------------------------------------- pass counting
+class PassCounter:
+    """Forward and backward passes per model, in units of one batch of ``batch`` images."""
+
+    def __init__(self, models: dict, batch: int):
+        self.batch = batch
+        self.counts = {f"{name}_{kind}": 0.0 for name in models for kind in ("fwd", "bwd")}
+        self.handles = []
+        for name, model in models.items():
+            first = next(m for m in model.modules() if m.__class__.__name__ == "Conv2d")
+            self.handles.append(first.register_forward_hook(self._fwd(name)))
+            self.handles.append(first.register_full_backward_hook(self._bwd(name)))
+        self.enabled = False
+
+    def _fwd(self, name):
+        def hook(module, inputs, output):
+            if self.enabled:
+                self.counts[f"{name}_fwd"] += len(inputs[0]) / self.batch
+        return hook
+
+    def _bwd(self, name):
+        def hook(module, grad_input, grad_output):
+            if self.enabled:
+                self.counts[f"{name}_bwd"] += len(grad_output[0]) / self.batch
+        return hook
+
+    def remove(self):
+        for h in self.handles:
+            h.remove()
+
+
+# ---------------------------------------------------------------- cases
+def build(preset: dict, device, student_path: str | None = None, teacher_path: str | None = None):
+    import torch
+
+    from robustkd.models import create_model, load_checkpoint
+
+    torch.manual_seed(0)
+    student = (load_checkpoint(student_path) if student_path else create_model(preset["student"], 10)).to(device)
+    teacher = (load_checkpoint(teacher_path) if teacher_path else create_model(preset["teacher"], 10)).to(device)
+    return student, teacher.eval()
+
+
+def fixed_batch(batch: int, device):
+    import torch
+
+    from robustkd.data import Batch
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(batch, 3, 32, 32, generator=g)
+    y = torch.arange(batch) % 10
+    xp = torch.rand(batch, 3, 32, 32, generator=g)
+    yp = (y + 1 + torch.randint(0, 9, (batch,), generator=g)) % 10
+    return Batch(x.to(device), y.to(device), xp.to(device), yp.to(device))
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def train_case(case: str, preset: dict, device) -> dict:
+    import torch
+
+    from robustkd.losses import create_objective
+    from robustkd.reference import darwin_loss_reference
+    from robustkd.utils import autocast, make_generator
+
+    student, teacher = build(preset, device)
+    n = preset["steps"]
+    batch = fixed_batch(preset["batch"], device)
+    bf16 = case == "darwin_bf16"
+    amp = lambda: autocast(device, bf16)  # noqa: E731
+    settings = {"steps": n}
+    if case.startswith("darwin_batching_"):
+        settings["batching"] = case.rsplit("_", 1)[1]
+    if case == "darwin_joint_bn":
+        settings["loss_forward"] = "joint"
+    method = case.split("_")[0]
+    model = teacher.train() if method == "trades" else student.train()
+    objective = create_objective(method, settings)
+    if case.endswith("_channels_last"):
+        model.to(memory_format=torch.channels_last)
+        teacher.to(memory_format=torch.channels_last)
+        batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+        batch.x_pair = batch.x_pair.contiguous(memory_format=torch.channels_last)
+    compiled = model
+    compile_s = None
+    if case == "darwin_compile":
+        compiled = torch.compile(model)
+
+    def step(gen):
+        if case == "darwin_reference":
+            loss, parts = darwin_loss_reference(model, teacher, batch.x, batch.y, batch.x_pair, batch.y_pair,
+                                                objective.config, generator=gen)
+        else:
+            loss, parts = objective(compiled, teacher, batch, generator=gen, autocast=amp)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.item(), {k: float(v) for k, v in parts.items()}
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    counter = PassCounter({"student": student, "teacher": teacher} if method != "trades" else {"model": model},
+                          preset["batch"])
+    counter.enabled = True
+    mem = PeakMemory(device).__enter__()  # from before the first step: its allocations are the peak's
+    t0 = time.perf_counter()
+    first_loss, first_parts = step(make_generator(0, device))  # warm-up, and the loss of step 1
+    sync(device)
+    if case == "darwin_compile":
+        compile_s = time.perf_counter() - t0
+    counter.enabled = False
+    counts = dict(counter.counts)
+    counter.remove()
+    flops = count_flops(step, device) if case != "darwin_compile" else None
+    timed = preset["timed_steps"]
+    sync(device)
+    t0 = time.perf_counter()
+    for i in range(timed):
+        step(make_generator(i + 1, device))
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    mem.__exit__(None, None, None)
+    out = {"case": case, "kind": "train", "images_per_s": timed * preset["batch"] / elapsed,
+           "step_s": elapsed / timed, "loss_step1": first_loss, "parts_step1": first_parts,
+           "passes": counts, "peak_mib": mem.peak_mib}
+    if compile_s is not None:
+        out["compile_and_first_step_s"] = compile_s
+    if flops is not None:
+        out["flops_per_step"] = flops
+    return out
+
+
+def count_flops(step, device) -> float:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from robustkd.utils import make_generator
+
+    with FlopCounterMode(display=False) as fc:
+        step(make_generator(99, device))
+    return float(fc.get_total_flops())
+
+
+def eval_case(case: str, preset: dict, device, student_path: str | None) -> dict:
+    import torch
+
+    from robustkd.evaluation import EvalConfig, run_attack
+
+    student, _ = build(preset, device, student_path=student_path)
+    student.eval()
+    count = preset["aa_images"] if case == "autoattack" else preset["eval_images"]
+    x, y = load_test_images(count)
+    cfg = EvalConfig(attacks=[case], batch_size=min(count, 500), checks=False)
+    with PeakMemory(device) as mem:
+        run_attack(student, x[:8], y[:8], case, EvalConfig(attacks=[case], batch_size=8, checks=False), device)
+        sync(device)
+        t0 = time.perf_counter()
+        correct = run_attack(student, x, y, case, cfg, device)
+        sync(device)
+        elapsed = time.perf_counter() - t0
+    return {"case": case, "kind": "eval", "images_per_s": len(x) / elapsed, "images": len(x),
+            "accuracy": 100.0 * correct.float().mean().item(), "peak_mib": mem.peak_mib,
+            "model": student_path or "random init"}
+
+
+def load_test_images(count: int):
+    """The first ``count`` CIFAR-10 test images, 10 classes in turn (random images without the data)."""
+    import torch
+
+    from robustkd.data import load_image_folder, stratified_first_k, to_float
+
+    root = ROOT.parent / "shared/datasets/cifar10"
+    if (root / "test").is_dir():
+        test = load_image_folder(root / "test", per_class=-(-count // 10))
+        idx = stratified_first_k(test.labels, -(-count // 10), test.num_classes)[:count]
+        return to_float(test.images[idx]), test.labels[idx]
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(count, 3, 32, 32, generator=g), torch.arange(count) % 10
+
+
+def onnx_case(preset: dict, device, student_path: str | None) -> dict:
+    import numpy as np
+    import onnxruntime as ort
+    import torch
+
+    from stages.export_onnx import INPUT_NAME, OUTPUT_NAME, export, median_latency_ms
+
+    student, _ = build(preset, torch.device("cpu"), student_path=student_path)
+    student.eval()
+    out = {"case": "onnx", "kind": "onnx", "threads": torch.get_num_threads()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "student.onnx"
+        export(student, path, 18, {})
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        for bs in (1, 256):
+            xb = torch.rand(bs, 3, 32, 32)
+            xn = xb.numpy()
+            with torch.no_grad():
+                with PeakMemory(torch.device("cpu")) as m_t:
+                    t_torch = median_latency_ms(lambda: student(xb), 30 if bs == 1 else 10)
+            with PeakMemory(torch.device("cpu")) as m_o:
+                t_ort = median_latency_ms(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: xn}), 30 if bs == 1 else 10)
+            with torch.no_grad():
+                diff = float(np.abs(student(xb).numpy() - session.run([OUTPUT_NAME], {INPUT_NAME: xn})[0]).max())
+            out[f"batch{bs}"] = {"torch_ms": t_torch, "onnxruntime_ms": t_ort, "speedup": t_torch / t_ort,
+                                 "torch_peak_mib": m_t.peak_mib, "onnxruntime_peak_mib": m_o.peak_mib,
+                                 "max_abs_diff": diff}
+    return out
+
+
+def matmul_case(device) -> dict:
+    """Measured bf16 (GPU) / fp32 (CPU) matmul throughput: the denominator of 'fraction of peak'."""
+    import torch
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    size = 8192 if device.type == "cuda" else 1024
+    a = torch.randn(size, size, device=device, dtype=dtype)
+    b = torch.randn(size, size, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    reps = 50 if device.type == "cuda" else 10
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    sync(device)
+    elapsed = time.perf_counter() - t0
+    return {"case": "matmul", "kind": "matmul", "dtype": str(dtype), "tflops": 2 * size**3 * reps / elapsed / 1e12}
+
+
+def run_case(args) -> dict:
+    import torch
+
+    from robustkd.utils import select_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = select_device(args.device)
+    preset = PRESETS[args.preset]
+    if args.case in TRAIN_CASES:
+        return train_case(args.case, preset, device)
+    if args.case in EVAL_CASES:
+        return eval_case(args.case, preset, device, args.student)
+    if args.case == "onnx":
+        return onnx_case(preset, device, args.student)
+    if args.case == "matmul":
+        return matmul_case(device)
+    raise SystemExit(f"unknown case {args.case}")
+
+
+# ---------------------------------------------------------------- driver
+def run_in_subprocess(case: str, args) -> dict:
+    cmd = [sys.executable, "-m", "benchmarks.bench", "--case", case, "--preset", args.preset,
+           "--device", args.device, "--threads", str(args.threads)]
+    if args.student:
+        cmd += ["--student", args.student]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.case_timeout)
+    if proc.returncode != 0:
+        return {"case": case, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300],
+                "wall_s": time.perf_counter() - start}
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    result["wall_s"] = time.perf_counter() - start
+    return result
+
+
+def table(results: list[dict], preset: dict) -> str:
+    by = {r["case"]: r for r in results}
+    lines = ["| case | images/s | vs DARWIN | peak MiB | loss (step 1) | student fwd+bwd | teacher fwd | GFLOP/step |",
+             "|---|---|---|---|---|---|---|---|"]
+    darwin = by.get("darwin", {}).get("images_per_s")
+    for r in results:
+        if r.get("kind") not in ("train", "eval"):
+            continue
+        if "error" in r:
+            lines.append(f"| {r['case']} | error: {r['error']} | | | | | | |")
+            continue
+        p = r.get("passes", {})
+        sf = p.get("student_fwd", p.get("model_fwd"))
+        sb = p.get("student_bwd", p.get("model_bwd"))
+        passes = f"{sf:.0f} + {sb:.0f}" if sf is not None else "-"
+        teacher = f"{p['teacher_fwd']:.0f}" if "teacher_fwd" in p else "-"
+        rel = f"{r['images_per_s'] / darwin:.2f}x" if darwin and r["kind"] == "train" else "-"
+        loss = f"{r['loss_step1']:.6f}" if "loss_step1" in r else f"acc {r.get('accuracy', 0):.1f}%"
+        gflop = f"{r['flops_per_step'] / 1e9:.0f}" if "flops_per_step" in r else "-"
+        lines.append(f"| {r['case']} | {r['images_per_s']:.1f} | {rel} | {r['peak_mib']:.0f} | {loss} | "
+                     f"{passes} | {teacher} | {gflop} |")
+    if "onnx" in by and "error" not in by["onnx"]:
+        o = by["onnx"]
+        lines += ["", "| ONNX student | torch eager ms | onnxruntime ms | speed-up | peak MiB torch / ORT |",
+                  "|---|---|---|---|---|"]
+        for bs in (1, 256):
+            b = o[f"batch{bs}"]
+            lines.append(f"| batch {bs} | {b['torch_ms']:.3f} | {b['onnxruntime_ms']:.3f} | {b['speedup']:.2f}x | "
+                         f"{b['torch_peak_mib']:.0f} / {b['onnxruntime_peak_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def summary(results: list[dict], preset: dict) -> dict:
+    by = {r["case"]: r for r in results if "error" not in r}
+    out = {}
+    if "darwin" in by and "darwin_reference" in by:
+        d, ref = by["darwin"], by["darwin_reference"]
+        out["darwin_vs_straightforward_speedup"] = d["images_per_s"] / ref["images_per_s"]
+        out["loss_abs_difference"] = abs(d["loss_step1"] - ref["loss_step1"])
+    if "darwin" in by and "rslad" in by:
+        out["darwin_step_cost_vs_rslad"] = by["rslad"]["images_per_s"] / by["darwin"]["images_per_s"]
+    if "onnx" in by:
+        out["onnxruntime_speedup_batch1"] = by["onnx"]["batch1"]["speedup"]
+    if "darwin" in by and "rslad" in by and "flops_per_step" in by["darwin"]:
+        out["darwin_flops_vs_rslad"] = by["darwin"]["flops_per_step"] / by["rslad"]["flops_per_step"]
+    if "darwin" in by and "matmul" in by and "flops_per_step" in by["darwin"]:
+        achieved = by["darwin"]["flops_per_step"] / by["darwin"]["step_s"] / 1e12
+        out["darwin_tflops"] = achieved
+        out["fraction_of_matmul_peak"] = achieved / by["matmul"]["tflops"]
+    if "darwin" in by:
+        out["full_run_hours_estimate"] = preset["train_images"] * preset["epochs"] / by["darwin"]["images_per_s"] / 3600
+    return out
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="cpu")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    p.add_argument("--cases", nargs="+", help="subset of cases (default: all)")
+    p.add_argument("--student", help="trained student for evaluation/ONNX (default: models/student.pt if present)")
+    p.add_argument("--out", default="benchmarks/results.json")
+    p.add_argument("--case", help=argparse.SUPPRESS)
+    p.add_argument("--case-timeout", type=int, default=1800, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.case:
+        print(json.dumps(run_case(args)))
+        return
+    import torch
+
+    if args.student is None and args.preset == "cpu" and (ROOT / "models/student.pt").exists():
+        args.student = str(ROOT / "models/student.pt")
+    cases = args.cases or (["matmul"] + TRAIN_CASES + EVAL_CASES + ["onnx"])
+    preset = PRESETS[args.preset]
+    machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
+               "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
+    print(f"benchmark, preset {args.preset} ({preset['student']} student, {preset['teacher']} teacher, "
+          f"batch {preset['batch']}, n = {preset['steps']}) on {machine}", flush=True)
+    results = []
+    for case in cases:
+        r = run_in_subprocess(case, args)
+        results.append(r)
+        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
+                 if k in ("images_per_s", "peak_mib", "loss_step1", "tflops", "error", "wall_s")}
+        print(f"  {case}: {brief}", flush=True)
+    report = {"preset": args.preset, "settings": preset, "machine": machine, "results": results,
+              "summary": summary(results, preset)}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print()
+    print(table(results, preset))
+    print()
+    print(json.dumps(report["summary"], indent=2))
+    print(f"written to {out}")
+
+
+if __name__ == "__main__":
+    main()
