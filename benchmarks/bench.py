@@ -25,6 +25,7 @@ On GPUs also: the measured bf16 matmul throughput, the fraction of it DARWIN's s
 from __future__ import annotations
 
 import argparse
+import warnings
 import json
 import os
 import platform
@@ -208,7 +209,7 @@ def train_case(case: str, preset: dict, device) -> dict:
     counter.enabled = False
     counts = dict(counter.counts)
     counter.remove()
-    flops = count_flops(step, device) if case != "darwin_compile" else None
+    flops = estimate_flops(counts, student, teacher, method, preset["batch"], device)
     timed = preset["timed_steps"]
     sync(device)
     t0 = time.perf_counter()
@@ -227,14 +228,29 @@ def train_case(case: str, preset: dict, device) -> dict:
     return out
 
 
-def count_flops(step, device) -> float:
+def forward_flops_per_image(model, device) -> float:
+    """FLOPs of one image through ``model`` (torch.utils.flop_counter on an eval-mode forward)."""
+    import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from robustkd.utils import make_generator
+    mode = model.training
+    model.eval()
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(torch.rand(2, 3, 32, 32, device=device))
+    model.train(mode)
+    return fc.get_total_flops() / 2
 
-    with FlopCounterMode(display=False) as fc:
-        step(make_generator(99, device))
-    return float(fc.get_total_flops())
+
+def estimate_flops(counts: dict, student, teacher, method: str, batch: int, device) -> float:
+    """FLOPs of one step from the counted passes: forward = 1, backward = 2 forwards (an upper
+    bound: the attacks' input-gradient backwards skip the weight gradients). The FLOP counter
+    cannot run the step itself (it does not support the attacks' autograd.grad)."""
+    models = {"model": teacher} if method == "trades" else {"student": student, "teacher": teacher}
+    total = 0.0
+    for name, model in models.items():
+        per_image = forward_flops_per_image(model, device)
+        total += per_image * batch * (counts.get(f"{name}_fwd", 0) + 2 * counts.get(f"{name}_bwd", 0))
+    return total
 
 
 def eval_case(case: str, preset: dict, device, student_path: str | None) -> dict:
@@ -421,11 +437,13 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     p.add_argument("--cases", nargs="+", help="subset of cases (default: all)")
     p.add_argument("--student", help="trained student for evaluation/ONNX (default: models/student.pt if present)")
-    p.add_argument("--out", default="benchmarks/results.json")
+    p.add_argument("--out", help="JSON file (default: benchmarks/results-cpu.json or -gpu.json)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--case-timeout", type=int, default=1800, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.case:
+        # the pass counter's backward hooks warn when a module's input needs no gradient: expected
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         print(json.dumps(run_case(args)))
         return
     import torch
@@ -447,7 +465,7 @@ def main(argv=None) -> None:
         print(f"  {case}: {brief}", flush=True)
     report = {"preset": args.preset, "settings": preset, "machine": machine, "results": results,
               "summary": summary(results, preset)}
-    out = Path(args.out)
+    out = Path(args.out or f"benchmarks/results-{'gpu' if machine['gpu'] else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print()

@@ -121,8 +121,11 @@ def apply_preset(root: Path, preset: str) -> None:
     if not src.is_file():
         names = sorted(p.stem for p in (root / "params").glob("*.yaml"))
         raise ValueError(f"preset {preset!r}: {src} does not exist; presets: {', '.join(names)}")
-    load_params(src)  # validate before touching params.yaml
+    params = load_params(src)  # validate before touching params.yaml
     shutil.copyfile(src, root / "params.yaml")
+    if params.data.source != "imagefolder":  # dvc.yaml depends on data.root: download it first
+        subprocess.run([sys.executable, "-m", "stages.prepare_data", "--download-only"], cwd=root,
+                       env=stage_env({"ROBUSTKD_TRACKING": "off"}), check=True)
 
 
 def set_compare_methods(params_path: Path, methods: list[str]) -> None:

@@ -1,11 +1,15 @@
-"""A scheduled deployment of the pipeline flow (cron), served from this machine.
+"""A scheduled deployment of the pipeline flow (cron), shown in the Prefect UI.
 
     prefect server start --host 127.0.0.1                          # the UI: http://127.0.0.1:4200
     PREFECT_API_URL=http://127.0.0.1:4200/api python -m pipeline.schedule --cron "0 2 * * *"
 
-``flow.serve`` creates the deployment ``robustkd-pipeline/<name>`` with its schedule, shows it in
-the UI and runs each scheduled run in this process until it is stopped (Ctrl-C). On a GPU
-machine, or to spread runs over machines, use a Prefect work pool instead (README).
+Without ``--work-pool``, ``flow.serve`` creates the deployment ``robustkd-pipeline/<name>`` with
+its schedule and runs each scheduled run in this process until it is stopped (Ctrl-C).
+
+With ``--work-pool gpu`` the deployment goes to a Prefect work pool instead, and whichever
+worker polls that pool runs it: start ``prefect worker start --pool gpu`` on a GPU machine
+(with this project checked out, or ``--source`` a git URL) and the scheduled runs land there.
+Runs of one deployment never overlap (concurrency limit 1): they share a workspace and DVC's locks.
 """
 
 from __future__ import annotations
@@ -15,6 +19,8 @@ from pathlib import Path
 
 from .flow import robustkd_pipeline
 
+ENTRYPOINT = "pipeline/flow.py:robustkd_pipeline"
+
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -22,12 +28,21 @@ def main(argv=None) -> None:
     p.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
     p.add_argument("--preset", help="params/ preset applied before each run")
     p.add_argument("--methods", nargs="+", help="methods compared in each run")
-    p.add_argument("--project-dir", default=".")
+    p.add_argument("--project-dir", default=".", help="the workspace the runs use")
+    p.add_argument("--work-pool", help="deploy to this work pool instead of serving from this process")
+    p.add_argument("--source", help="with --work-pool: where workers get the code (git URL; default: project dir)")
     args = p.parse_args(argv)
-    parameters = {"project_dir": str(Path(args.project_dir).resolve()), "preset": args.preset,
-                  "methods": args.methods, "register_model": True}
-    # global_limit=1: runs of this deployment never overlap (they share one workspace and DVC's
-    # locks); a run due while another is going waits for it.
+    project = str(Path(args.project_dir).resolve())
+    parameters = {"project_dir": project, "preset": args.preset, "methods": args.methods,
+                  "register_model": True}
+    if args.work_pool:
+        flow = robustkd_pipeline.from_source(source=args.source or project, entrypoint=ENTRYPOINT)
+        flow.deploy(name=args.name, work_pool_name=args.work_pool, cron=args.cron, parameters=parameters,
+                    concurrency_limit=1)
+        print(f"deployment robustkd-pipeline/{args.name} -> work pool {args.work_pool!r} ({args.cron}); "
+              f"start a worker: prefect worker start --pool {args.work_pool}")
+        return
+    # global_limit=1: runs of this deployment never overlap; a run due while another goes waits.
     robustkd_pipeline.serve(name=args.name, cron=args.cron, parameters=parameters, global_limit=1)
 
 

@@ -80,3 +80,22 @@ def test_ci_runs_the_readme_test_command():
     readme = (ROOT / "README.md").read_text()
     assert "make run" in readme and "make test" in readme
     assert "make setup" in (ROOT / "Dockerfile").read_text()
+
+
+def test_launch_builds_the_torchrun_command():
+    from stages.launch import params_path, torchrun_command
+    from stages.params import RunParams
+
+    single = torchrun_command("distill", ["--method", "rslad"], RunParams(nproc_per_node=4))
+    assert single[1:] == ["--nproc_per_node=4", "--standalone", "-m", "stages.distill", "--method", "rslad"]
+    multi = torchrun_command("evaluate", [], RunParams(nproc_per_node=8, nnodes=2, rdzv_endpoint="node0:29400"))
+    assert "--nnodes=2" in multi and "--rdzv-endpoint=node0:29400" in multi and "--standalone" not in multi
+    assert params_path(["--params", "p.yaml"]) == "p.yaml" and params_path([]) == "params.yaml"
+
+
+def test_several_nodes_need_a_rendezvous_endpoint():
+    from robustkd.errors import InputError
+    from stages.params import RunParams
+
+    with pytest.raises(InputError, match="rdzv_endpoint"):
+        RunParams(nnodes=2)
