@@ -25,10 +25,11 @@ def resolve_model(source: str) -> Path:
         return path
     import mlflow
 
-    from stages.tracking import tracking_uri
+    from stages.tracking import MLFLOW_ENV, keep_environment, tracking_uri
 
-    mlflow.set_tracking_uri(tracking_uri())
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+    with keep_environment(*MLFLOW_ENV):
+        mlflow.set_tracking_uri(tracking_uri())
+        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
     found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
     if not found:
         raise FileNotFoundError(f"{source}: no .onnx file in the downloaded model ({local})")

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.params import load_params
-from stages.tracking import git_commit, setup_mlflow
+from stages.tracking import MLFLOW_ENV, git_commit, keep_environment, setup_mlflow
 
 ATTACK_COLUMNS = [("natural", "Natural"), ("pgd20", "PGD-20"), ("cw", "CW"), ("autoattack", "AA")]
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -107,8 +107,9 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
     version_tags = {**{k: str(v) for k, v in tags.items()},
                     **{k: f"{metrics[k]:.2f}" for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None},
                     "onnx_sha256": sha}
-    with mlflow.start_run(run_name="register", parent_run_id=parent_run_id,
-                          tags={"stage": "register", "git_commit": tags.get("git_commit", "")}):
+    with keep_environment(*MLFLOW_ENV), mlflow.start_run(
+            run_name="register", parent_run_id=parent_run_id,
+            tags={"stage": "register", "git_commit": tags.get("git_commit", "")}):
         mlflow.log_metrics({k: float(metrics[k]) for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None})
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student",
                                      registered_model_name=model_name,

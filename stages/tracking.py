@@ -129,13 +129,33 @@ class MlflowTracker(NullTracker):
         self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
 
 
+@contextlib.contextmanager
+def keep_environment(*names: str):
+    """Undo what MLflow writes into os.environ (it exports MLFLOW_TRACKING_URI and
+    MLFLOW_EXPERIMENT_ID on set_*): the next project in the same process, or a child process,
+    must choose its store from the user's settings, not from the previous project's."""
+    saved = {n: os.environ.get(n) for n in names}
+    try:
+        yield
+    finally:
+        for n, v in saved.items():
+            if v is None:
+                os.environ.pop(n, None)
+            else:
+                os.environ[n] = v
+
+
+MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
+
+
 def setup_mlflow(root: Path | None = None):
     """Import MLflow, point it at the tracking URI and experiment; returns the module."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     import mlflow
 
-    mlflow.set_tracking_uri(tracking_uri(root))
-    mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+    with keep_environment(*MLFLOW_ENV):
+        mlflow.set_tracking_uri(tracking_uri(root))
+        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
     return mlflow
 
 
@@ -158,7 +178,8 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
     if params is not None:
         tags["profile"] = params.profile
     parent = os.environ.get("ROBUSTKD_PARENT_RUN_ID") or None
-    with mlflow.start_run(run_name=dvc_stage, parent_run_id=parent, tags=tags) as run:
+    with keep_environment(*MLFLOW_ENV), mlflow.start_run(run_name=dvc_stage, parent_run_id=parent,
+                                                         tags=tags) as run:
         tracker = MlflowTracker(mlflow, run.info.run_id)
         if params is not None:
             raw = asdict(params)

@@ -97,8 +97,8 @@ def test_champion_moves_only_to_a_version_at_least_as_robust(flow_run):
     from pipeline import registry
 
     repo, _, _, client = flow_run
-    import mlflow
-    mlflow.set_tracking_uri(f"sqlite:///{repo / 'mlflow.db'}")
+    from stages.tracking import setup_mlflow
+    setup_mlflow(repo)
     champion = json.loads((repo / "metrics/evaluate/student.json").read_text())
     tags = {"method": "rslad", "student": "resnet10_w8"}
 

@@ -99,3 +99,18 @@ def test_several_nodes_need_a_rendezvous_endpoint():
 
     with pytest.raises(InputError, match="rdzv_endpoint"):
         RunParams(nnodes=2)
+
+
+def test_tracking_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
+    """MLflow exports MLFLOW_TRACKING_URI/EXPERIMENT_ID; a second project in the same process (or a
+    child process) must not inherit the first one's store."""
+    import os
+
+    from stages.tracking import stage_run
+
+    monkeypatch.chdir(tmp_path)
+    before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
+    with stage_run("unit") as tracker:
+        tracker.log_metrics({"x": 1.0}, step=1)
+    assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == before
+    assert (tmp_path / "mlflow.db").exists()
