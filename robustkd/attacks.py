@@ -34,7 +34,8 @@ def model_modes(models: Sequence[nn.Module], training: Sequence[bool]):
 
 
 def unwrap(model: nn.Module) -> nn.Module:
-    """The plain module inside a DistributedDataParallel wrapper (or the model itself)."""
+    """The plain module inside torch.compile and DistributedDataParallel wrappers (or the model)."""
+    model = getattr(model, "_orig_mod", model)
     return getattr(model, "module", model)
 
 

@@ -62,6 +62,7 @@ class RunConfig:
     channels_last: bool = False
     checkpoint_dir: str = ""      # empty: no checkpoint, no resume
     sync_bn: bool = False         # distributed runs: SyncBatchNorm (GPU only) instead of per-rank BN
+    compile: bool = False         # torch.compile the trained model (attacks and loss run compiled)
     progress_every_s: float = 30.0
 
 
@@ -112,6 +113,7 @@ class Trainer:
                  settings_fingerprint: str = "", log: Callable[[str], None] = print):
         self.device = select_device(run.device)
         self.model = model
+        self.plain_model = model      # never wrapped: checkpoints, evaluation, the result
         self.objective = objective
         self.batches = batches
         self.optim_cfg, self.run_cfg = optim, run
@@ -134,7 +136,7 @@ class Trainer:
     def _save_state(self, epoch: int) -> None:
         if self.ckpt_path is None or not self.is_main:
             return
-        plain = getattr(self.model, "module", self.model)
+        plain = self.plain_model
         state = {
             "fingerprint": self.fingerprint,
             "epoch": epoch,
@@ -161,7 +163,7 @@ class Trainer:
         if state.get("fingerprint") != self.fingerprint:
             self.log(f"checkpoint {self.ckpt_path} belongs to other settings; starting from scratch")
             return False
-        getattr(self.model, "module", self.model).load_state_dict(state["model"])
+        self.plain_model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
@@ -190,11 +192,13 @@ class Trainer:
         # Under torchrun: DistributedDataParallel (gradients averaged over ranks). The attacks
         # unwrap it, so only the loss's forwards go through DDP.
         self.model = wrap_ddp(self.model, self.device, self.run_cfg.sync_bn)
+        if self.run_cfg.compile:
+            self.model = torch.compile(self.model)
         for epoch in range(self.start_epoch, self.optim_cfg.epochs):
             metrics = self._train_epoch(epoch)
             if self.evaluate is not None and self.is_main:
                 self.model.eval()
-                metrics.update(self.evaluate(getattr(self.model, "module", self.model)))
+                metrics.update(self.evaluate(self.plain_model))
             self.history.append(metrics)
             self._save_state(epoch + 1)
             for cb in self.callbacks:
@@ -204,7 +208,7 @@ class Trainer:
                               for k, v in metrics.items()))
             if stop_after_epoch is not None and epoch + 1 >= stop_after_epoch:
                 break
-        self.model = getattr(self.model, "module", self.model)
+        self.model = self.plain_model
         self.model.eval()
         return self.history
 

@@ -57,7 +57,8 @@ def _update_running_stats(bn: nn.BatchNorm2d, xg: torch.Tensor, groups: int) -> 
 def grouped_batchnorm(model: nn.Module, groups: int):
     """Within the block, ``model``'s BatchNorm2d layers in train mode normalise each of ``groups``
     equal consecutive chunks of the batch separately (see the module docstring)."""
-    bns = [m for m in getattr(model, "module", model).modules() if isinstance(m, nn.BatchNorm2d)]
+    plain = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    bns = [m for m in getattr(plain, "module", plain).modules() if isinstance(m, nn.BatchNorm2d)]
     own = {id(bn): "forward" in bn.__dict__ for bn in bns}
     for bn in bns:
         bn._robustkd_plain_forward = bn.forward

@@ -101,6 +101,7 @@ class RunParams:
     bf16: bool = False
     channels_last: bool = False
     threads: int = 0                       # torch CPU threads (0: torch's default)
+    compile: bool = False                  # torch.compile the trained model (make benchmark measures it)
     # Distributed (torchrun): train_teacher, distill and evaluate are launched with
     # `torchrun --nproc_per_node` when nproc_per_node > 1 (stages/launch.py).
     nproc_per_node: int = 1                # processes per machine (GPUs per machine on GPU nodes)

@@ -29,7 +29,7 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     history = HistoryWriter(history_csv, metrics_json, extra={"method": objective.name})
     run_cfg = RunConfig(seed=params.run.seed, device=str(device), bf16=params.run.bf16,
                         channels_last=params.run.channels_last, checkpoint_dir=str(checkpoint_dir),
-                        sync_bn=params.run.sync_bn)
+                        sync_bn=params.run.sync_bn, compile=params.run.compile)
     trainer = Trainer(model, objective, batches, optim, run_cfg, teacher=teacher,
                       evaluate=heldout_monitor(heldout, device, monitor_steps, eps, step, params.run.seed),
                       callbacks=[history, *extra_callbacks], is_main=rank == 0,
