@@ -228,7 +228,7 @@ def test_stages_under_torchrun_write_once_and_match_the_single_process_evaluatio
         return proc.stdout
 
     out = launch("distill", "--method", "rslad", "--out-dir", "ddp")
-    assert "launching: " in out and "--nproc_per_node=2" in out
+    assert "launching: " in out and "--nproc_per_node=2" in out, out[-3000:]
     assert load_checkpoint(workdir / "ddp/rslad.pt").checkpoint_meta["method"] == "rslad"
     assert len((workdir / "ddp/rslad_history.csv").read_text().splitlines()) == 3
 
@@ -237,4 +237,4 @@ def test_stages_under_torchrun_write_once_and_match_the_single_process_evaluatio
     sharded = json.loads((workdir / "ddp/student_eval.json").read_text())
     assert sharded["processes"] == 2
     for key in ("natural", "pgd20", "cw", "autoattack", "per_class_accuracy"):
-        assert sharded[key] == single[key], key
+        assert sharded[key] == single[key], (key, sharded[key], single[key])
