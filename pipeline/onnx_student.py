@@ -57,8 +57,8 @@ class OnnxStudent:
 
     def predict(self, images: np.ndarray) -> list[dict]:
         logits = self.logits(images)
-        z = logits - logits.max(1, keepdims=True)
-        prob = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+        e = np.exp(logits - logits.max(1, keepdims=True))
+        prob = e / e.sum(1, keepdims=True)
         out = []
         for row, p in zip(logits, prob):
             k = int(row.argmax())

@@ -23,9 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from stages.params import load_params
+from stages.report import ATTACK_COLUMNS
 from stages.tracking import MLFLOW_ENV, git_commit, keep_environment, setup_mlflow
 
-ATTACK_COLUMNS = [("natural", "Natural"), ("pgd20", "PGD-20"), ("cw", "CW"), ("autoattack", "AA")]
 CHAMPION, CHALLENGER = "champion", "challenger"
 
 

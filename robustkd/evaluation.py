@@ -197,12 +197,13 @@ def _gather(local: dict[str, torch.Tensor], n: int, batch_size: int, world_size:
     from .distributed import all_gather_objects
 
     gathered = all_gather_objects({k: v.tolist() for k, v in local.items()})
+    rank_images = [torch.cat([torch.arange(i, min(i + batch_size, n))
+                              for i in batch_starts(n, batch_size, rank, world_size)]
+                             or [torch.empty(0, dtype=torch.long)]) for rank in range(world_size)]
     out = {}
     for name in local:
         full = torch.zeros(n, dtype=torch.bool)
-        for rank, part in enumerate(gathered):
-            idx = torch.cat([torch.arange(i, min(i + batch_size, n))
-                             for i in batch_starts(n, batch_size, rank, world_size)] or [torch.empty(0, dtype=torch.long)])
+        for idx, part in zip(rank_images, gathered):
             full[idx] = torch.tensor(part[name], dtype=torch.bool)
         out[name] = full
     return out

@@ -50,7 +50,7 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
     def entry(argv=None):
         args = build().parse_args(argv)
         try:
-            params = load_params(args.params)
+            params = args.loaded_params = load_params(args.params)
             with stage_run(stage, params, sections, enabled=int(os.environ.get("RANK", "0")) == 0) as tracker:
                 args.tracker = tracker
                 main(args)
@@ -70,8 +70,7 @@ def setup_distributed(params: Params):
     """(DistInfo, device): joins torchrun's process group when there is one."""
     from robustkd.distributed import init_distributed
 
-    if params.run.threads:
-        torch.set_num_threads(params.run.threads)
+    setup_run(params)  # threads
     return init_distributed(params.run.device, params.run.backend)
 
 
@@ -162,4 +161,5 @@ def heldout_monitor(heldout: ImageSet | None, device: torch.device, pgd_steps: i
 
 
 def read_params(args) -> Params:
-    return load_params(args.params)
+    """The params ``cli`` already loaded for this run (loaded here when called outside it)."""
+    return getattr(args, "loaded_params", None) or load_params(args.params)
