@@ -67,11 +67,16 @@ def kl_per_sample(target_logits: torch.Tensor, logits: torch.Tensor, tau: float 
 
 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
-    """max(max_{j != y} z_j - z_y, -kappa) per sample (the quantity CW-inf maximises)."""
+    """-max(z_y - max_{j != y} z_j + kappa, 0) per sample: the loss CW-inf *ascends*.
+
+    The reference implementations' margin loss (docs/methods.md, "CW-inf"). Its gradient is the
+    margin's until an image is misclassified by ``kappa``; then it is zero. (Clamping the other
+    side, max(other - true, -kappa), would give no gradient to confidently correct images.)
+    """
     logits = logits.float()
     true = logits.gather(1, y[:, None]).squeeze(1)
     other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), float("-inf")).amax(1)
-    return torch.clamp(other - true, min=-kappa)
+    return -F.relu(true - other + kappa)
 
 
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # logits -> per-sample loss to *ascend*

@@ -70,11 +70,26 @@ def test_dual_branch_equals_two_separate_attacks_in_eval_mode(small_models, tiny
 
 
 def test_cw_margin_by_hand():
-    logits = torch.tensor([[1.0, 3.0, 2.0], [10.0, -60.0, 0.0]])
-    y = torch.tensor([0, 0])
-    # sample 0: max other 3 - 1 = 2; sample 1: 0 - 10 = -10 (above -kappa)
-    assert torch.allclose(attacks.cw_margin(logits, y, kappa=50), torch.tensor([2.0, -10.0]))
-    assert torch.allclose(attacks.cw_margin(logits, y, kappa=5), torch.tensor([2.0, -5.0]))
+    # L = -max(z_y - max_{j != y} z_j + kappa, 0)
+    logits = torch.tensor([[1.0, 3.0, 2.0], [10.0, -60.0, 0.0], [100.0, 0.0, 0.0]])
+    y = torch.tensor([0, 0, 0])
+    # sample 0: -(1 - 3 + 50) = -48; sample 1: -(10 - 0 + 50) = -60; sample 2: -(100 + 50) = -150
+    assert torch.allclose(attacks.cw_margin(logits, y, kappa=50), torch.tensor([-48.0, -60.0, -150.0]))
+    # kappa 5: sample 0 is misclassified by 2 < 5 -> -3; a margin beyond kappa gives 0
+    logits2 = torch.tensor([[1.0, 3.0, 2.0], [0.0, 9.0, 0.0]])
+    assert torch.allclose(attacks.cw_margin(logits2, torch.tensor([0, 0]), kappa=5), torch.tensor([-3.0, 0.0]))
+
+
+def test_cw_gives_gradient_to_confidently_correct_images():
+    """Regression: the clamp on the wrong side left images correct by > kappa untouched."""
+    torch.manual_seed(0)
+    lin = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 4 * 4, 3))
+    with torch.no_grad():
+        lin[1].weight.mul_(1000.0)   # huge logits: every image correct or wrong by >> kappa
+    x = torch.rand(8, 3, 4, 4)
+    y = lin(x).argmax(1)
+    x_adv = attacks.cw_inf(lin, x, y, eps=8 / 255, alpha=0.003, steps=3, kappa=50.0, start=None)
+    assert (x_adv - x).abs().amax() > 0.002   # every image moved
 
 
 def test_attacks_restore_model_modes(small_models, tiny_batch):
