@@ -51,6 +51,18 @@ TRAIN_CASES = ["darwin", "darwin_reference", "darwin_batching_joint", "darwin_ba
 EVAL_CASES = ["pgd20", "cw", "autoattack"]
 
 
+def registry_cases() -> list[str]:
+    """One training case per student method of the registry (robustkd.methods): a method added
+    there is benchmarked without editing this file."""
+    from robustkd.methods import DISTILL_METHODS
+
+    return [f"method_{m}" for m in DISTILL_METHODS]
+
+
+def all_train_cases() -> list[str]:
+    return TRAIN_CASES + registry_cases()
+
+
 # ---------------------------------------------------------------- memory
 def _rss_kib(field: str) -> int:
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -158,7 +170,7 @@ def sync(device):
 def train_case(case: str, preset: dict, device) -> dict:
     import torch
 
-    from robustkd.losses import create_objective
+    from robustkd.methods import DataInfo, create_objective
     from robustkd.reference import darwin_loss_reference
     from robustkd.utils import autocast, make_generator
 
@@ -172,9 +184,12 @@ def train_case(case: str, preset: dict, device) -> dict:
         settings["batching"] = case.rsplit("_", 1)[1]
     if case == "darwin_joint_bn":
         settings["loss_forward"] = "joint"
-    method = case.split("_")[0]
+    method = case[len("method_"):] if case.startswith("method_") else case.split("_")[0]
     model = teacher.train() if method == "trades" else student.train()
-    objective = create_objective(method, settings)
+    pool = torch.arange(preset["batch"]) % 10
+    batch.index = torch.arange(preset["batch"], device=device)
+    objective = create_objective(method, {} if method == "natural_kd" else settings,
+                                 data=DataInfo(10, pool, student.feature_dim, teacher.feature_dim)).to(device)
     if case.endswith("_channels_last"):
         model.to(memory_format=torch.channels_last)
         teacher.to(memory_format=torch.channels_last)
@@ -196,7 +211,7 @@ def train_case(case: str, preset: dict, device) -> dict:
         opt.step()
         return loss.item(), {k: float(v) for k, v in parts.items()}
 
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    opt = torch.optim.SGD(list(model.parameters()) + list(objective.parameters()), lr=0.01, momentum=0.9)
     counter = PassCounter({"student": student, "teacher": teacher} if method != "trades" else {"model": model},
                           preset["batch"])
     counter.enabled = True
@@ -349,7 +364,7 @@ def run_case(args) -> dict:
         torch.set_num_threads(args.threads)
     device = select_device(args.device)
     preset = PRESETS[args.preset]
-    if args.case in TRAIN_CASES:
+    if args.case in all_train_cases():
         return train_case(args.case, preset, device)
     if args.case in EVAL_CASES:
         return eval_case(args.case, preset, device, args.student)
@@ -450,7 +465,7 @@ def main(argv=None) -> None:
 
     if args.student is None and args.preset == "cpu" and (ROOT / "models/student.pt").exists():
         args.student = str(ROOT / "models/student.pt")
-    cases = args.cases or (["matmul"] + TRAIN_CASES + EVAL_CASES + ["onnx"])
+    cases = args.cases or (["matmul"] + all_train_cases() + EVAL_CASES + ["onnx"])
     preset = PRESETS[args.preset]
     machine = {"platform": platform.platform(), "cpus": os.cpu_count(), "torch": torch.__version__,
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}

@@ -44,11 +44,13 @@ def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float) -> torch.Tensor:
     return torch.min(torch.max(x_adv, x - eps), x + eps).clamp_(0.0, 1.0)
 
 
-def random_start(x: torch.Tensor, eps: float, kind: str | None,
-                 generator: torch.Generator | None = None) -> torch.Tensor:
-    """'uniform': x + U(-eps, eps); 'normal': x + 0.001 N(0, 1) (TRADES/RSLAD); None: x."""
+def start_noise(x: torch.Tensor, eps: float, kind: str | None,
+                generator: torch.Generator | None = None) -> torch.Tensor:
+    """The random start's noise, shaped like ``x``: 'uniform' U(-eps, eps) (PGD, ARD, IAD, DARWIN),
+    'normal' 0.001 N(0, 1) (TRADES, RSLAD, AdaAD), None: zeros. Drawn on the generator's device,
+    one draw per call, so a caller with the same seeded generator gets the same noise."""
     if kind is None or kind == "none" or eps == 0:
-        return x.clone()
+        return torch.zeros_like(x)
     gen_dev = generator.device if generator is not None else x.device
     if kind == "uniform":
         noise = (torch.rand(x.shape, generator=generator, device=gen_dev) * 2 - 1) * eps
@@ -56,7 +58,16 @@ def random_start(x: torch.Tensor, eps: float, kind: str | None,
         noise = 0.001 * torch.randn(x.shape, generator=generator, device=gen_dev)
     else:
         raise InputError(f"unknown random start {kind!r}; expected 'uniform', 'normal' or None")
-    return project(x + noise.to(x.device, x.dtype), x, eps)
+    return noise.to(x.device, x.dtype)
+
+
+def random_start(x: torch.Tensor, eps: float, kind: str | None,
+                 generator: torch.Generator | None = None, clamp: bool = True) -> torch.Tensor:
+    """x + noise (see :func:`start_noise`). ``clamp``: project the start into the eps-ball and
+    [0, 1] (evaluation attacks, DARWIN); the baselines' official training attacks take their
+    first gradient at the unclamped ``x + noise`` and project only after the step."""
+    start = x + start_noise(x, eps, kind, generator)
+    return project(start, x, eps) if clamp else start
 
 
 def kl_per_sample(target_logits: torch.Tensor, logits: torch.Tensor, tau: float = 1.0) -> torch.Tensor:
@@ -82,10 +93,32 @@ def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> tor
 LossFn = Callable[[torch.Tensor], torch.Tensor]  # logits -> per-sample loss to *ascend*
 
 
+def ascend(loss_at: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor, eps: float, alpha: float,
+           steps: int, start: str | None = "uniform", clamp_start: bool = True, return_path: bool = False,
+           generator: torch.Generator | None = None, x_start: torch.Tensor | None = None):
+    """Projected sign-gradient ascent of ``loss_at(x_adv)`` (a per-sample loss) in the L-inf
+    eps-ball around ``x``; the caller sets the models' modes. Every returned sample is detached
+    (no ``requires_grad``), so a loss computed on the path never builds input gradients.
+    ``x_start`` replaces the random start (a caller that joins batches draws each one's start)."""
+    if steps < 0:
+        raise InputError(f"attack steps must be >= 0, found {steps}")
+    x = x.detach()
+    x_adv = random_start(x, eps, start, generator, clamp=clamp_start) if x_start is None else x_start.detach()
+    path = []
+    with torch.enable_grad():
+        for _ in range(steps):
+            point = x_adv.detach().requires_grad_(True)
+            grad, = torch.autograd.grad(loss_at(point).sum(), point)
+            x_adv = project(point.detach() + alpha * grad.sign(), x, eps)
+            if return_path:
+                path.append(x_adv)
+    return path if return_path else x_adv.detach()
+
+
 def pgd(model: nn.Module, x: torch.Tensor, loss_fn: LossFn, eps: float = EPS_DEFAULT,
         alpha: float = ALPHA_DEFAULT, steps: int = 10, start: str | None = "uniform",
         bn_mode: str = "eval", return_path: bool = False, generator: torch.Generator | None = None,
-        autocast=contextlib.nullcontext):
+        autocast=contextlib.nullcontext, clamp_start: bool = True, x_start: torch.Tensor | None = None):
     """Projected sign-gradient ascent of ``loss_fn(model(x_adv))`` in the L-inf eps-ball.
 
     ``loss_fn`` maps logits to a per-sample loss; its sum is differentiated, so samples are
@@ -93,22 +126,14 @@ def pgd(model: nn.Module, x: torch.Tensor, loss_fn: LossFn, eps: float = EPS_DEF
     with ``return_path`` the list [x(1), ..., x(n)] whose last item is the final sample:
     the path costs no extra forward pass, each point being the output of one step.
     """
-    if steps < 0:
-        raise InputError(f"attack steps must be >= 0, found {steps}")
     model = unwrap(model)  # attacks never go through DistributedDataParallel's reducer
-    x = x.detach()
-    x_adv = random_start(x, eps, start, generator)
-    path = []
-    with model_modes([model], [bn_mode == "train"]), torch.enable_grad():
-        for _ in range(steps):
-            x_adv.requires_grad_(True)
-            with autocast():
-                loss = loss_fn(model(x_adv)).sum()
-            grad, = torch.autograd.grad(loss, x_adv)
-            x_adv = project(x_adv.detach() + alpha * grad.sign(), x, eps)
-            if return_path:
-                path.append(x_adv)
-    return path if return_path else x_adv
+
+    def loss_at(point):
+        with autocast():
+            return loss_fn(model(point))
+
+    with model_modes([model], [bn_mode == "train"]):
+        return ascend(loss_at, x, eps, alpha, steps, start, clamp_start, return_path, generator, x_start)
 
 
 def pgd_ce(model, x, y, **kw):
@@ -160,6 +185,9 @@ def dual_branch_paths(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pair
     def loss_fn(z):
         return sign * F.cross_entropy(z.float(), labels, reduction="none")
 
+    # Each branch draws its own start, in the split order: one draw of 2N numbers is not two
+    # draws of N on CUDA, and the seed must mean the same starts whichever batching runs.
+    both_start = torch.cat([random_start(x, eps, start, generator), random_start(x_pair, eps, start, generator)])
     path = pgd(model, both_x, loss_fn, eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode,
-               return_path=True, generator=generator, autocast=autocast)
+               return_path=True, generator=generator, autocast=autocast, x_start=both_start)
     return [p[:b] for p in path], [p[b:] for p in path]

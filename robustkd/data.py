@@ -309,6 +309,7 @@ class Batch:
     y: torch.Tensor
     x_pair: torch.Tensor | None = None
     y_pair: torch.Tensor | None = None
+    index: torch.Tensor | None = None   # pool index of each image: real i, generated num_real + j
 
 
 class GeneratedPool:
@@ -361,10 +362,15 @@ class TrainBatches:
 
     def epoch(self, seed: int, epoch: int):
         gen = torch.Generator().manual_seed(int(seed) * 100_003 + int(epoch))
+        num_real = len(self.real_labels)
         for real_idx, gen_idx in self.sampler.epoch(gen):
             src = torch.cat([torch.zeros(len(real_idx), dtype=torch.long),
                              torch.ones(len(gen_idx), dtype=torch.long)])
             idx = torch.cat([real_idx, gen_idx])
+            # Shuffle within the global batch before it is cut into rank shards: the sampler
+            # orders it real-then-generated, and every rank must see the same mix.
+            order = torch.randperm(len(idx), generator=gen)
+            src, idx = src[order], idx[order]
             aug = crop_flip_params(len(idx), gen) if self.augment else None
             pair = None
             if self.partners_real is not None:
@@ -372,11 +378,19 @@ class TrainBatches:
                 pair_aug = crop_flip_params(len(idx), gen) if self.augment else None
             mine = shard(torch.arange(len(idx)), self.rank, self.world_size)
             x, y = self._gather(src[mine], idx[mine], None if aug is None else aug[mine])
+            pool_index = (idx[mine] + src[mine] * num_real).to(self.device)
             if pair is None:
-                yield Batch(x, y)
+                yield Batch(x, y, index=pool_index)
             else:
                 xp, yp = self._gather(src[mine], pair[mine], None if pair_aug is None else pair_aug[mine])
-                yield Batch(x, y, xp, yp)
+                yield Batch(x, y, xp, yp, index=pool_index)
+
+    def pool_labels(self) -> torch.Tensor:
+        """The label of every pool index (real images, then generated ones)."""
+        parts = [self.real_labels.cpu()]
+        if self.generated is not None:
+            parts.append(self.generated.labels)
+        return torch.cat(parts)
 
     def _partners(self, src, idx, gen):
         """Partner indices (into the same pool as each sample) for a global batch."""
@@ -389,16 +403,19 @@ class TrainBatches:
         return pair
 
     def _gather(self, src, idx, aug):
-        real = src == 0
-        parts_x, parts_y = [], []
+        """Images and labels of (pool, index) pairs, in the given order, augmented on the device."""
+        real = (src == 0).to(self.device)
+        x_u8 = torch.empty((len(idx), *self.real_images.shape[1:]), dtype=torch.uint8, device=self.device)
+        y = torch.empty(len(idx), dtype=torch.long, device=self.device)
+        idx_dev = idx.to(self.device)
         if real.any():
-            parts_x.append(self.real_images[idx[real].to(self.device)])
-            parts_y.append(self.real_labels[idx[real].to(self.device)])
+            x_u8[real] = self.real_images[idx_dev[real]]
+            y[real] = self.real_labels[idx_dev[real]]
         if (~real).any():
-            parts_x.append(self.generated.gather(idx[~real]).to(self.device))
-            parts_y.append(self.generated.labels[idx[~real]].to(self.device))
-        x = to_float(torch.cat(parts_x))
-        y = torch.cat(parts_y)
+            gen_idx = idx[~real.cpu()]
+            x_u8[~real] = self.generated.gather(gen_idx).to(self.device)
+            y[~real] = self.generated.labels[gen_idx].to(self.device)
+        x = to_float(x_u8)
         if aug is not None:
             x = apply_crop_flip(x, aug)
         return x, y

@@ -125,3 +125,31 @@ def barrier() -> None:
 def cleanup() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def global_sum(t: torch.Tensor) -> torch.Tensor:
+    """The sum of a tensor over all ranks (itself in one process)."""
+    if not current().distributed:
+        return t
+    t = t.detach().clone()
+    dist.all_reduce(t, op=dist.ReduceOp.SUM)
+    return t
+
+
+def all_gather_cat(t: torch.Tensor) -> torch.Tensor:
+    """Every rank's ``t`` (equal shapes) concatenated in rank order (``t`` in one process)."""
+    if not current().distributed:
+        return t
+    parts = [torch.empty_like(t) for _ in range(current().world_size)]
+    dist.all_gather(parts, t.detach().contiguous())
+    return torch.cat(parts)
+
+
+def average_gradients(params) -> None:
+    """Average the gradients of parameters outside DistributedDataParallel (a method's heads)."""
+    if not current().distributed:
+        return
+    for p in params:
+        if p.grad is not None:
+            dist.all_reduce(p.grad, op=dist.ReduceOp.SUM)
+            p.grad.div_(current().world_size)

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 
 from .data import TrainBatches
-from .distributed import average_scalars, wrap_ddp
+from .distributed import average_gradients, average_scalars, wrap_ddp
 from .errors import InputError
-from .losses import Objective
+from .methods.registry import Objective
 from .utils import atomic_torch_save, autocast, make_generator, progress, select_device
 
 Callback = Callable[[int, dict], None]
@@ -82,8 +82,10 @@ def lr_factor(schedule: str, epoch_float: float, total_epochs: int, milestones, 
     return 0.5 * (1 + math.cos(math.pi * (t - warmup) / max(1 - warmup, 1e-12)))
 
 
-def build_optimizer(model: nn.Module, cfg: OptimConfig, iters_per_epoch: int):
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
+def build_optimizer(model: nn.Module, cfg: OptimConfig, iters_per_epoch: int, extra_params=()):
+    """SGD over the model's parameters and ``extra_params`` (a method's heads) with the schedule."""
+    params = list(model.parameters()) + list(extra_params)
+    opt = torch.optim.SGD(params, lr=cfg.lr, momentum=cfg.momentum,
                           weight_decay=cfg.weight_decay, nesterov=cfg.nesterov)
     sched = torch.optim.lr_scheduler.LambdaLR(
         opt, lambda it: lr_factor(cfg.schedule, it / iters_per_epoch, cfg.epochs, cfg.milestones,
@@ -124,7 +126,8 @@ class Trainer:
         self.callbacks = list(callbacks or [])
         self.is_main = is_main
         self.log = log if is_main else (lambda *_: None)
-        self.optimizer, self.scheduler = build_optimizer(model, optim, len(batches))
+        objective.check_run(self.device, run.sync_bn)
+        self.optimizer, self.scheduler = build_optimizer(model, optim, len(batches), objective.parameters())
         self.fingerprint = fingerprint(settings_fingerprint, asdict(optim), objective.name,
                                        asdict(objective.config), run.seed)
         self.history: list[dict] = []
@@ -146,6 +149,7 @@ class Trainer:
             "rng_torch": torch.get_rng_state(),
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": json.dumps(self.history),
+            "objective": self.objective.state_dict(),   # a method's heads and memory bank
         }
         atomic_torch_save(state, self.ckpt_path)
 
@@ -164,6 +168,7 @@ class Trainer:
             self.log(f"checkpoint {self.ckpt_path} belongs to other settings; starting from scratch")
             return False
         self.plain_model.load_state_dict(state["model"])
+        self.objective.load_state_dict(state.get("objective", {}))
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng_torch"])
@@ -180,6 +185,7 @@ class Trainer:
         """Train to the configured number of epochs (or stop early after ``stop_after_epoch``,
         used by tests to simulate a kill). Returns the per-epoch history."""
         self.model.to(self.device)
+        self.objective.to(self.device)
         if self.teacher is not None:
             self.teacher.to(self.device).eval()
             for p in self.teacher.parameters():
@@ -233,6 +239,7 @@ class Trainer:
                                          f"{ {k: float(v) for k, v in parts.items()} })")
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(self.objective.parameters())   # DDP averages only the model's
             self.optimizer.step()
             self.scheduler.step()
             sums["loss"] = sums.get("loss", 0.0) + loss.item()

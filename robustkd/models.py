@@ -70,11 +70,17 @@ class ResNet(nn.Module):
         self.layers = nn.Sequential(*layers)
         self.linear = nn.Linear(in_planes, num_classes)
 
-    def forward(self, x):
+    def features(self, x):
+        """Penultimate features: the globally pooled output of the last stage."""
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layers(out)
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def head(self, features):
+        return self.linear(features)
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 # ---------------------------------------------------------------- MobileNetV2 (CIFAR)
@@ -124,12 +130,17 @@ class MobileNetV2(nn.Module):
         self.bn2 = nn.BatchNorm2d(w(1280))
         self.linear = nn.Linear(w(1280), num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         out = F.relu(self.bn1(self.conv1(x)))
         out = self.layers(out)
         out = F.relu(self.bn2(self.conv2(out)))
-        out = F.adaptive_avg_pool2d(out, 1).flatten(1)
-        return self.linear(out)
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def head(self, features):
+        return self.linear(features)
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 # ---------------------------------------------------------------- WideResNet
@@ -167,10 +178,16 @@ class WideResNet(nn.Module):
         self.bn = nn.BatchNorm2d(ch[3])
         self.fc = nn.Linear(ch[3], num_classes)
 
-    def forward(self, x):
+    def features(self, x):
         out = self.blocks(self.conv1(x))
         out = F.relu(self.bn(out))
-        return self.fc(F.adaptive_avg_pool2d(out, 1).flatten(1))
+        return F.adaptive_avg_pool2d(out, 1).flatten(1)
+
+    def head(self, features):
+        return self.fc(features)
+
+    def forward(self, x):
+        return self.head(self.features(x))
 
 
 # ---------------------------------------------------------------- registry
@@ -184,8 +201,23 @@ class Classifier(nn.Module):
         self.normalize = Normalize(mean, std)
         self.backbone = backbone
 
-    def forward(self, x):
-        return self.backbone(self.normalize(x))
+    def features(self, x):
+        """Penultimate features (after global pooling) of a [0, 1] image: what the contrastive
+        methods (CRD-style GACD) distil. Dimension: ``feature_dim``."""
+        return self.backbone.features(self.normalize(x))
+
+    @property
+    def feature_dim(self) -> int:
+        head = self.backbone.head.__self__
+        layer = getattr(head, "linear", None) or getattr(head, "fc")
+        return layer.in_features
+
+    def forward(self, x, return_features: bool = False):
+        """Logits; with ``return_features`` also the penultimate features, from one forward
+        (so DistributedDataParallel and torch.compile, which wrap ``forward``, see both)."""
+        feats = self.backbone.features(self.normalize(x))
+        logits = self.backbone.head(feats)
+        return (logits, feats) if return_features else logits
 
 
 _REGISTRY: dict[str, tuple[Callable[..., nn.Module], dict]] = {}

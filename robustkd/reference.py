@@ -2,7 +2,7 @@
 
 Every branch and every path point gets its own forward pass, and the weights w(.|.) get their
 own forward passes too. It is slow on purpose: the tests check the project's
-:func:`robustkd.losses.darwin_loss` against it, and the benchmark measures the speed-up.
+:func:`robustkd.methods.darwin.darwin_loss` against it, and the benchmark measures the speed-up.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from .attacks import kl_per_sample, model_modes, project, random_start
-from .losses import DarwinConfig, triplet
+from .methods.darwin import DarwinConfig, triplet
 
 
 def _path(student, start_img, label, cfg: DarwinConfig, ascend: bool, generator):

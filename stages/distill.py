@@ -1,5 +1,6 @@
 """Stage distill: train the student from the teacher with a robust distillation method
-(darwin, darwin_lf, rslad, ard, iad, adaad; natural_kd as the non-adversarial reference),
+(any student method of the registry ``robustkd.methods``: darwin, darwin_lf, ard, iad, rslad,
+adaad, crdnd, gacd; natural_kd as the non-adversarial reference),
 mixing real and generated images at ``ddpm.fraction`` per batch. Resumes after a kill."""
 
 from __future__ import annotations
@@ -10,12 +11,12 @@ import numpy as np
 import torch
 
 from robustkd.data import GeneratedPool, to_float
-from robustkd.losses import create_objective
+from robustkd.methods import DataInfo, create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
 
 from .common import (CHECKPOINTS, GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser,
                      read_params, setup_distributed)
-from .params import method_settings
+from .params import dataset_key, method_settings, resolve_optim
 from .training import run_training
 
 
@@ -47,17 +48,23 @@ def main(args) -> None:
     heldout = load_imageset(PREPARED / "heldout.npz")
     teacher = load_checkpoint(MODELS / "teacher.pt").to(device)
     generated = load_generated()
-    objective = create_objective(method, method_settings(params, method),
-                                 where=f"{args.params}:distill.settings.{method}")
+    torch.manual_seed(params.run.seed)
+    student = create_model(cfg.student.arch, train.num_classes, **cfg.student.options)
+    pool_labels = torch.cat([train.labels] + ([generated.labels] if generated is not None else []))
+    objective = create_objective(method, method_settings(params, method), dataset=dataset_key(train.num_classes),
+                                 where=f"{args.params}:distill.settings.{method}",
+                                 data=DataInfo(train.num_classes, pool_labels, student.feature_dim,
+                                               teacher.feature_dim))
+    optim, optim_how = resolve_optim(params, method, train.num_classes)
+    if dist_info.is_main:
+        print(f"{method}: optimiser {optim_how}")
     partner_labels = None
     if objective.needs_partners and getattr(objective.config, "label_free", False):
         partner_labels = teacher_predictions(teacher, train.images, device)
-    torch.manual_seed(params.run.seed)
-    student = create_model(cfg.student.arch, train.num_classes, **cfg.student.options)
     name = args.name or ("student" if out_dir is None else method)
     model_path = (out_dir or MODELS) / f"{name}.pt"
     metrics_dir = out_dir or METRICS
-    history = run_training(student, objective, cfg.optim, params, train, heldout, device,
+    history = run_training(student, objective, optim, params, train, heldout, device,
                            CHECKPOINTS / name if out_dir is None else out_dir / "checkpoint",
                            metrics_dir / f"{name}_history.csv", metrics_dir / f"{name}_train.json",
                            teacher=teacher, generated=generated,
@@ -69,7 +76,8 @@ def main(args) -> None:
         return
     save_checkpoint(student, model_path, method=method, teacher_arch=teacher.arch,
                     dataset=params.data.source, epochs=len(history))
-    args.tracker.set_tags({"method": method, "student": cfg.student.arch, "teacher": teacher.arch})
+    args.tracker.set_tags({"method": method, "student": cfg.student.arch, "teacher": teacher.arch,
+                           "optimiser": optim_how, "reconstruction": str(objective.method.reconstruction)})
     for path in (metrics_dir / f"{name}_train.json", metrics_dir / f"{name}_history.csv", model_path):
         args.tracker.log_artifact(path)
     print(f"{method} student {cfg.student.arch} -> {model_path}: {history[-1]}")

@@ -17,6 +17,7 @@ from robustkd.config import from_dict
 from robustkd.engine import OptimConfig
 from robustkd.errors import InputError
 from robustkd.evaluation import EvalConfig
+from robustkd.methods import DISTILL_METHODS, TEACHER_METHODS, build_config, get_method
 
 
 @dataclass
@@ -42,8 +43,8 @@ class TeacherParams:
     source: Literal["train", "checkpoint"] = "train"
     checkpoint: str = ""                    # with source: checkpoint
     model: ModelParams = field(default_factory=lambda: ModelParams("wrn34_10"))
-    method: Literal["trades", "pgd_at", "natural"] = "trades"
-    settings: dict = field(default_factory=dict)   # the method's config (robustkd.losses)
+    method: str = "trades"                 # a teacher method of robustkd.methods
+    settings: dict = field(default_factory=dict)   # the method's settings (robustkd.methods)
     optim: OptimConfig = field(default_factory=OptimConfig)
 
 
@@ -71,10 +72,17 @@ class DdpmParams:
 
 @dataclass
 class DistillParams:
-    method: Literal["darwin", "darwin_lf", "rslad", "ard", "iad", "adaad", "natural_kd"] = "darwin"
+    method: str = "darwin"                 # a student method of robustkd.methods (registry)
     student: ModelParams = field(default_factory=lambda: ModelParams("resnet18"))
     settings: dict = field(default_factory=dict)   # per method: {darwin: {...}, rslad: {...}}
     optim: OptimConfig = field(default_factory=OptimConfig)
+    # How each method's optimiser is set: 'shared' - distill.optim for every method;
+    # 'official' - the method's official recipe for the dataset (robustkd.methods, each
+    # module's Schedule), with epochs and milestones rescaled to ``official_epochs`` when set.
+    # ``method_optim.<method>`` then overrides single fields for that method.
+    schedule: Literal["shared", "official"] = "shared"
+    official_epochs: int | None = None
+    method_optim: dict = field(default_factory=dict)
     monitor_pgd_steps: int = 10            # PGD steps of the per-epoch held-out check
     reference_method: str = "natural_kd"   # the same student trained without adversarial examples
 
@@ -155,7 +163,66 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML: {exc}") from None
-    return from_dict(Params, raw or {}, str(path))
+    params = from_dict(Params, raw or {}, str(path))
+    validate_methods(params, str(path))
+    return params
+
+
+def validate_methods(params: Params, where: str) -> None:
+    """Every method named and every method-settings block, checked against the method registry
+    when the file is read: a misspelt key in any method's block stops the first stage."""
+    for field_name, name, allowed in (("teacher.method", params.teacher.method, TEACHER_METHODS),
+                                      ("distill.method", params.distill.method, DISTILL_METHODS),
+                                      ("distill.reference_method", params.distill.reference_method,
+                                       DISTILL_METHODS)):
+        if name not in allowed:
+            raise InputError(f"{where}: {field_name} is {name!r}; expected one of {list(allowed)}")
+    for name in params.compare.methods:
+        if name not in DISTILL_METHODS:
+            raise InputError(f"{where}: compare.methods names {name!r}; expected methods of {list(DISTILL_METHODS)}")
+    build_config(params.teacher.method, params.teacher.settings, where=f"{where}:teacher.settings")
+    for name, block in params.distill.settings.items():
+        if name not in DISTILL_METHODS:
+            raise InputError(f"{where}: distill.settings has a block for unknown method {name!r}; "
+                             f"expected methods of {list(DISTILL_METHODS)}")
+        build_config(name, block or {}, where=f"{where}:distill.settings.{name}")
+    for name, block in params.distill.method_optim.items():
+        if name not in DISTILL_METHODS:
+            raise InputError(f"{where}: distill.method_optim has a block for unknown method {name!r}")
+        from_dict(OptimConfig, {**_optim_fields(params.distill.optim), **(block or {})},
+                  f"{where}:distill.method_optim.{name}")
+
+
+def _optim_fields(cfg: OptimConfig) -> dict:
+    return {k: v for k, v in vars(cfg).items()}
+
+
+def dataset_key(num_classes: int) -> str:
+    """The dataset whose official branches and schedules apply: CIFAR-100 for 100 classes."""
+    return "cifar100" if num_classes == 100 else "cifar10"
+
+
+def resolve_optim(params: Params, method: str, num_classes: int) -> tuple[OptimConfig, str]:
+    """The optimiser ``method`` trains with, and one line saying how it was set (for the
+    comparison table and MLflow)."""
+    d = params.distill
+    if d.schedule == "official":
+        sched = get_method(method).schedules.get(dataset_key(num_classes))
+        if sched is None:
+            raise InputError(f"method {method!r} has no official schedule; set distill.schedule: shared")
+        base = sched.optim_dict()
+        how = f"official ({sched.source})"
+        if d.official_epochs:
+            scale = d.official_epochs / sched.epochs
+            base["epochs"] = d.official_epochs
+            base["milestones"] = [m * scale for m in sched.milestones]
+            how += f", {sched.epochs} epochs rescaled to {d.official_epochs}"
+    else:
+        base, how = _optim_fields(d.optim), "shared (distill.optim)"
+    override = d.method_optim.get(method) or {}
+    if override:
+        how += f", overridden by distill.method_optim.{method}: {sorted(override)}"
+    return from_dict(OptimConfig, {**base, **override}, f"distill.method_optim.{method}"), how
 
 
 def method_settings(params: Params, method: str) -> dict:

@@ -3,11 +3,12 @@ a given checkpoint with ``teacher.source: checkpoint``. Resumes after a kill."""
 
 from __future__ import annotations
 
-from robustkd.losses import create_objective
+from robustkd.methods import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
 
 from .common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
                      setup_distributed, write_csv, write_json)
+from .params import dataset_key
 from .training import run_training
 
 
@@ -29,7 +30,8 @@ def main(args) -> None:
     train = load_imageset(PREPARED / "train.npz")
     heldout = load_imageset(PREPARED / "heldout.npz")
     model = create_model(cfg.model.arch, train.num_classes, **cfg.model.options)
-    objective = create_objective(cfg.method, cfg.settings, where=f"{args.params}:teacher.settings")
+    objective = create_objective(cfg.method, cfg.settings, dataset=dataset_key(train.num_classes),
+                                 where=f"{args.params}:teacher.settings")
     history = run_training(model, objective, cfg.optim, params, train, heldout, device,
                            CHECKPOINTS / "teacher", METRICS / "teacher_history.csv",
                            METRICS / "teacher_train.json", monitor_steps=params.distill.monitor_pgd_steps,

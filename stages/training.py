@@ -10,7 +10,7 @@ import torch
 
 from robustkd.data import GeneratedPool, ImageSet, TrainBatches
 from robustkd.engine import OptimConfig, RunConfig, Trainer
-from robustkd.losses import Objective
+from robustkd.methods import Objective
 
 from .common import HistoryWriter, heldout_monitor
 from .params import Params

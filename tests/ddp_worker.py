@@ -20,7 +20,7 @@ from robustkd.data import ImageSet, TrainBatches, to_float  # noqa: E402
 from robustkd.distributed import cleanup, init_distributed  # noqa: E402
 from robustkd.engine import OptimConfig, RunConfig, Trainer  # noqa: E402
 from robustkd.evaluation import EvalConfig, evaluate_model  # noqa: E402
-from robustkd.losses import create_objective  # noqa: E402
+from robustkd.methods import create_objective  # noqa: E402
 
 
 def small_cnn(seed: int) -> nn.Module:

@@ -101,3 +101,53 @@ def test_attacks_restore_model_modes(small_models, tiny_batch):
     model.eval()
     attacks.pgd_ce(model, x, y, steps=1, bn_mode="train")
     assert not model.training
+
+
+class InputRecorder(torch.nn.Module):
+    """Logits from a fixed linear map; records every input it is given."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin = torch.nn.Linear(3 * 4 * 4, 3)
+        self.inputs = []
+
+    def forward(self, x):
+        self.inputs.append(x.detach().clone())
+        return self.lin(x.flatten(1))
+
+
+@pytest.mark.parametrize("start", ["uniform", "normal"])
+def test_training_attacks_take_the_first_gradient_at_the_unclamped_start(start):
+    """The baselines' official attacks evaluate the first gradient at x + noise, unclamped."""
+    model = InputRecorder()
+    x = torch.zeros(4, 3, 4, 4)                       # black images: half the noise is below 0
+    y = torch.tensor([0, 1, 2, 0])
+    attacks.pgd_ce(model, x, y, steps=2, start=start, clamp_start=False, generator=torch.Generator().manual_seed(0))
+    assert model.inputs[0].min() < 0                  # the unclamped start
+    assert model.inputs[1].min() >= 0                 # projected after the first step
+    noise = attacks.start_noise(x, 8 / 255, start, torch.Generator().manual_seed(0))
+    assert torch.equal(model.inputs[0], x + noise)
+    model.inputs.clear()
+    attacks.pgd_ce(model, x, y, steps=1, start=start, clamp_start=True, generator=torch.Generator().manual_seed(0))
+    assert model.inputs[0].min() >= 0
+
+
+def test_path_samples_are_detached():
+    """Regression: the path kept requires_grad, so a loss's backward built input gradients."""
+    model = InputRecorder()
+    x, y = torch.rand(4, 3, 4, 4), torch.tensor([0, 1, 2, 0])
+    path = attacks.pgd_ce(model, x, y, steps=3, return_path=True)
+    assert all(not p.requires_grad for p in path)
+    up, tp = attacks.dual_branch_paths(model, x, y, x.flip(0), target=y, steps=2)
+    assert all(not p.requires_grad for p in up + tp)
+
+
+def test_joint_branches_draw_the_same_starts_as_split_ones():
+    model = InputRecorder()
+    x, y = torch.rand(4, 3, 4, 4), torch.tensor([0, 1, 2, 0])
+    a = attacks.dual_branch_paths(model, x, y, x.flip(0), target=y, steps=2, joint=True,
+                                  generator=torch.Generator().manual_seed(3))
+    b = attacks.dual_branch_paths(model, x, y, x.flip(0), target=y, steps=2, joint=False,
+                                  generator=torch.Generator().manual_seed(3))
+    for p, q in zip(a[0] + a[1], b[0] + b[1]):
+        assert torch.allclose(p, q, atol=1e-6)

@@ -123,3 +123,30 @@ def test_shards_of_a_global_batch_equal_the_single_process_batch():
         assert torch.equal(batch.x, torch.cat([ranks[0][i].x, ranks[1][i].x]))
         assert torch.equal(batch.x_pair, torch.cat([ranks[0][i].x_pair, ranks[1][i].x_pair]))
         assert (batch.y != batch.y_pair).all()
+
+
+def test_global_batch_is_shuffled_before_sharding_so_ranks_see_the_same_mix():
+    """Regression: the global batch was real-then-generated, so rank 0 got the real images."""
+    from robustkd.data import GeneratedPool
+
+    g = torch.Generator().manual_seed(2)
+    real = ImageSet(torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8, generator=g),
+                    torch.arange(64) % 4, ["a", "b", "c", "d"])
+    gen = GeneratedPool(np.random.default_rng(0).integers(0, 256, (64, 32, 32, 3), dtype=np.uint8),
+                        np.arange(64) % 4)
+    kw = dict(generated=gen, fraction=0.5, augment=False)
+    single = list(TrainBatches(real, 32, torch.device("cpu"), **kw).epoch(0, 0))
+    ranks = [list(TrainBatches(real, 32, torch.device("cpu"), rank=r, world_size=2, **kw).epoch(0, 0))
+             for r in range(2)]
+    generated_share = []
+    for i, batch in enumerate(single):
+        both = [ranks[0][i], ranks[1][i]]
+        assert torch.equal(batch.x, torch.cat([b.x for b in both]))
+        assert torch.equal(batch.index, torch.cat([b.index for b in both]))
+        for b in both:
+            generated_share.append((b.index >= 64).float().mean().item())
+            # the images are those the pool index names, in order
+            for j, k in enumerate(b.index.tolist()):
+                expected = real.images[k] if k < 64 else torch.from_numpy(gen.images[k - 64]).permute(2, 0, 1)
+                assert torch.equal((b.x[j] * 255).round().to(torch.uint8), expected)
+    assert 0.25 < np.mean(generated_share[0::2]) < 0.75 and 0.25 < np.mean(generated_share[1::2]) < 0.75

@@ -2,7 +2,7 @@ import torch
 
 from robustkd.data import ImageSet, TrainBatches
 from robustkd.engine import OptimConfig, RunConfig, Trainer, lr_factor
-from robustkd.losses import create_objective
+from robustkd.methods import create_objective
 from robustkd.models import create_model
 
 

@@ -1,5 +1,4 @@
 import copy
-import math
 
 import pytest
 import torch
@@ -7,20 +6,11 @@ import torch.nn.functional as F
 
 from robustkd.data import Batch
 from robustkd.errors import InputError
-from robustkd.losses import (DarwinConfig, TradesConfig, create_objective, darwin_loss, path_weights,
-                             rslad_loss, RsladConfig, ard_loss, ArdConfig, trades_loss, triplet)
+from robustkd.methods import create_objective
+from robustkd.methods.darwin import DarwinConfig, darwin_loss, partners_of_other_class, path_weights, triplet
 from robustkd.reference import darwin_loss_reference
 
-from .conftest import FixedLinear
-
-
-def kl(p, q):
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
-
-
-def softmax(z):
-    e = [math.exp(v) for v in z]
-    return [v / sum(e) for v in e]
+from .helpers import kl, linear_pair, softmax
 
 
 def test_weights_on_three_samples_by_hand():
@@ -54,13 +44,6 @@ def test_triplet_is_zero_past_the_margin_and_linear_before():
     pa, pn = softmax([2, 0, 0]), softmax([-5, 5, 0])
     l2 = sum((a - b) ** 2 for a, b in zip(pa, pn))
     assert triplet(anchor, pos, neg, margin=1.0, distance="l2").item() == pytest.approx(max(0, 1 - l2), abs=1e-6)
-
-
-def linear_pair(seed=0, dim=3 * 32 * 32, classes=4):
-    g = torch.Generator().manual_seed(seed)
-    student = FixedLinear(torch.randn(classes, dim, generator=g) * 0.01, torch.randn(classes, generator=g))
-    teacher = FixedLinear(torch.randn(classes, dim, generator=g) * 0.01, torch.randn(classes, generator=g))
-    return student, teacher
 
 
 def test_arkd_value_by_hand():
@@ -180,45 +163,6 @@ def test_module_switches(small_models, tiny_batch):
     assert all_parts["arkd"].item() == pytest.approx(only["arkd"].item(), rel=1e-5)
 
 
-def test_trades_with_eps_zero_is_cross_entropy(small_models, tiny_batch):
-    model, _ = small_models
-    model.eval()
-    x, y, *_ = tiny_batch
-    loss, parts = trades_loss(model, x, y, TradesConfig(eps=0.0, steps=2))
-    assert parts["kl"].item() == pytest.approx(0.0, abs=1e-6)
-    assert loss.item() == pytest.approx(F.cross_entropy(model(x), y).item(), rel=1e-5)
-
-
-def test_rslad_and_ard_by_hand():
-    student, teacher = linear_pair(3)
-    x = torch.rand(2, 3, 32, 32)
-    y = torch.tensor([0, 1])
-    with torch.no_grad():
-        t, s = teacher(x).tolist(), student(x).tolist()
-    per = [kl(softmax(a), softmax(b)) for a, b in zip(t, s)]
-    # eps = 0: xh = x; RSLAD's official reduction averages over batch x classes (C = 4)
-    loss, _ = rslad_loss(student, teacher, x, y, RsladConfig(eps=0.0, steps=1))
-    assert loss.item() == pytest.approx(sum(per) / 2 / 4, rel=1e-5)
-    loss, _ = ard_loss(student, teacher, x, y, ArdConfig(eps=0.0, steps=1, temperature=2.0))
-    per_t = [kl(softmax([v / 2 for v in a]), softmax([v / 2 for v in b])) for a, b in zip(t, s)]
-    assert loss.item() == pytest.approx(4 * sum(per_t) / 2 / 4, rel=1e-5)
-
-
-def test_every_objective_runs_and_rejects_unknown_settings(small_models, tiny_batch):
-    student, teacher = small_models
-    x, y, xp, yp = tiny_batch
-    for name in ["natural", "trades", "pgd_at", "natural_kd", "ard", "iad", "rslad", "adaad", "darwin", "darwin_lf"]:
-        settings = {} if name.startswith("natural") else {"steps": 1}
-        obj = create_objective(name, settings)
-        loss, parts = obj(student, teacher, Batch(x, y, xp, yp), epoch=100)
-        assert torch.isfinite(loss) and parts
-    with pytest.raises(InputError, match=r"method darwin: unknown key\(s\) \['stpes'\]"):
-        create_objective("darwin", {"stpes": 3})
-    with pytest.raises(InputError, match="unknown method 'dawrin'"):
-        create_objective("dawrin")
-    assert create_objective("darwin_lf").config.label_free
-
-
 @pytest.mark.parametrize("impl", ["joint", "split"])
 def test_darwin_batching_options_match_reference(small_models, tiny_batch, impl):
     student, teacher = small_models
@@ -246,3 +190,28 @@ def test_joint_and_split_batching_give_the_same_gradients_and_running_stats(smal
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-6)
     for (name, a), (_, b) in zip(student.state_dict().items(), twin.state_dict().items()):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6), name
+
+
+def test_darwin_lf_partners_differ_in_class_under_the_loss_labels():
+    """Regression: partners were chosen with other labels than the loss's, ~5% shared a class."""
+    g = torch.Generator().manual_seed(0)
+    x, xp = torch.rand(8, 3, 4, 4, generator=g), torch.rand(8, 3, 4, 4, generator=g)
+    y = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    yp = torch.tensor([0, 2, 2, 0, 1, 1, 3, 2])          # pairs 0, 2, 5 clash
+    t_x, t_xp = F.one_hot(y, 4).float(), F.one_hot(yp, 4).float()
+    xp2, yp2, txp2 = partners_of_other_class(x, y, t_x, xp, yp, t_xp, g)
+    assert (yp2 != y).all()
+    assert torch.equal(txp2.argmax(1), yp2)              # teacher logits travel with the image
+    pool = torch.cat([x, xp])
+    for i in range(8):                                    # every partner is an image of the batch
+        assert any(torch.equal(xp2[i], p) for p in pool)
+    assert torch.equal(xp2[1], xp[1]) and torch.equal(xp2[3], xp[3])   # no clash: untouched
+
+
+def test_sync_bn_with_joint_per_point_batch_norm_is_refused():
+    """Regression: SyncBatchNorm is no BatchNorm2d, so grouping silently fell back to joint BN."""
+    obj = create_objective("darwin", {"batching": "joint"})
+    with pytest.raises(InputError, match="run.sync_bn"):
+        obj.check_run(torch.device("cpu"), sync_bn=True)
+    create_objective("darwin", {"batching": "split"}).check_run(torch.device("cpu"), sync_bn=True)
+    obj.check_run(torch.device("cpu"), sync_bn=False)

@@ -1,0 +1,65 @@
+"""AdaAD, Adaptive Adversarial Distillation (Huang, Wu, Zhang, Chen, Xie, CVPR 2023), as the
+official code computes it (docs/official-baselines.md, "AdaAD").
+
+    attack: maximise KL(p_t(x') || p_s(x')) with the teacher evaluated at the moving point, from
+            x + 0.001 N(0, 1) (first gradient at the unclamped start), student in eval mode
+    loss:   KL(p_t(x') || p_s(x')); the official CIFAR-10 branch averages over batch x classes
+            (nn.KLDivLoss()), the CIFAR-100 branch over the batch (``kl_reduction`` by dataset)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .. import attacks
+from ..attacks import kl_per_sample, model_modes
+from .common import ALPHA, EPS, check_attack, reduce_kl, teacher_logits
+from .registry import Method, Schedule, register
+
+
+@dataclass
+class AdaadConfig:
+    eps: float = EPS
+    step_size: float = ALPHA
+    steps: int = 10
+    random_start: Literal["normal", "uniform"] = "normal"
+    clamp_start: bool = False             # official: first gradient at the unclamped start
+    attack_bn_mode: Literal["eval", "train"] = "eval"
+    kl_reduction: Literal["batchmean", "elementwise_mean"] = "elementwise_mean"  # CIFAR-10 branch
+
+    def __post_init__(self):
+        check_attack(self.eps, self.step_size, self.steps, "adaad")
+
+
+def adaad_attack(student, teacher, x, cfg: AdaadConfig, step):
+    plain = attacks.unwrap(student)
+
+    def loss_at(point):
+        with step.autocast():
+            return kl_per_sample(teacher(point), plain(point))
+
+    with model_modes([plain, teacher], [cfg.attack_bn_mode == "train", False]):
+        return attacks.ascend(loss_at, x, cfg.eps, cfg.step_size, cfg.steps, cfg.random_start,
+                              cfg.clamp_start, generator=step.generator)
+
+
+def adaad_loss(student, teacher, batch, cfg: AdaadConfig, step):
+    x_adv = adaad_attack(student, teacher, batch.x, cfg, step)
+    t_adv = teacher_logits(teacher, x_adv, step.autocast)
+    with step.autocast():
+        s_adv = student(x_adv).float()
+    loss = reduce_kl(kl_per_sample(t_adv, s_adv), t_adv.shape[1], cfg.kl_reduction)
+    return loss, {"kl_adv": loss.detach()}
+
+
+ADAAD_SCHEDULE = Schedule(epochs=200, lr=0.1, weight_decay=5e-4, milestones=(100, 150),
+                          source="AdaAD official: wd 5e-4, 200 epochs")
+
+register(Method(
+    name="adaad", config=AdaadConfig, loss=adaad_loss, role="student",
+    summary="AdaAD: the teacher's KL at the moving adversarial point, attack and loss",
+    source="AdaAD official code (docs/official-baselines.md#adaad)",
+    uses_labels=False,
+    dataset_defaults=lambda dataset: {"kl_reduction": "batchmean"} if dataset == "cifar100" else {},
+    schedules={"cifar10": ADAAD_SCHEDULE, "cifar100": ADAAD_SCHEDULE}))

@@ -1,0 +1,67 @@
+"""RSLAD, Robust Soft Label Adversarial Distillation (Zi, Zhao, Ma, Jiang, ICCV 2021), as the
+official code computes it (docs/official-baselines.md, "RSLAD": repository, file and commit).
+
+    attack: maximise KL(p_t(x) || p_s(x')) from x + 0.001 N(0, 1) (first gradient at the
+            unclamped start), student in eval mode
+    loss:   5/6 KL(p_t(x) || p_s(x')) + 1/6 KL(p_t(x) || p_s(x)), each KL averaged over
+            batch x classes; the CIFAR-100 script multiplies both by 10 (``kl_scale``)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from .. import attacks
+from ..attacks import kl_per_sample
+from .common import ALPHA, EPS, check_attack, reduce_kl, teacher_logits
+from .registry import Method, Schedule, register
+
+
+@dataclass
+class RsladConfig:
+    eps: float = EPS
+    step_size: float = ALPHA
+    steps: int = 10
+    adv_weight: float = 5 / 6
+    kl_reduction: Literal["batchmean", "elementwise_mean"] = "elementwise_mean"  # official scaling
+    kl_scale: float = 1.0                 # official CIFAR-100 script: x10 (dataset default)
+    attack_bn_mode: Literal["eval", "train"] = "eval"
+    clamp_start: bool = False             # official: first gradient at the unclamped start
+
+    def __post_init__(self):
+        check_attack(self.eps, self.step_size, self.steps, "rslad")
+
+
+def rslad_attack(student, x, t_x, cfg, step):
+    """The RSLAD inner maximisation (also CRDND's training attack)."""
+    return attacks.pgd_kl(student, x, t_x, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
+                          start="normal", clamp_start=cfg.clamp_start, bn_mode=cfg.attack_bn_mode,
+                          generator=step.generator, autocast=step.autocast)
+
+
+def rslad_loss(student, teacher, batch, cfg: RsladConfig, step):
+    x = batch.x
+    t_x = teacher_logits(teacher, x, step.autocast)
+    x_adv = rslad_attack(student, x, t_x, cfg, step)
+    with step.autocast():
+        s_adv = student(x_adv).float()
+        s_x = student(x).float()
+    C = t_x.shape[1]
+    adv = reduce_kl(kl_per_sample(t_x, s_adv), C, cfg.kl_reduction) * cfg.kl_scale
+    nat = reduce_kl(kl_per_sample(t_x, s_x), C, cfg.kl_reduction) * cfg.kl_scale
+    loss = cfg.adv_weight * adv + (1 - cfg.adv_weight) * nat
+    return loss, {"kl_adv": adv.detach(), "kl_nat": nat.detach()}
+
+
+RSLAD_SCHEDULE = Schedule(epochs=300, lr=0.1, weight_decay=2e-4, milestones=(214, 259, 284),
+                          source="RSLAD official: lr x0.1 when the (1-based) epoch is 215, 260, 285; "
+                                 "0-based milestones here")
+
+register(Method(
+    name="rslad", config=RsladConfig, loss=rslad_loss, role="student",
+    summary="RSLAD: the teacher's soft labels in the attack and both KL terms",
+    source="zibojia/RSLAD rslad_loss.py (docs/official-baselines.md#rslad)",
+    uses_labels=False,
+    dataset_defaults=lambda dataset: {"kl_scale": 10.0} if dataset == "cifar100" else {},
+    schedules={"cifar10": RSLAD_SCHEDULE, "cifar100": RSLAD_SCHEDULE}))
