@@ -214,7 +214,7 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
 # ---------------------------------------------------------------- sampling
 class PartnerSampler:
     """DARWIN's partner: a class drawn uniformly from the *other* classes, then an image
-    drawn uniformly from that class (SPEC.md, "Targeted path and the partner sample")."""
+    drawn uniformly from that class (docs/methods.md, "DARWIN")."""
 
     def __init__(self, labels: torch.Tensor, num_classes: int):
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()

@@ -1,4 +1,4 @@
-"""Training engine: SGD with the schedules of SPEC.md, an atomic per-epoch checkpoint of
+"""Training engine: SGD with the schedules of docs/methods.md, an atomic per-epoch checkpoint of
 everything needed to resume (model, optimiser, scheduler, RNG states, epoch, history), and
 per-epoch metrics handed to callbacks (the stages plug MLflow in there).
 

@@ -1,6 +1,6 @@
 """CIFAR model zoo: a registry, models that normalise [0, 1] inputs inside, checkpoints.
 
-Architectures follow the reference repositories (SPEC.md, "Architectures"): ResNet-18 with a
+Architectures follow the reference repositories (kuangliu/pytorch-cifar, TRADES, RSLAD): ResNet-18 with a
 3x3 stride-1 stem and no max-pool (11,173,962 parameters for 10 classes), MobileNetV2 for CIFAR
 (2,296,922) and WRN-34-10 (46,160,474 parameters used in the forward pass; the reference code's
 unused ``sub_block1`` is left out). Width/depth options give small variants for CPU runs.

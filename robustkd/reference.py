@@ -1,4 +1,4 @@
-"""A straightforward DARWIN step written directly from the formulas of SPEC.md.
+"""A straightforward DARWIN step written directly from the formulas of docs/methods.md.
 
 Every branch and every path point gets its own forward pass, and the weights w(.|.) get their
 own forward passes too. It is slow on purpose: the tests check the project's

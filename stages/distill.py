@@ -55,7 +55,7 @@ def main(args) -> None:
                                  where=f"{args.params}:distill.settings.{method}",
                                  data=DataInfo(train.num_classes, pool_labels, student.feature_dim,
                                                teacher.feature_dim))
-    optim, optim_how = resolve_optim(params, method, train.num_classes)
+    optim, optim_how = resolve_optim(params, method, train.num_classes, args.schedule)
     if dist_info.is_main:
         print(f"{method}: optimiser {optim_how}")
     partner_labels = None
@@ -88,6 +88,8 @@ def build_parser():
     p.add_argument("--method", help="override distill.method (e.g. for the comparison pipeline)")
     p.add_argument("--name", help="model name (default: 'student', or the method with --out-dir)")
     p.add_argument("--out-dir", help="write model, history and checkpoint here instead of models/")
+    p.add_argument("--schedule", choices=["shared", "official"],
+                   help="override distill.schedule (the comparison passes compare.schedule)")
     return p
 
 

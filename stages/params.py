@@ -131,6 +131,7 @@ class RunParams:
 @dataclass
 class CompareParams:
     methods: list[str] = field(default_factory=lambda: ["darwin", "rslad", "ard"])
+    schedule: Literal["shared", "official"] = "official"   # how each compared method's optimiser is set
 
 
 @dataclass
@@ -202,11 +203,12 @@ def dataset_key(num_classes: int) -> str:
     return "cifar100" if num_classes == 100 else "cifar10"
 
 
-def resolve_optim(params: Params, method: str, num_classes: int) -> tuple[OptimConfig, str]:
+def resolve_optim(params: Params, method: str, num_classes: int,
+                  schedule: str | None = None) -> tuple[OptimConfig, str]:
     """The optimiser ``method`` trains with, and one line saying how it was set (for the
-    comparison table and MLflow)."""
+    comparison table and MLflow). ``schedule`` overrides ``distill.schedule``."""
     d = params.distill
-    if d.schedule == "official":
+    if (schedule or d.schedule) == "official":
         sched = get_method(method).schedules.get(dataset_key(num_classes))
         if sched is None:
             raise InputError(f"method {method!r} has no official schedule; set distill.schedule: shared")

@@ -20,7 +20,8 @@ from robustkd.data import ImageSet, TrainBatches, to_float  # noqa: E402
 from robustkd.distributed import cleanup, init_distributed  # noqa: E402
 from robustkd.engine import OptimConfig, RunConfig, Trainer  # noqa: E402
 from robustkd.evaluation import EvalConfig, evaluate_model  # noqa: E402
-from robustkd.methods import create_objective  # noqa: E402
+from robustkd.methods import DataInfo, create_objective  # noqa: E402
+from robustkd.models import create_model  # noqa: E402
 
 
 def small_cnn(seed: int) -> nn.Module:
@@ -40,13 +41,24 @@ def main(out: Path) -> None:
     torch.set_num_threads(1)
     info, device = init_distributed("cpu")
     train = data(32, seed=1)
-    student, teacher = small_cnn(0), small_cnn(1).eval()
     method = os.environ.get("DDP_TEST_METHOD", "darwin")
-    objective = create_objective(method, {"steps": 2, "random_start": False} if method == "darwin" else {})
+    if method == "gacd":   # needs penultimate features: the registry's small ResNet
+        torch.manual_seed(0)
+        student, teacher = create_model("resnet10_w8"), create_model("resnet10_w8").eval()
+        objective = create_objective("gacd", {"steps": 1, "nce_k": 8},
+                                     data=DataInfo(10, train.labels, student.feature_dim, teacher.feature_dim))
+    else:
+        student, teacher = small_cnn(0), small_cnn(1).eval()
+        objective = create_objective(method, {"steps": 2, "random_start": False} if method == "darwin" else {})
     batches = TrainBatches(train, 16, device, with_partners=True, rank=info.rank, world_size=info.world_size)
     trainer = Trainer(student, objective, batches, OptimConfig(epochs=1, batch_size=16, lr=0.05, schedule="constant"),
                       RunConfig(seed=0, device="cpu", progress_every_s=1e9), teacher=teacher, is_main=info.is_main)
     history = trainer.fit()
+    if method == "gacd":   # every rank's memory bank and heads, to compare across ranks
+        out.mkdir(parents=True, exist_ok=True)
+        torch.save(objective.state_dict(), out / f"objective_rank{info.rank}.pt")
+        cleanup()
+        return
 
     test = data(30, seed=2)
     cfg = EvalConfig(attacks=["natural", "pgd20", "cw", "autoattack"], pgd_steps=3, cw_steps=3, batch_size=8)

@@ -47,7 +47,8 @@ def test_set_compare_methods_rewrites_one_line(tmp_path):
     set_compare_methods(params, ["darwin", "ard"])
     after = params.read_text().splitlines()
     changed = [(a, b) for a, b in zip(before, after) if a != b]
-    assert changed == [("  methods: [darwin, rslad, ard, natural_kd]", "  methods: [darwin, ard]")]
+    assert changed == [("  methods: [darwin, darwin_lf, ard, iad, rslad, adaad, crdnd, gacd, natural_kd]",
+                        "  methods: [darwin, ard]")]
 
 
 def test_set_compare_methods_names_the_problem(tmp_path):
@@ -114,3 +115,22 @@ def test_tracking_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
         tracker.log_metrics({"x": 1.0}, step=1)
     assert {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")} == before
     assert (tmp_path / "mlflow.db").exists()
+
+
+def test_official_schedules_rescale_to_the_profile_and_take_overrides(tmp_path):
+    import yaml
+
+    from stages.params import load_params, resolve_optim
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["distill"].update(schedule="official", official_epochs=6, method_optim={"rslad": {"lr": 0.05}})
+    (tmp_path / "p.yaml").write_text(yaml.safe_dump(raw))
+    params = load_params(tmp_path / "p.yaml")
+    ard, how = resolve_optim(params, "ard", 10)
+    assert (ard.epochs, ard.milestones, ard.weight_decay, ard.schedule) == (6, [3.0], 2e-4, "piecewise")
+    assert "200 epochs rescaled to 6" in how
+    rslad, how = resolve_optim(params, "rslad", 100)
+    assert rslad.lr == 0.05 and rslad.milestones == pytest.approx([4.3, 5.2, 5.7]) and "rslad" in how
+    assert resolve_optim(params, "adaad", 10)[0].weight_decay == 5e-4
+    shared, how = resolve_optim(params, "ard", 10, schedule="shared")
+    assert shared.schedule == raw["distill"]["optim"]["schedule"] and how.startswith("shared")

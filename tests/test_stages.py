@@ -206,6 +206,20 @@ def test_rerun_after_the_last_epoch_rewrites_outputs_dvc_removed(workdir, monkey
     assert json.loads((workdir / "metrics/teacher_train.json").read_text())["epoch"] == 2
 
 
+@pytest.mark.parametrize("method", ["crdnd", "gacd"])
+def test_reconstructed_baselines_train_through_the_distill_stage(workdir, method, capsys):
+    from stages import distill
+
+    distill.run(["--method", method, "--out-dir", f"recon/{method}"])
+    assert load_checkpoint(workdir / f"recon/{method}/{method}.pt").checkpoint_meta["method"] == method
+    history = (workdir / f"recon/{method}/{method}_history.csv").read_text().splitlines()
+    assert len(history) == 3 and "contrast" in history[0]
+    assert "optimiser shared (distill.optim)" in capsys.readouterr().out
+    state = torch.load(workdir / f"recon/{method}/checkpoint/state.pt", weights_only=True)
+    if method == "gacd":   # heads and memory bank resume with the run
+        assert "state.memory.memory_v1" in state["objective"] and "state.embed_s.linear.weight" in state["objective"]
+
+
 @pytest.mark.slow
 def test_stages_under_torchrun_write_once_and_match_the_single_process_evaluation(workdir):
     """run.nproc_per_node: 2 -> stages.launch starts torchrun (gloo); rank 0 alone writes."""
@@ -231,6 +245,10 @@ def test_stages_under_torchrun_write_once_and_match_the_single_process_evaluatio
     assert "launching: " in out and "--nproc_per_node=2" in out, out[-3000:]
     assert load_checkpoint(workdir / "ddp/rslad.pt").checkpoint_meta["method"] == "rslad"
     assert len((workdir / "ddp/rslad_history.csv").read_text().splitlines()) == 3
+
+    # GACD's memory bank and heads under torchrun: every rank applies the global batch's rows
+    launch("distill", "--method", "gacd", "--out-dir", "ddp_gacd")
+    assert load_checkpoint(workdir / "ddp_gacd/gacd.pt").checkpoint_meta["method"] == "gacd"
 
     launch("evaluate", "--model", "models/student.pt", "--out", "ddp/student_eval.json")
     single = json.loads((workdir / "metrics/evaluate/student.json").read_text())

@@ -32,7 +32,7 @@ from .registry import Method, Schedule, register
 
 @dataclass
 class DarwinConfig:
-    """DARWIN's objective (SPEC.md, "DARWIN"). Units: eps and step_size in [0, 1] pixels."""
+    """DARWIN's objective (docs/methods.md, "DARWIN"). Units: eps and step_size in [0, 1] pixels."""
 
     eps: float = EPS                      # L-inf radius
     step_size: float = ALPHA              # alpha, per attack step
@@ -163,7 +163,7 @@ def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torc
                 x_pair: torch.Tensor | None, y_pair: torch.Tensor | None, config: DarwinConfig,
                 generator: torch.Generator | None = None, autocast=contextlib.nullcontext
                 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """L = L_ARKD + lambda_iakd L_IAKD + lambda_dbkd L_DBKD (SPEC.md), returning (loss, parts).
+    """L = L_ARKD + lambda_iakd L_IAKD + lambda_dbkd L_DBKD (docs/methods.md), returning (loss, parts).
 
     ``x_pair``/``y_pair`` are the partners (a different class each); they may be None when
     DBKD is off. Parts: 'arkd', 'iakd', 'dbkd' (unweighted module values).

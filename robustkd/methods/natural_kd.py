@@ -7,6 +7,7 @@ from dataclasses import dataclass
 
 from ..attacks import kl_per_sample
 from .common import teacher_logits
+from .ard import ARD_SCHEDULE
 from .registry import Method, register
 
 
@@ -25,4 +26,4 @@ def natural_kd_loss(student, teacher, batch, cfg: NaturalKdConfig, step):
 register(Method(name="natural_kd", config=NaturalKdConfig, loss=natural_kd_loss, role="student",
                 summary="clean knowledge distillation (non-robust reference)",
                 source="Hinton et al. 2015, 'Distilling the knowledge in a neural network'",
-                uses_labels=False))
+                uses_labels=False, schedules={"cifar10": ARD_SCHEDULE, "cifar100": ARD_SCHEDULE}))

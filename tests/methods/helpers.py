@@ -7,8 +7,9 @@ import torch
 from ..conftest import FixedLinear
 
 
-def kl(p, q):
-    return sum(pi * (math.log(pi) - math.log(qi)) for pi, qi in zip(p, q))
+def kl(p, q, log_eps=0.0):
+    """KL(p || q); ``log_eps`` inside the first log as RSLAD's official kl_loss."""
+    return sum(pi * (math.log(pi + log_eps) - math.log(qi)) for pi, qi in zip(p, q))
 
 
 def softmax(z):

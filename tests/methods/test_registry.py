@@ -54,7 +54,8 @@ def test_attack_settings_in_pixel_units_with_a_hint(name):
 
 def test_official_schedules_and_dataset_branches():
     assert get_method("rslad").schedules["cifar10"].epochs == 300
-    assert get_method("ard").schedules["cifar10"].milestones == (100, 150)
+    assert get_method("ard").schedules["cifar10"].milestones == (100,)      # the coded single decay
+    assert get_method("rslad").schedules["cifar10"].milestones == (215, 260, 285)
     assert get_method("adaad").schedules["cifar10"].weight_decay == 5e-4
     assert create_objective("rslad", dataset="cifar100").config.kl_scale == 10.0
     assert create_objective("rslad", {"kl_scale": 1.0}, dataset="cifar100").config.kl_scale == 1.0
