@@ -64,7 +64,7 @@ def adaad_loss(student, teacher, batch, cfg: AdaadConfig, step):
 
 
 ADAAD_SCHEDULE = Schedule(epochs=200, lr=0.1, weight_decay=5e-4, milestones=(100, 150),
-                          source="AdaAD official: wd 5e-4, 200 epochs")
+                          source="AdaAD official main.py: 0.1, 0.01 from 100, 0.001 from 150, wd 5e-4")
 
 register(Method(
     name="adaad", config=AdaadConfig, loss=adaad_loss, role="student",
