@@ -5,6 +5,7 @@ flags the result and keeps every figure measured."""
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 import torch.nn as nn
@@ -328,3 +329,68 @@ def test_bad_settings_are_input_errors():
         EvalConfig(attacks=["natural", "fgsm"])
     with pytest.raises(InputError):
         EvalConfig(sweep_eps=[0.0, 8 / 255, 4 / 255])
+
+
+# ----------------------------------------------------------------------------- the stage
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    """A prepared 10-image test set, an untrained checkpoint and a tiny params.yaml."""
+    from robustkd.data import ImageSet
+    from robustkd.models import create_model, save_checkpoint
+    from stages.common import save_imageset
+
+    from .stage_fixtures import tiny_params, write_params
+
+    g = torch.Generator().manual_seed(0)
+    test = ImageSet(torch.randint(0, 256, (20, 3, 32, 32), generator=g, dtype=torch.uint8),
+                    torch.arange(20) % C, [f"c{i}" for i in range(C)])
+    save_imageset(test, tmp_path / "data/prepared/test.npz")
+    torch.manual_seed(0)
+    save_checkpoint(create_model("resnet10_w8"), tmp_path / "model.pt", method="test")
+    params = tiny_params(str(tmp_path / "raw"))
+    params["evaluate"]["config"].update(attacks=["natural", "pgd20"], pgd_steps=2, masking_images=4,
+                                        unbounded_steps=5, sweep_steps=2)
+    write_params(tmp_path / "params.yaml", params)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROBUSTKD_TRACKING", "off")
+    return tmp_path, params
+
+
+def _outside(model, cfg):
+    def attack(xb, yb, first):
+        xa = (xb + 2 * cfg.eps).clamp(0, 1)
+        with torch.no_grad():
+            return xa, model(xa).argmax(1)
+    return attack
+
+
+def test_stage_writes_a_flagged_result_and_continues(stage_dir, monkeypatch, capsys):
+    from stages import evaluate
+
+    tmp, _ = stage_dir
+    with_broken(monkeypatch, "pgd20", _outside)
+    evaluate.run(["--model", "model.pt", "--out", "out/model.json"])
+    m = json.loads((tmp / "out/model.json").read_text())
+    info = json.loads((tmp / "out/model_info.json").read_text())
+    assert m["flagged"] == 1 and m["checks"]["pgd20"]["linf"] == 0 and m["accuracy"]["pgd20"]["total"] == 10
+    assert "pgd20/linf" in info["failed_checks"] and "outside the ball" in info["checks"]["pgd20/linf"]["detail"]
+    assert info["subset"]["per_class"] == 1 and info["method"] == "test"
+    assert "flagged" in capsys.readouterr().err
+
+
+def test_stage_with_fail_on_check_writes_then_exits_1(stage_dir, monkeypatch, capsys):
+    from stages import evaluate
+
+    from .stage_fixtures import write_params
+
+    tmp, params = stage_dir
+    params["evaluate"]["config"]["fail_on_check"] = True
+    write_params(tmp / "params.yaml", params)
+    with_broken(monkeypatch, "pgd20", _outside)
+    with pytest.raises(SystemExit) as err:
+        evaluate.run(["--model", "model.pt", "--out", "out/model.json"])
+    assert err.value.code == 1
+    assert json.loads((tmp / "out/model.json").read_text())["flagged"] == 1
+    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    assert len(lines) == 1 and "model.pt" in lines[0]
+    assert np.load(tmp / "out/model_per_image.npz", allow_pickle=False)["pgd20"].shape == (10,)
