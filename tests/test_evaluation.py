@@ -394,3 +394,39 @@ def test_stage_with_fail_on_check_writes_then_exits_1(stage_dir, monkeypatch, ca
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "model.pt" in lines[0]
     assert np.load(tmp / "out/model_per_image.npz", allow_pickle=False)["pgd20"].shape == (10,)
+
+
+def _written(tmp, name, correct: dict, flagged=0):
+    """A results trio as the stage writes it, for the readers' tests."""
+    from stages.common import save_arrays, write_json
+    from stages.evaluate import info_path, per_image_path
+
+    from robustkd.stats import accuracy_record
+
+    path = tmp / f"{name}.json"
+    n = len(next(iter(correct.values())))
+    write_json({"num_images": n, "flagged": flagged, **{k: accuracy_record(sum(v), n)["percent"] for k, v in correct.items()},
+                "accuracy": {k: accuracy_record(sum(v), n) for k, v in correct.items()}}, path)
+    write_json({"arch": "tiny", "method": name, "subset": {"description": "first 1 per class", "images_sha256": "ab" * 32},
+                "checks": {"pgd20/linf": {"passed": not flagged, "detail": "because"}},
+                "failed_checks": ["pgd20/linf"] if flagged else []}, info_path(path))
+    save_arrays(per_image_path(path), index=np.arange(n), **{k: np.array(v, np.uint8) for k, v in correct.items()})
+    return path
+
+
+def test_tables_show_intervals_flags_and_mcnemar(tmp_path):
+    from stages.compare_table import table_text
+    from stages.evaluate import read_evaluation
+    from stages.report import checks_lines, markdown_to_html_table, paired_lines
+
+    a = _written(tmp_path, "a", {"natural": [1] * 8 + [0] * 2, "pgd20": [1] * 6 + [0] * 4})
+    b = _written(tmp_path, "b", {"natural": [1] * 2 + [0] * 8, "pgd20": [0] * 10}, flagged=1)
+    rows = [("a", read_evaluation(a)), ("b", read_evaluation(b))]
+    paired = paired_lines({"a": a, "b": b}, [("b", "a")])
+    assert "| b vs a | Natural | 0 | 6 | 0.0312 |" in paired      # 2 / 2^6
+    text = table_text(rows, paired)
+    assert "| a | 80.00 [49.0, 94.3] | 60.00 [31.3, 83.2] | - | - | - | passed |" in text
+    assert "| b |" in text and "FLAGGED" in text and "abababababababab" in text
+    assert checks_lines(rows)[1:] == ["- b: FLAGGED, 1 check(s) failed", "  - pgd20/linf: because"]
+    page = markdown_to_html_table(text)
+    assert page.count("<table>") == 2 and page.count("</table>") == 2 and "<p>Exact McNemar" in page
