@@ -416,12 +416,14 @@ def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size
         return {}
     starts = batch_starts(len(x), cfg.batch_size, rank, world_size)
     out = {}
-    steps = cfg.unbounded_steps
-    out["unbounded"] = measure(pgd_attack(model, cfg, device, cfg.unbounded_eps, 2.5 * cfg.unbounded_eps / max(steps, 1),
-                                          steps, start=None), "unbounded", x, y, starts, cfg, device, None)
+
+    def pgd_from_x(eps: float, steps: int) -> AttackFn:
+        return pgd_attack(model, cfg, device, eps, 2.5 * eps / max(steps, 1), steps, start=None)
+
+    out["unbounded"] = measure(pgd_from_x(cfg.unbounded_eps, cfg.unbounded_steps), "unbounded", x, y, starts, cfg,
+                               device, None)
     for eps in cfg.sweep_eps:
-        attack = (make_attack("natural", model, cfg, device) if eps == 0 else
-                  pgd_attack(model, cfg, device, eps, 2.5 * eps / max(cfg.sweep_steps, 1), cfg.sweep_steps, start=None))
+        attack = make_attack("natural", model, cfg, device) if eps == 0 else pgd_from_x(eps, cfg.sweep_steps)
         out[sweep_key(eps)] = measure(attack, sweep_key(eps), x, y, starts, cfg, device, None)
     return out
 
@@ -431,7 +433,8 @@ def sweep_key(eps: float) -> str:
     return f"sweep_{eps * 255:g}"
 
 
-def _assemble(measured: dict, masking: dict, messages: list[str], cfg: EvalConfig, num_classes: int) -> EvaluationResult:
+def _assemble(measured: dict, masking: dict, messages: list[str], cfg: EvalConfig,
+              num_classes: int) -> EvaluationResult:
     natural = measured["natural"]["own"]
     own = {name: m["own"] for name, m in measured.items()}
     correct = {name: own[name] & natural for name in cfg.attacks}  # wrong naturally: wrong under attack

@@ -152,7 +152,8 @@ def main(args) -> None:
 def build_parser():
     p = parser(__doc__)
     p.add_argument("--model", help="evaluate this checkpoint only (with --out)")
-    p.add_argument("--out", help="numeric results JSON written for --model (its _info.json and _per_image.npz beside it)")
+    p.add_argument("--out", help="numeric results JSON written for --model (_info.json and _per_image.npz "
+                                 "beside it)")
     p.add_argument("--attacks", nargs="*", help="attacks for --model (default: evaluate.config.attacks)")
     return p
 

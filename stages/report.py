@@ -58,7 +58,8 @@ def paired_lines(paths: dict[str, Path], pairs: list[tuple[str, str]]) -> list[s
         for key, label in TABLE_COLUMNS:
             if key in pa and key in pb:
                 only_a, only_b = discordant_pairs(pa[key], pb[key])
-                lines.append(f"| {a} vs {b} | {label} | {only_a} | {only_b} | {mcnemar_exact_counts(only_a, only_b):.3g} |")
+                p = mcnemar_exact_counts(only_a, only_b)
+                lines.append(f"| {a} vs {b} | {label} | {only_a} | {only_b} | {p:.3g} |")
     if not lines:
         return []
     return ["| pair | attack | right only for the first | right only for the second | exact McNemar p |",

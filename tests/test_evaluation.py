@@ -405,9 +405,11 @@ def _written(tmp, name, correct: dict, flagged=0):
 
     path = tmp / f"{name}.json"
     n = len(next(iter(correct.values())))
-    write_json({"num_images": n, "flagged": flagged, **{k: accuracy_record(sum(v), n)["percent"] for k, v in correct.items()},
-                "accuracy": {k: accuracy_record(sum(v), n) for k, v in correct.items()}}, path)
-    write_json({"arch": "tiny", "method": name, "subset": {"description": "first 1 per class", "images_sha256": "ab" * 32},
+    records = {k: accuracy_record(sum(v), n) for k, v in correct.items()}
+    write_json({"num_images": n, "flagged": flagged, **{k: r["percent"] for k, r in records.items()},
+                "accuracy": records}, path)
+    write_json({"arch": "tiny", "method": name,
+                "subset": {"description": "first 1 per class", "images_sha256": "ab" * 32},
                 "checks": {"pgd20/linf": {"passed": not flagged, "detail": "because"}},
                 "failed_checks": ["pgd20/linf"] if flagged else []}, info_path(path))
     save_arrays(per_image_path(path), index=np.arange(n), **{k: np.array(v, np.uint8) for k, v in correct.items()})
