@@ -1,7 +1,8 @@
 """The MLflow model registry of ONNX students: register, promote, compare.
 
 ``python -m pipeline.registry register`` registers ``models/student.onnx`` (MLflow's ONNX flavour)
-with tags for method, student, teacher, dataset and each attack's accuracy, then decides its alias:
+with tags for method, student, teacher, dataset, each attack's accuracy and its 95% Wilson interval,
+the evaluated subset's hash and whether the evaluation was flagged, then decides its alias:
 
 - ``champion`` moves to the new version only if its AutoAttack accuracy is at least the current
   champion's and its natural accuracy is within ``registry.natural_tolerance`` percentage points of
@@ -17,11 +18,11 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
+from stages.evaluate import read_evaluation
 from stages.params import load_params
 from stages.report import ATTACK_COLUMNS
 from stages.tracking import MLFLOW_ENV, git_commit, keep_environment, setup_mlflow
@@ -127,8 +128,15 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
     return version, decision
 
 
+def interval_tags(metrics: dict) -> dict:
+    """{"<attack>_ci95": "[low, high]"}: each accuracy's 95% Wilson interval, in percent."""
+    records = metrics.get("accuracy") or {}
+    return {f"{k}_ci95": f"[{records[k]['ci95_low']:.2f}, {records[k]['ci95_high']:.2f}]"
+            for k, _ in ATTACK_COLUMNS if k in records}
+
+
 def workspace_metadata(root: Path) -> tuple[dict, dict]:
-    """(accuracies, tags) of the pipeline's student from its metrics files and ONNX metadata."""
+    """(accuracies, tags) of the pipeline's student from its evaluation results and ONNX metadata."""
     import onnx
 
     onnx_path = root / "models/student.onnx"
@@ -136,13 +144,16 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
     for p in (onnx_path, eval_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} missing: run the pipeline (make run / dvc repro) first")
-    metrics = json.loads(eval_path.read_text())
+    metrics = read_evaluation(eval_path)
+    info = metrics["info"]
+    subset = info.get("subset", {})
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     params = load_params(root / "params.yaml")
-    tags = {"method": props.get("method", metrics.get("method")), "student": props.get("arch", metrics.get("arch")),
+    tags = {"method": props.get("method", info.get("method")), "student": props.get("arch", info.get("arch")),
             "teacher": props.get("teacher_arch"), "dataset": props.get("dataset", params.data.source),
             "profile": params.profile, "eval_images": metrics.get("num_images"),
-            "eval_subset": metrics.get("subset"), "git_commit": git_commit(root)}
+            "eval_subset": subset.get("description"), "eval_images_sha256": subset.get("images_sha256"),
+            "eval_flagged": metrics.get("flagged", 0), **interval_tags(metrics), "git_commit": git_commit(root)}
     return {k: metrics.get(k) for k, _ in ATTACK_COLUMNS}, tags
 
 
@@ -155,6 +166,12 @@ def register_workspace(root: Path = Path("."), parent_run_id: str | None = None,
                          params.registry.natural_tolerance, parent_run_id=parent_run_id, log=log)
 
 
+def _shown(tags: dict, key: str) -> str:
+    """"52.26 [42.41, 61.94]" when the version has the interval, else the accuracy alone."""
+    value = tags.get(key, "-")
+    return f"{value} {tags[key + '_ci95']}" if key + "_ci95" in tags else value
+
+
 def students_table(model_name: str) -> str:
     """Registered versions side by side (newest first), as a Markdown table."""
     import mlflow
@@ -165,12 +182,14 @@ def students_table(model_name: str) -> str:
     if versions:  # search results leave aliases empty: take them from the registered model
         for alias, version in client.get_registered_model(model_name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-    header = ["version", "aliases", "method", "student", "teacher", "dataset"] + [l for _, l in ATTACK_COLUMNS]
+    header = (["version", "aliases", "method", "student", "teacher", "dataset"] + [l for _, l in ATTACK_COLUMNS]
+              + ["flagged"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in versions:
         t = v.tags
         cells = [v.version, ",".join(aliases.get(str(v.version), [])) or "-", t.get("method", "-"), t.get("student", "-"),
-                 t.get("teacher", "-"), t.get("dataset", "-")] + [t.get(k, "-") for k, _ in ATTACK_COLUMNS]
+                 t.get("teacher", "-"), t.get("dataset", "-")] + [_shown(t, k) for k, _ in ATTACK_COLUMNS] \
+            + [t.get("eval_flagged", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

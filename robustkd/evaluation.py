@@ -1,29 +1,60 @@
 """Robustness evaluation (SPEC.md, "Evaluation protocol"): natural accuracy, PGD-20, CW-inf
-and AutoAttack (standard, from ``pyautoattack``), each with the protocol's checks.
+and AutoAttack (standard, from ``pyautoattack``), with the protocol's checks.
 
 Results are per image (a bool "still correct" vector), so a sharded evaluation can gather
-them and sum exactly to a single-process run on the same images.
+them and sum exactly to a single-process run on the same images, and two models evaluated on
+the same images can be compared image by image (McNemar, robustkd/stats.py).
+
+The checks are the protocol's, and each can fail (tests/test_evaluation.py feeds each one a
+broken attack or a gradient-masked model):
+
+- perturbation: ``|x_adv - x|_inf <= eps + 1e-6`` and ``x_adv`` in [0, 1], per image;
+- recomputed: the predictions on the returned ``x_adv`` by a *separate* eval-mode copy of the
+  model (loaded again from disk by the stage, else a deep copy made before any attack) equal
+  the attack's own;
+- not above natural: no image wrong without attack is right under an attack (the attack then
+  returned a point worse than ``x`` itself); reported figures count such images as wrong, and
+  the per-image worst case over all attacks is reported;
+- gradient masking (Carlini et al. 2019, "On evaluating adversarial robustness", section 5;
+  Athalye et al. 2018): an unbounded attack drives accuracy to about chance or below, and
+  accuracy does not rise along an eps sweep;
+- AutoAttack's own warnings (logged by pyautoattack, e.g. Square succeeding where the
+  white-box attacks did not, or points with zero gradient) are recorded.
+
+A failed check does not raise: the result carries every figure it measured and the failed
+checks, with the reason, and is *flagged*; the caller decides whether that stops a pipeline.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import logging
+from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn as nn
 
 from . import attacks
 from .errors import InputError
+from .stats import accuracy_record, percent
 from .utils import make_generator, progress
 
 ATTACKS = ("natural", "pgd20", "cw", "autoattack")
+WORST_CASE = "worst_case"
+AUTOATTACK_LOGGER = "auto-attack"   # the logger pyautoattack writes its checks' warnings to
+LINF_SLACK = 1e-6                   # float rounding allowed above eps, in [0, 1] pixel units
+
+AttackFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
+"""(x batch, y batch, index of the batch's first image) -> (x_adv, the attack's predictions)."""
 
 
 @dataclass
 class EvalConfig:
-    """Evaluation settings; units of eps and step sizes are [0, 1] pixels."""
+    """Evaluation settings. eps and step sizes are in [0, 1] pixel units; accuracy thresholds
+    and tolerances in percentage points."""
 
     eps: float = 8 / 255
     pgd_steps: int = 20
@@ -35,33 +66,69 @@ class EvalConfig:
     attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
     batch_size: int = 256
     seed: int = 0
-    checks: bool = True            # the protocol's checks on every evaluation
-    check_eps0_steps: int = 2      # steps of the "PGD with eps = 0 equals natural" check
+    checks: bool = True                # the protocol's checks on every evaluation
+    fail_on_check: bool = False        # the stage exits non-zero (after writing its results) on a failed check
+    # gradient-masking checks, on the first `masking_images` images of the evaluated subset
+    masking_images: int = 50           # images (the first of the subset): chance-level needs a few dozen
+    unbounded_eps: float = 1.0         # "unbounded": the whole [0, 1] cube
+    unbounded_steps: int = 100
+    unbounded_margin: float = 5.0      # accuracy allowed above chance (100 / classes) under the unbounded attack
+    sweep_eps: list[float] = field(default_factory=lambda: [0.0, 2 / 255, 4 / 255, 8 / 255, 16 / 255])
+    sweep_steps: int = 20
+    sweep_tolerance: float = 2.0       # accuracy allowed to rise along the sweep (noise of small subsets)
 
     def __post_init__(self):
         unknown = sorted(set(self.attacks) - set(ATTACKS))
         if unknown:
             raise InputError(f"evaluation.attacks: unknown attack(s) {unknown}; expected a subset of {list(ATTACKS)}")
+        if self.masking_images < 0 or self.unbounded_steps < 0 or self.sweep_steps < 0:
+            raise InputError("evaluation: masking_images, unbounded_steps and sweep_steps must be >= 0")
+        if any(e < 0 for e in self.sweep_eps) or list(self.sweep_eps) != sorted(self.sweep_eps):
+            raise InputError(f"evaluation.sweep_eps must be increasing and >= 0, found {self.sweep_eps}")
 
 
-class EvaluationCheckError(AssertionError):
-    """An evaluation broke one of the protocol's checks: its figure must not be reported."""
+@dataclass
+class Check:
+    """One check's verdict and, either way, what it measured."""
+
+    passed: bool
+    detail: str
 
 
+@dataclass
+class EvaluationResult:
+    """Per-image outcomes, the checks and what the gradient-masking checks measured.
+
+    ``correct``: the reported outcome per attack (natural included): an image wrong without
+    attack counts as wrong under every attack. ``own``: each attack's own per-image figure, as
+    it returned it. ``worst_case``: right under every evaluated attack (None with natural alone).
+    ``masking``: the unbounded attack's and the sweep's per-image outcomes on the first images.
+    """
+
+    correct: dict[str, torch.Tensor]
+    own: dict[str, torch.Tensor] = field(default_factory=dict)
+    worst_case: torch.Tensor | None = None
+    checks: dict[str, Check] = field(default_factory=dict)
+    masking: dict[str, torch.Tensor] = field(default_factory=dict)
+    autoattack_warnings: list[str] = field(default_factory=list)
+    num_classes: int = 0
+
+    @property
+    def failed(self) -> list[str]:
+        return [name for name, c in self.checks.items() if not c.passed]
+
+    @property
+    def flagged(self) -> bool:
+        return bool(self.failed)
+
+
+# ----------------------------------------------------------------------------- batching
 def predict(model: nn.Module, x: torch.Tensor, batch_size: int, device) -> torch.Tensor:
     preds = []
     with torch.no_grad():
         for i in range(0, len(x), batch_size):
             preds.append(model(x[i:i + batch_size].to(device)).argmax(1).cpu())
     return torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
-
-
-def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: str) -> None:
-    dist = (x_adv - x).abs().amax().item() if len(x) else 0.0
-    if dist > eps + 1e-6:
-        raise EvaluationCheckError(f"{name}: |x_adv - x|_inf = {dist:.6g} exceeds eps {eps:.6g}")
-    if len(x) and (x_adv.min() < 0 or x_adv.max() > 1):
-        raise EvaluationCheckError(f"{name}: x_adv leaves [0, 1] ({x_adv.min().item()}, {x_adv.max().item()})")
 
 
 def batch_starts(n: int, batch_size: int, rank: int = 0, world_size: int = 1) -> list[int]:
@@ -78,14 +145,14 @@ def _batch_seed(seed: int, start: int) -> int:
     return seed * 1_000_003 + start
 
 
-def _batched_attack(attack: Callable, x, y, starts: list[int], batch_size, device, desc):
-    """Run ``attack(xb, yb, batch_seed)`` on each batch of ``starts``; returns (x_adv, pred)."""
+def _batched_attack(attack: AttackFn, x, y, starts: list[int], batch_size, device, desc):
+    """Run ``attack(xb, yb, batch_start)`` on each batch of ``starts``; returns (x_adv, pred)."""
     outs, preds = [], []
     for i in progress(starts, total=len(starts), desc=desc):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
         xa, pa = attack(xb, yb, i)
-        outs.append(xa.cpu())
-        preds.append(pa.cpu())
+        outs.append(xa.detach().cpu())
+        preds.append(pa.detach().cpu())
     if not outs:
         return x[:0].clone(), torch.empty(0, dtype=torch.long)
     return torch.cat(outs), torch.cat(preds)
@@ -97,48 +164,51 @@ def _select(t: torch.Tensor, starts: list[int], batch_size: int) -> torch.Tensor
     return torch.cat([t[i:i + batch_size] for i in starts])
 
 
-def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, cfg: EvalConfig,
-               device, starts: list[int] | None = None) -> torch.Tensor:
-    """Per-image correctness under attack ``name`` on the batches ``starts`` (default: all),
-    after the protocol's checks; in the order of ``starts``."""
-    model.eval()
-    bs = cfg.batch_size
-    starts = batch_starts(len(x), bs) if starts is None else starts
-    x_mine, y_mine = _select(x, starts, bs), _select(y, starts, bs)
+# ----------------------------------------------------------------------------- attacks
+def pgd_attack(model: nn.Module, cfg: EvalConfig, device, eps: float, alpha: float, steps: int,
+               start: str | None = "uniform") -> AttackFn:
+    """PGD on the cross-entropy; each batch's random start seeded by the batch's index."""
+    def attack(xb, yb, first):
+        gen = make_generator(_batch_seed(cfg.seed, first), device)
+        xa = attacks.pgd_ce(model, xb, yb, eps=eps, alpha=alpha, steps=steps, start=start, generator=gen)
+        with torch.no_grad():
+            return xa, model(xa).argmax(1)
+    return attack
+
+
+def cw_attack(model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
+    def attack(xb, yb, first):
+        gen = make_generator(_batch_seed(cfg.seed, first), device)
+        xa = attacks.cw_inf(model, xb, yb, eps=cfg.eps, alpha=cfg.cw_step_size, steps=cfg.cw_steps,
+                            kappa=cfg.cw_kappa, start="uniform", generator=gen)
+        with torch.no_grad():
+            return xa, model(xa).argmax(1)
+    return attack
+
+
+def autoattack_attack(model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
+    adversary = _autoattack_adversary(model, cfg, device)
+
+    def attack(xb, yb, first):
+        # one call per batch, seeded at each call: a batch's result depends on it alone
+        return adversary.run_standard_evaluation(xb, yb, batch_size=len(xb))
+    return attack
+
+
+def make_attack(name: str, model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
+    """The protocol's attack ``name`` ("natural" leaves the images as they are)."""
     if name == "natural":
-        return predict(model, x_mine, bs, device) == y_mine
-
-    if name in ("pgd20", "cw"):
-        def attack(xb, yb, start):
-            gen = make_generator(_batch_seed(cfg.seed, start), device)
-            if name == "pgd20":
-                xa = attacks.pgd_ce(model, xb, yb, eps=cfg.eps, alpha=cfg.pgd_step_size,
-                                    steps=cfg.pgd_steps, start="uniform", generator=gen)
-            else:
-                xa = attacks.cw_inf(model, xb, yb, eps=cfg.eps, alpha=cfg.cw_step_size,
-                                    steps=cfg.cw_steps, kappa=cfg.cw_kappa, start="uniform", generator=gen)
+        def natural(xb, yb, first):
             with torch.no_grad():
-                return xa, model(xa).argmax(1)
-    elif name == "autoattack":
-        adversary = _autoattack_adversary(model, cfg, device)
-
-        def attack(xb, yb, start):
-            # one call per batch, seeded at each call: a batch's result depends on it alone
-            xa, ya = adversary.run_standard_evaluation(xb, yb, batch_size=len(xb))
-            return xa.detach(), ya.detach()
-    else:
-        raise InputError(f"unknown attack {name!r}; expected one of {list(ATTACKS)}")
-
-    x_adv, pred = _batched_attack(attack, x, y, starts, bs, device, name)
-    correct = pred == y_mine
-    if cfg.checks:
-        check_adversarial(x_adv, x_mine, cfg.eps, name)
-        recomputed = predict(model, x_adv, bs, device) == y_mine
-        if not torch.equal(recomputed, correct):
-            raise EvaluationCheckError(f"{name}: accuracy recomputed from x_adv "
-                                       f"({recomputed.float().mean():.4f}) differs from the attack's "
-                                       f"own figure ({correct.float().mean():.4f})")
-    return correct
+                return xb, model(xb).argmax(1)
+        return natural
+    if name == "pgd20":
+        return pgd_attack(model, cfg, device, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps)
+    if name == "cw":
+        return cw_attack(model, cfg, device)
+    if name == "autoattack":
+        return autoattack_attack(model, cfg, device)
+    raise InputError(f"unknown attack {name!r}; expected one of {list(ATTACKS)}")
 
 
 def _autoattack_adversary(model, cfg: EvalConfig, device):
@@ -146,76 +216,354 @@ def _autoattack_adversary(model, cfg: EvalConfig, device):
         from pyautoattack import AutoAttack
     except ImportError as exc:  # pragma: no cover - installed with the pipeline extra
         raise InputError("AutoAttack needs the 'pyautoattack' package (pip install pyautoattack==0.2.0)") from exc
-    logging.getLogger("auto-attack").setLevel(logging.INFO)
+    logging.getLogger(AUTOATTACK_LOGGER).setLevel(logging.INFO)
     return AutoAttack(model, norm="Linf", eps=cfg.eps, version=cfg.autoattack_version, device=device,
                       seed=cfg.seed)
 
 
-def check_eps0_equals_natural(model, x, y, cfg: EvalConfig, device, natural: torch.Tensor,
-                              starts: list[int] | None = None) -> None:
-    """PGD with eps = 0 must leave every prediction, hence the accuracy, as natural."""
+class _Collect(logging.Handler):
+    def __init__(self):
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(record.getMessage())
+
+
+@contextmanager
+def captured_warnings(logger_name: str = AUTOATTACK_LOGGER) -> Iterator[list[str]]:
+    """The WARNING-and-above messages ``logger_name`` emits inside the block (pyautoattack
+    reports its own checks this way, and only this way, when it has a logger)."""
+    handler = _Collect()
+    logger = logging.getLogger(logger_name)
+    logger.addHandler(handler)
+    try:
+        yield handler.messages
+    finally:
+        logger.removeHandler(handler)
+
+
+def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, cfg: EvalConfig,
+               device, starts: list[int] | None = None) -> torch.Tensor:
+    """The attack's own per-image correctness under ``name`` on the batches ``starts``
+    (default: all), in the order of ``starts``; no checks (benchmarks time the attack alone)."""
+    model.eval()
+    starts = batch_starts(len(x), cfg.batch_size) if starts is None else starts
+    _, pred = _batched_attack(make_attack(name, model, cfg, device), x, y, starts, cfg.batch_size, device, name)
+    return pred == _select(y, starts, cfg.batch_size)
+
+
+# ----------------------------------------------------------------------------- measuring
+def perturbation_stats(x_adv: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per image: ``|x_adv - x|_inf`` and whether ``x_adv`` lies in [0, 1] (NaN does not)."""
+    if len(x) == 0:
+        return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+    if x_adv.shape != x.shape:
+        raise InputError(f"an attack returned x_adv of shape {tuple(x_adv.shape)} for images {tuple(x.shape)}")
+    diff = (x_adv.float() - x.float()).abs().flatten(1)
+    linf = torch.where(diff.isnan().any(1), torch.full_like(diff[:, 0], float("inf")), diff.amax(1))
+    flat = x_adv.flatten(1)
+    in_range = ((flat >= 0) & (flat <= 1)).all(1)
+    return linf, in_range
+
+
+def measure(attack: AttackFn, name: str, x, y, starts: list[int], cfg: EvalConfig, device,
+            reference: nn.Module | None) -> dict[str, torch.Tensor]:
+    """Per-image figures of one attack on the batches ``starts``: the attack's own correctness
+    ("own"), and with a ``reference`` model the recomputed correctness, |x_adv - x|_inf and
+    whether x_adv is in [0, 1]."""
     bs = cfg.batch_size
-    starts = batch_starts(len(x), bs) if starts is None else starts
-
-    def attack(xb, yb, start):
-        gen = make_generator(_batch_seed(cfg.seed, start), device)
-        xa = attacks.pgd_ce(model, xb, yb, eps=0.0, alpha=cfg.pgd_step_size, steps=cfg.check_eps0_steps,
-                            start="uniform", generator=gen)
-        with torch.no_grad():
-            return xa, model(xa).argmax(1)
-
-    _, pred = _batched_attack(attack, x, y, starts, bs, device, "pgd-eps0-check")
-    if not torch.equal(pred == _select(y, starts, bs), natural):
-        raise EvaluationCheckError(f"PGD with eps=0 gives accuracy {(pred == _select(y, starts, bs)).float().mean():.4f}, "
-                                   f"natural is {natural.float().mean():.4f}")
-
-
-def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
-                   device, log: Callable[[str], None] = print, rank: int = 0,
-                   world_size: int = 1) -> dict[str, torch.Tensor]:
-    """Per-image correctness for each configured attack on (x, y), with all checks.
-
-    With ``world_size`` > 1 (an initialised process group), each rank attacks its share of
-    whole batches and the per-image results are gathered: every rank returns the full vectors,
-    equal to a single-process run on the same images.
-    """
-    model = model.to(device).eval()
-    starts = batch_starts(len(x), cfg.batch_size, rank, world_size)
-    results: dict[str, torch.Tensor] = {}
-    for name in cfg.attacks:
-        results[name] = run_attack(model, x, y, name, cfg, device, starts)
-    if cfg.checks and "natural" in results:
-        check_eps0_equals_natural(model, x, y, cfg, device, results["natural"], starts)
-    if world_size > 1:
-        results = _gather(results, len(x), cfg.batch_size, world_size)
-    for name, correct in results.items():
-        log(f"{name}: {100 * correct.float().mean().item():.2f}% of {len(y)} images")
-    return results
-
-
-def _gather(local: dict[str, torch.Tensor], n: int, batch_size: int, world_size: int) -> dict[str, torch.Tensor]:
-    from .distributed import all_gather_objects
-
-    gathered = all_gather_objects({k: v.tolist() for k, v in local.items()})
-    rank_images = [torch.cat([torch.arange(i, min(i + batch_size, n))
-                              for i in batch_starts(n, batch_size, rank, world_size)]
-                             or [torch.empty(0, dtype=torch.long)]) for rank in range(world_size)]
-    out = {}
-    for name in local:
-        full = torch.zeros(n, dtype=torch.bool)
-        for idx, part in zip(rank_images, gathered):
-            full[idx] = torch.tensor(part[name], dtype=torch.bool)
-        out[name] = full
+    x_adv, pred = _batched_attack(attack, x, y, starts, bs, device, name)
+    x_mine, y_mine = _select(x, starts, bs), _select(y, starts, bs)
+    out = {"own": pred == y_mine}
+    if reference is not None:
+        linf, in_range = perturbation_stats(x_adv, x_mine)
+        out.update(recomputed=predict(reference, x_adv, bs, device) == y_mine, linf=linf, in_range=in_range)
     return out
 
 
-def summarize(results: dict[str, torch.Tensor], labels: torch.Tensor, num_classes: int) -> dict:
-    """Accuracy in percent per attack, plus per-class accuracy per attack."""
-    out = {"num_images": int(len(labels))}
-    for name, correct in results.items():
-        out[name] = 100.0 * correct.float().mean().item() if len(correct) else float("nan")
+def separate_copy(model: nn.Module) -> nn.Module:
+    """An eval-mode deep copy made before any attack, when no copy loaded from disk is given:
+    whatever an attack does to the model it attacks (modes, buffers, weights) cannot reach it."""
+    return copy.deepcopy(attacks.unwrap(model)).eval()
+
+
+def _num_classes(model: nn.Module, x: torch.Tensor, device) -> int:
+    with torch.no_grad():
+        return int(model(x[:1].to(device)).shape[1])
+
+
+# ----------------------------------------------------------------------------- checks
+def check_perturbation(linf: torch.Tensor, eps: float, name: str) -> Check:
+    """Every image within the eps-ball (plus float slack)."""
+    worst = linf.max().item() if len(linf) else 0.0
+    outside = int((linf > eps + LINF_SLACK).sum())
+    detail = (f"{name}: max |x_adv - x|_inf = {worst:.6g}, eps = {eps:.6g}; "
+              f"{outside} of {len(linf)} image(s) outside the ball")
+    return Check(outside == 0, detail)
+
+
+def check_range(in_range: torch.Tensor, name: str) -> Check:
+    bad = int((~in_range).sum())
+    return Check(bad == 0, f"{name}: {bad} of {len(in_range)} adversarial image(s) leave [0, 1]")
+
+
+def check_recomputed(own: torch.Tensor, recomputed: torch.Tensor, name: str) -> Check:
+    """The attack's figure against a separate forward of the model as loaded, on its own x_adv."""
+    n = len(own)
+    differ = int((own != recomputed).sum())
+    detail = (f"{name}: attack's own accuracy {percent(int(own.sum()), n)}% "
+              f"({int(own.sum())}/{n}), recomputed from x_adv by a separate eval-mode forward "
+              f"{percent(int(recomputed.sum()), n)}% ({int(recomputed.sum())}/{n}); {differ} image(s) differ")
+    return Check(differ == 0, detail)
+
+
+def check_not_above_natural(natural: torch.Tensor, own: torch.Tensor, name: str) -> Check:
+    """Images wrong without attack must stay wrong: x itself is in the ball, so an attack that
+    returns a correctly classified point for them returned something worse than doing nothing."""
+    n = len(natural)
+    above = int((own & ~natural).sum())
+    detail = (f"{name}: {percent(int(own.sum()), n)}% by its own figure, natural {percent(int(natural.sum()), n)}%; "
+              f"{above} image(s) wrong without attack are right under it")
+    return Check(above == 0, detail)
+
+
+def check_unbounded(correct: torch.Tensor, num_classes: int, margin: float, eps: float) -> Check:
+    """An unbounded attack must reach about chance or below: if it does not, its gradient
+    does not lead anywhere (masked, obfuscated) and the bounded figures are not evidence."""
+    n = len(correct)
+    chance = 100.0 / num_classes
+    acc = 100.0 * int(correct.sum()) / n if n else 0.0
+    detail = (f"unbounded PGD (eps = {eps:g}): {percent(int(correct.sum()), n) if n else '-'}% on {n} image(s); "
+              f"chance {chance:.2f}%, allowed up to {chance + margin:.2f}%")
+    return Check(acc <= chance + margin, detail)
+
+
+def check_eps_sweep(accuracy: dict[float, float], tolerance: float) -> Check:
+    """Accuracy (percent, by eps) must not rise as eps grows: a larger ball contains the smaller
+    one, so a rise means the attack finds less in more room (a masking symptom)."""
+    items = sorted(accuracy.items())
+    worst_rise, at = 0.0, None
+    lowest = float("inf")
+    for eps, acc in items:
+        if acc - lowest > worst_rise:
+            worst_rise, at = acc - lowest, eps
+        lowest = min(lowest, acc)
+    shown = ", ".join(f"{e * 255:g}/255: {a:.2f}%" for e, a in items)
+    detail = f"PGD accuracy along eps: {shown}; largest rise {worst_rise:.2f} points (tolerance {tolerance:g})"
+    if at is not None and worst_rise > tolerance:
+        detail += f" at eps = {at * 255:g}/255"
+    return Check(worst_rise <= tolerance, detail)
+
+
+def check_autoattack_warnings(messages: list[str]) -> Check:
+    if not messages:
+        return Check(True, "AutoAttack logged no warning")
+    unique = list(dict.fromkeys(messages))
+    return Check(False, f"AutoAttack warned {len(messages)} time(s): " + " | ".join(unique))
+
+
+# ----------------------------------------------------------------------------- the evaluation
+def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
+                   device, log: Callable[[str], None] = print, rank: int = 0,
+                   world_size: int = 1, reference: nn.Module | None = None) -> EvaluationResult:
+    """Per-image correctness for each configured attack on (x, y), with the protocol's checks.
+
+    ``reference``: a separate copy of the model as loaded from disk, used only to recompute
+    each attack's accuracy from its x_adv (default: a deep copy made here, before any attack).
+    With ``world_size`` > 1 (an initialised process group), each rank attacks its share of
+    whole batches and the per-image results are gathered: every rank returns the full result,
+    equal to a single-process run on the same images. Failed checks flag the result; nothing
+    is raised for them.
+    """
+    model = model.to(device).eval()
+    if cfg.checks:
+        reference = (reference if reference is not None else separate_copy(model)).to(device).eval()
+    else:
+        reference = None
+    starts = batch_starts(len(x), cfg.batch_size, rank, world_size)
+    names = ["natural"] + [a for a in cfg.attacks if a != "natural"]
+    local: dict[str, dict[str, torch.Tensor]] = {}
+    messages: list[str] = []
+    for name in names:
+        with captured_warnings() as caught:
+            local[name] = measure(make_attack(name, model, cfg, device), name, x, y, starts, cfg, device,
+                                  reference if name != "natural" else None)
+        messages += caught
+    n_mask = min(cfg.masking_images, len(x)) if cfg.checks else 0
+    masking_local = _measure_masking(model, x[:n_mask], y[:n_mask], cfg, device, rank, world_size)
+    if world_size > 1:
+        local = _gather(local, len(x), cfg.batch_size, world_size)
+        masking_local = _gather(masking_local, n_mask, cfg.batch_size, world_size)
+        messages = [m for part in _all_gather(messages) for m in part]
+    result = _assemble(local, masking_local, messages, cfg, _num_classes(model, x, device) if len(x) else 0)
+    for name, correct in result.correct.items():
+        log(f"{name}: {percent(int(correct.sum()), len(correct))}% of {len(correct)} images")
+    if result.worst_case is not None:
+        log(f"worst case over attacks: {percent(int(result.worst_case.sum()), len(y))}%")
+    for name in result.failed:
+        log(f"CHECK FAILED {name}: {result.checks[name].detail}")
+    return result
+
+
+def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size: int) -> dict:
+    """The gradient-masking attacks on (x, y): unbounded PGD and the eps sweep, from x itself.
+
+    No random start: at eps = 1 a uniform start is a random image, which would "succeed" even
+    against a model whose gradient leads nowhere. Step sizes 2.5 eps / steps (Madry et al. 2018).
+    """
+    if len(x) == 0:
+        return {}
+    starts = batch_starts(len(x), cfg.batch_size, rank, world_size)
+    out = {}
+
+    def pgd_from_x(eps: float, steps: int) -> AttackFn:
+        return pgd_attack(model, cfg, device, eps, 2.5 * eps / max(steps, 1), steps, start=None)
+
+    out["unbounded"] = measure(pgd_from_x(cfg.unbounded_eps, cfg.unbounded_steps), "unbounded", x, y, starts, cfg,
+                               device, None)
+    for eps in cfg.sweep_eps:
+        attack = make_attack("natural", model, cfg, device) if eps == 0 else pgd_from_x(eps, cfg.sweep_steps)
+        out[sweep_key(eps)] = measure(attack, sweep_key(eps), x, y, starts, cfg, device, None)
+    return out
+
+
+def sweep_key(eps: float) -> str:
+    """'sweep_8' for eps = 8/255 (eps in 255ths, the unit people read)."""
+    return f"sweep_{eps * 255:g}"
+
+
+def _assemble(measured: dict, masking: dict, messages: list[str], cfg: EvalConfig,
+              num_classes: int) -> EvaluationResult:
+    natural = measured["natural"]["own"]
+    own = {name: m["own"] for name, m in measured.items()}
+    correct = {name: own[name] & natural for name in cfg.attacks}  # wrong naturally: wrong under attack
+    worst = None
+    if any(a != "natural" for a in cfg.attacks):
+        worst = natural.clone()
+        for c in correct.values():
+            worst &= c
+    result = EvaluationResult(correct=correct, own=own, worst_case=worst, num_classes=num_classes,
+                              masking={k: v["own"] for k, v in masking.items()},
+                              autoattack_warnings=list(messages))
+    if cfg.checks:
+        result.checks = _run_checks(measured, result, cfg)
+    return result
+
+
+def _run_checks(measured: dict, result: EvaluationResult, cfg: EvalConfig) -> dict[str, Check]:
+    checks: dict[str, Check] = {}
+    natural = measured["natural"]["own"]
+    for name, m in measured.items():
+        if name == "natural":
+            continue
+        checks[f"{name}/linf"] = check_perturbation(m["linf"], cfg.eps, name)
+        checks[f"{name}/range"] = check_range(m["in_range"], name)
+        checks[f"{name}/recomputed"] = check_recomputed(m["own"], m["recomputed"], name)
+        checks[f"{name}/not_above_natural"] = check_not_above_natural(natural, m["own"], name)
+    if "unbounded" in result.masking:
+        checks["masking/unbounded"] = check_unbounded(result.masking["unbounded"], result.num_classes,
+                                                      cfg.unbounded_margin, cfg.unbounded_eps)
+        sweep = {eps: 100.0 * result.masking[sweep_key(eps)].float().mean().item() for eps in cfg.sweep_eps}
+        checks["masking/eps_sweep"] = check_eps_sweep(sweep, cfg.sweep_tolerance)
+    if "autoattack" in measured:
+        checks["autoattack/warnings"] = check_autoattack_warnings(result.autoattack_warnings)
+    return checks
+
+
+def _all_gather(obj) -> list:
+    from .distributed import all_gather_objects
+
+    return all_gather_objects(obj)
+
+
+def _gather(local: dict[str, dict[str, torch.Tensor]], n: int, batch_size: int, world_size: int) -> dict:
+    """Each rank's per-image figures put back in image order (every rank gets the whole)."""
+    gathered = _all_gather({k: {f: (v.dtype, v.tolist()) for f, v in m.items()} for k, m in local.items()})
+    rank_images = [torch.cat([torch.arange(i, min(i + batch_size, n))
+                              for i in batch_starts(n, batch_size, rank, world_size)]
+                             or [torch.empty(0, dtype=torch.long)]) for rank in range(world_size)]
+    out: dict[str, dict[str, torch.Tensor]] = {}
+    for name, fields in local.items():
+        out[name] = {}
+        for f, v in fields.items():
+            full = torch.zeros(n, dtype=v.dtype)
+            for idx, part in zip(rank_images, gathered):
+                dtype, values = part[name][f]
+                full[idx] = torch.tensor(values, dtype=dtype)
+            out[name][f] = full
+    return out
+
+
+# ----------------------------------------------------------------------------- reporting
+def sha256_tensor(t: torch.Tensor) -> str:
+    """SHA-256 of a tensor's bytes (contiguous, CPU, as stored): names a subset exactly."""
+    return hashlib.sha256(t.detach().cpu().contiguous().numpy().tobytes()).hexdigest()
+
+
+def summarize(result: EvaluationResult, labels: torch.Tensor, classes: list[str]) -> dict:
+    """The numeric results: percentages (rounded, from counts) at the top level, counts, totals
+    and 95% Wilson intervals under "accuracy", per-class accuracy, what the gradient-masking
+    checks measured, and the checks as 1 (passed) / 0 (failed); "flagged" is 1 if any failed."""
+    labels = labels.cpu()
+    n = int(len(labels))
+    outcomes = dict(result.correct)
+    if result.worst_case is not None:
+        outcomes[WORST_CASE] = result.worst_case
+    out: dict = {"num_images": n}
+    out["accuracy"] = {name: accuracy_record(int(c.sum()), n) for name, c in outcomes.items()}
+    out.update({name: rec["percent"] for name, rec in out["accuracy"].items()})
     out["per_class_accuracy"] = {
-        name: [100.0 * correct[labels == c].float().mean().item() if (labels == c).any() else None
-               for c in range(num_classes)]
-        for name, correct in results.items()}
+        name: {cls: percent(int(c[labels == i].sum()), int((labels == i).sum()))
+               for i, cls in enumerate(classes) if (labels == i).any()}
+        for name, c in outcomes.items()}
+    if result.masking:
+        out["gradient_masking"] = _masking_summary(result)
+    if result.checks:
+        out["checks"] = _nest({name: int(c.passed) for name, c in result.checks.items()})
+    out["checks_failed"] = len(result.failed)
+    out["autoattack_warnings"] = len(result.autoattack_warnings)
+    out["flagged"] = int(result.flagged)
+    return out
+
+
+def _masking_summary(result: EvaluationResult) -> dict:
+    unbounded = result.masking["unbounded"]
+    m = len(unbounded)
+    sweep = {k[len("sweep_"):]: percent(int(v.sum()), m) for k, v in result.masking.items() if k.startswith("sweep_")}
+    return {"num_images": m, "chance": round(100.0 / result.num_classes, 2),
+            "unbounded": percent(int(unbounded.sum()), m), "eps_sweep_255": sweep}
+
+
+def _nest(flat: dict[str, int]) -> dict:
+    """{"pgd20/linf": 1} -> {"pgd20": {"linf": 1}}."""
+    out: dict = {}
+    for key, value in flat.items():
+        group, _, name = key.partition("/")
+        out.setdefault(group, {})[name] = value
+    return out
+
+
+def check_details(result: EvaluationResult) -> dict:
+    """The checks in words, for the text side of the results."""
+    return {name: {"passed": c.passed, "detail": c.detail} for name, c in result.checks.items()}
+
+
+def attack_settings(cfg: EvalConfig) -> dict:
+    """What each evaluated attack was, in the protocol's terms."""
+    all_settings = {
+        "natural": {"attack": "none"},
+        "pgd20": {"attack": "PGD", "loss": "cross-entropy", "steps": cfg.pgd_steps,
+                  "step_size": cfg.pgd_step_size, "random_start": "uniform"},
+        "cw": {"attack": "CW-inf (PGD on the margin loss)", "kappa": cfg.cw_kappa, "steps": cfg.cw_steps,
+               "step_size": cfg.cw_step_size, "random_start": "uniform"},
+        "autoattack": {"attack": "AutoAttack", "package": "pyautoattack", "version": cfg.autoattack_version},
+    }
+    out = {name: all_settings[name] for name in ATTACKS if name in cfg.attacks}
+    if cfg.checks:
+        out["masking"] = {"images": cfg.masking_images, "unbounded_eps": cfg.unbounded_eps,
+                          "unbounded_steps": cfg.unbounded_steps, "unbounded_margin_points": cfg.unbounded_margin,
+                          "sweep_eps": list(cfg.sweep_eps), "sweep_steps": cfg.sweep_steps,
+                          "sweep_tolerance_points": cfg.sweep_tolerance,
+                          "step_size": "2.5 eps / steps", "random_start": "none"}
     return out

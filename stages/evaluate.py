@@ -1,45 +1,133 @@
 """Stage evaluate: natural, PGD-20, CW-inf and AutoAttack (standard) accuracy of the teacher and
 the student (and the non-adversarial reference student) on the stratified test subset
-"first k per class", with the protocol's checks. Writes metrics/evaluate/<model>.json."""
+"first k per class", with the protocol's checks (SPEC.md, "Evaluation protocol").
+
+Writes, per model, next to each other (``metrics/evaluate/<model>``):
+
+- ``<model>.json``: numbers only (a DVC metrics file): percentages at the top level, counts,
+  totals and 95% Wilson intervals under "accuracy", checks as 1/0, "flagged";
+- ``<model>_info.json``: the words: model, method, the subset's identity (indices and image
+  SHA-256), the threat model, the attack settings, each check's verdict and reason;
+- ``<model>_per_image.npz``: per-image outcomes (no pickle), for McNemar tests between models.
+
+A failed check flags the results and is printed; with ``evaluate.config.fail_on_check`` the
+stage then exits 1, after every model's results are written.
+"""
 
 from __future__ import annotations
 
-from dataclasses import replace
+import sys
+from dataclasses import asdict, replace
 from pathlib import Path
 
+import numpy as np
+import torch
+
 from robustkd.data import stratified_first_k, to_float
-from robustkd.evaluation import evaluate_model, summarize
+from robustkd.evaluation import (WORST_CASE, EvaluationResult, attack_settings, check_details, evaluate_model,
+                                 sha256_tensor, summarize)
 from robustkd.models import load_checkpoint
 
-from .common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, setup_distributed, write_json
+from .common import (METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, save_arrays,
+                     setup_distributed, write_json)
+
+
+def info_path(metrics_path: Path) -> Path:
+    """``student.json`` -> ``student_info.json``: the text that goes with a numeric results file."""
+    metrics_path = Path(metrics_path)
+    return metrics_path.with_name(metrics_path.stem + "_info.json")
+
+
+def per_image_path(metrics_path: Path) -> Path:
+    metrics_path = Path(metrics_path)
+    return metrics_path.with_name(metrics_path.stem + "_per_image.npz")
+
+
+def read_evaluation(metrics_path: Path) -> dict | None:
+    """The numeric results of ``metrics_path`` with their text under "info" ({} when the info
+    file is absent); None when the results were not written."""
+    import json
+
+    metrics_path = Path(metrics_path)
+    if not metrics_path.is_file():
+        return None
+    results = json.loads(metrics_path.read_text())
+    text = info_path(metrics_path)
+    results["info"] = json.loads(text.read_text()) if text.is_file() else {}
+    return results
+
+
+def read_per_image(metrics_path: Path) -> dict[str, np.ndarray] | None:
+    """The per-image outcomes saved beside ``metrics_path`` (None when absent)."""
+    path = per_image_path(metrics_path)
+    if not path.is_file():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
+def subset_identity(params, indices: torch.Tensor, images: torch.Tensor) -> dict:
+    """What was evaluated, exactly: two runs on the same images have the same two hashes."""
+    k = params.evaluate.per_class
+    return {"dataset": params.data.source, "split": "test", "per_class": k, "num_images": int(len(indices)),
+            "description": f"first {k} per class" if k is not None else "full test set",
+            "indices_of": str(PREPARED / "test.npz"),
+            "indices_sha256": sha256_tensor(indices.to(torch.int64)),
+            "images_sha256": sha256_tensor(images)}
 
 
 def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], device, tracker,
-                  dist_info=None) -> dict:
+                  dist_info=None) -> EvaluationResult:
     """Evaluate one checkpoint; under torchrun each rank attacks its share of the batches and
-    rank 0 writes the gathered totals."""
+    rank 0 writes the gathered results."""
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     test = load_imageset(PREPARED / "test.npz")
     k = params.evaluate.per_class
-    if k is not None:
-        test = test.subset(stratified_first_k(test.labels, k, test.num_classes))
+    indices = stratified_first_k(test.labels, k, test.num_classes) if k is not None else torch.arange(len(test))
+    test = test.subset(indices)
     model = load_checkpoint(model_path).to(device)
+    separate = load_checkpoint(model_path)  # loaded again: recomputes each attack's accuracy, never attacked
     cfg = replace(params.evaluate.config, attacks=list(attacks), seed=params.run.seed)
     if rank == 0:
         print(f"evaluating {model_path} ({model.arch}) on {len(test)} test images: {attacks}"
               + (f" over {world} processes" if world > 1 else ""))
-    results = evaluate_model(model, to_float(test.images), test.labels, cfg, device,
-                             log=print if rank == 0 else (lambda *_: None), rank=rank, world_size=world)
-    summary = summarize(results, test.labels, test.num_classes)
-    summary.update({"model": str(model_path), "arch": model.arch, "per_class": k,
-                    "subset": f"first {k} per class" if k is not None else "full test set",
-                    "method": model.checkpoint_meta.get("method"), "eps": cfg.eps, "processes": world})
+    result = evaluate_model(model, to_float(test.images), test.labels, cfg, device,
+                            log=print if rank == 0 else (lambda *_: None), rank=rank, world_size=world,
+                            reference=separate)
     if rank != 0:
-        return summary
+        return result
+    summary = summarize(result, test.labels, test.classes)
+    summary.update(eps=cfg.eps, eps_255=round(cfg.eps * 255, 4), processes=world)
+    if k is not None:
+        summary["per_class"] = k
+    info = {"model": str(model_path), "arch": model.arch, "method": model.checkpoint_meta.get("method"),
+            "subset": subset_identity(params, indices, test.images),
+            "threat_model": {"norm": "Linf", "eps": cfg.eps, "eps_255": round(cfg.eps * 255, 4)},
+            "attacks": attack_settings(cfg), "config": asdict(cfg),
+            "intervals": "95% Wilson score intervals (robustkd/stats.py)",
+            "reported": "an image wrong without attack counts as wrong under every attack",
+            "checks": check_details(result), "failed_checks": result.failed,
+            "autoattack_warnings": result.autoattack_warnings, "flagged": result.flagged,
+            "per_image": per_image_path(out_path).name}
     write_json(summary, out_path)
+    write_json(info, info_path(out_path))
+    save_per_image(result, indices, test.labels, per_image_path(out_path))
     tracker.log_metrics(summary, prefix=f"{model_path.stem}/")
-    tracker.log_artifact(out_path, "metrics")
-    return summary
+    for path in (out_path, info_path(out_path), per_image_path(out_path)):
+        tracker.log_artifact(path, "metrics")
+    if result.flagged:
+        print(f"warning: {model_path} evaluation flagged, failed checks: {', '.join(result.failed)} "
+              f"(reasons in {info_path(out_path)})", file=sys.stderr)
+    return result
+
+
+def save_per_image(result: EvaluationResult, indices: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
+    """Per image: its index in the prepared test set, its label and 1/0 under each attack."""
+    arrays = {"index": indices.to(torch.int64).numpy(), "label": labels.to(torch.int64).numpy()}
+    arrays.update({name: c.numpy().astype(np.uint8) for name, c in result.correct.items()})
+    if result.worst_case is not None:
+        arrays[WORST_CASE] = result.worst_case.numpy().astype(np.uint8)
+    save_arrays(path, **arrays)
 
 
 def main(args) -> None:
@@ -47,19 +135,25 @@ def main(args) -> None:
     dist_info, device = setup_distributed(params)
     attacks = params.evaluate.config.attacks
     if args.model:
-        evaluate_file(Path(args.model), Path(args.out), params, args.attacks or attacks, device, args.tracker, dist_info)
-        return
-    out = METRICS / "evaluate"
-    evaluate_file(MODELS / "teacher.pt", out / "teacher.json", params, attacks, device, args.tracker, dist_info)
-    evaluate_file(MODELS / "student.pt", out / "student.json", params, attacks, device, args.tracker, dist_info)
-    evaluate_file(MODELS / "reference.pt", out / "reference.json", params,
-                  params.evaluate.reference_attacks, device, args.tracker, dist_info)
+        jobs = [(Path(args.model), Path(args.out), args.attacks or attacks)]
+    else:
+        out = METRICS / "evaluate"
+        jobs = [(MODELS / "teacher.pt", out / "teacher.json", attacks),
+                (MODELS / "student.pt", out / "student.json", attacks),
+                (MODELS / "reference.pt", out / "reference.json", params.evaluate.reference_attacks)]
+    flagged = [str(model) for model, out_path, names in jobs
+               if evaluate_file(model, out_path, params, names, device, args.tracker, dist_info).flagged]
+    if flagged and params.evaluate.config.fail_on_check:
+        print(f"error: evaluation checks failed for {', '.join(flagged)} (evaluate.config.fail_on_check: true); "
+              "results written and flagged", file=sys.stderr)
+        raise SystemExit(1)
 
 
 def build_parser():
     p = parser(__doc__)
     p.add_argument("--model", help="evaluate this checkpoint only (with --out)")
-    p.add_argument("--out", help="JSON written for --model")
+    p.add_argument("--out", help="numeric results JSON written for --model (_info.json and _per_image.npz "
+                                 "beside it)")
     p.add_argument("--attacks", nargs="*", help="attacks for --model (default: evaluate.config.attacks)")
     return p
 

@@ -10,14 +10,60 @@ import html
 import json
 from pathlib import Path
 
+import numpy as np
+
 from .common import METRICS, REPORTS, cli, parser, read_params
+from .evaluate import read_evaluation, read_per_image
+from robustkd.stats import discordant_pairs, mcnemar_exact_counts
 from robustkd.utils import atomic_path
 
 ATTACK_COLUMNS = [("natural", "Natural"), ("pgd20", "PGD-20"), ("cw", "CW"), ("autoattack", "AA")]
+# the tables also show the per-image worst case over the evaluated attacks
+TABLE_COLUMNS = ATTACK_COLUMNS + [("worst_case", "Worst case")]
 
 
 def read_json(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
+
+
+def accuracy_cell(m: dict, key: str) -> str:
+    """"52.26 [42.4, 61.9]": the percentage and its 95% Wilson interval ("-" if not evaluated)."""
+    rec = (m.get("accuracy") or {}).get(key)
+    if rec:
+        return f"{rec['percent']:.2f} [{rec['ci95_low']:.1f}, {rec['ci95_high']:.1f}]"
+    return f"{m[key]:.2f}" if isinstance(m.get(key), (int, float)) else "-"
+
+
+def checks_lines(rows: list[tuple[str, dict]]) -> list[str]:
+    """One line per evaluated model: its checks passed, or which failed and why."""
+    lines = []
+    for name, m in rows:
+        info = m.get("info", {})
+        failed = info.get("failed_checks", [])
+        if not failed:
+            lines.append(f"- {name}: all {len(info.get('checks', {}))} checks passed")
+            continue
+        lines.append(f"- {name}: FLAGGED, {len(failed)} check(s) failed")
+        lines += [f"  - {c}: {info['checks'][c]['detail']}" for c in failed]
+    return lines
+
+
+def paired_lines(paths: dict[str, Path], pairs: list[tuple[str, str]]) -> list[str]:
+    """Exact McNemar tests between models evaluated on the same images, per common attack."""
+    lines = []
+    for a, b in pairs:
+        pa, pb = (read_per_image(paths[n]) if n in paths else None for n in (a, b))
+        if pa is None or pb is None or not np.array_equal(pa["index"], pb["index"]):
+            continue
+        for key, label in TABLE_COLUMNS:
+            if key in pa and key in pb:
+                only_a, only_b = discordant_pairs(pa[key], pb[key])
+                p = mcnemar_exact_counts(only_a, only_b)
+                lines.append(f"| {a} vs {b} | {label} | {only_a} | {only_b} | {p:.3g} |")
+    if not lines:
+        return []
+    return ["| pair | attack | right only for the first | right only for the second | exact McNemar p |",
+            "|---|---|---|---|---|"] + lines
 
 
 def read_csv(path: Path) -> list[dict]:
@@ -28,12 +74,13 @@ def read_csv(path: Path) -> list[dict]:
 
 
 def accuracy_table(rows: list[tuple[str, dict]]) -> str:
-    head = "| model | method | " + " | ".join(label for _, label in ATTACK_COLUMNS) + " | images |"
-    lines = [head, "|" + "---|" * (len(ATTACK_COLUMNS) + 3)]
+    head = "| model | method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | images | checks |"
+    lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 4)]
     for name, m in rows:
-        cells = [f"{m[k]:.2f}" if isinstance(m.get(k), (int, float)) else "-" for k, _ in ATTACK_COLUMNS]
-        lines.append(f"| {name} ({m.get('arch')}) | {m.get('method') or '-'} | " + " | ".join(cells)
-                     + f" | {m.get('num_images')} |")
+        info = m.get("info", {})
+        cells = [accuracy_cell(m, k) for k, _ in TABLE_COLUMNS]
+        lines.append(f"| {name} ({info.get('arch')}) | {info.get('method') or '-'} | " + " | ".join(cells)
+                     + f" | {m.get('num_images')} | {'FLAGGED' if m.get('flagged') else 'passed'} |")
     return "\n".join(lines)
 
 
@@ -73,10 +120,13 @@ def plot_accuracy(rows: list[tuple[str, dict]], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(rows)
     for i, (name, m) in enumerate(rows):
-        vals = [m.get(k) or 0.0 for k, _ in ATTACK_COLUMNS]
-        ax.bar([j + i * width for j in range(len(ATTACK_COLUMNS))], vals, width, label=name)
-    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(ATTACK_COLUMNS))])
-    ax.set_xticklabels([label for _, label in ATTACK_COLUMNS])
+        vals = [m.get(k) or 0.0 for k, _ in TABLE_COLUMNS]
+        recs = [(m.get("accuracy") or {}).get(k) for k, _ in TABLE_COLUMNS]
+        err = [[v - r["ci95_low"] if r else 0.0 for v, r in zip(vals, recs)],
+               [r["ci95_high"] - v if r else 0.0 for v, r in zip(vals, recs)]]
+        ax.bar([j + i * width for j in range(len(TABLE_COLUMNS))], vals, width, yerr=err, capsize=2, label=name)
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(TABLE_COLUMNS))])
+    ax.set_xticklabels([label for _, label in TABLE_COLUMNS])
     ax.set_ylabel("accuracy (%)")
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
@@ -87,21 +137,36 @@ def plot_accuracy(rows: list[tuple[str, dict]], out: Path) -> Path | None:
 
 
 def markdown_to_html_table(md: str) -> str:
-    lines = [l for l in md.strip().splitlines() if l.strip()]
-    out = ["<table>"]
-    for i, line in enumerate(lines):
-        if i == 1:
+    """Each block of Markdown table lines as an HTML table; any other line as a paragraph."""
+    out: list[str] = []
+    row = 0
+    for line in md.strip().splitlines():
+        line = line.strip()
+        if not line.startswith("|"):
+            if row:
+                out.append("</table>")
+            row = 0
+            if line:
+                out.append(f"<p>{html.escape(line)}</p>")
+            continue
+        if row == 0:
+            out.append("<table>")
+        row += 1
+        if row == 2 and set(line) <= set("|-: "):
             continue
         cells = [html.escape(c.strip()) for c in line.strip("|").split("|")]
-        tag = "th" if i == 0 else "td"
+        tag = "th" if row == 1 else "td"
         out.append("<tr>" + "".join(f"<{tag}>{c}</{tag}>" for c in cells) + "</tr>")
-    return "\n".join(out + ["</table>"])
+    if row:
+        out.append("</table>")
+    return "\n".join(out)
 
 
 def main(args) -> None:
     params = read_params(args)
     REPORTS.mkdir(exist_ok=True)
-    evals = [(name, read_json(METRICS / "evaluate" / f"{name}.json")) for name in ("teacher", "student", "reference")]
+    paths = {name: METRICS / "evaluate" / f"{name}.json" for name in ("teacher", "student", "reference")}
+    evals = [(name, read_evaluation(path)) for name, path in paths.items()]
     evals = [(n, m) for n, m in evals if m]
     histories = {"teacher": read_csv(METRICS / "teacher_history.csv"),
                  "student": read_csv(METRICS / "student_history.csv"),
@@ -113,13 +178,21 @@ def main(args) -> None:
     curves = plot_curves(histories, REPORTS / "training_curves.png")
     bars = plot_accuracy(evals, REPORTS / "accuracy.png")
     table = accuracy_table(evals)
-    subset = evals[0][1].get("subset") if evals else "-"
+    subset_info = evals[0][1]["info"].get("subset", {}) if evals else {}
+    subset = (f"{subset_info.get('description')}, {subset_info.get('num_images')} images, "
+              f"sha256 {str(subset_info.get('images_sha256'))[:16]}") if subset_info else "-"
+    paired = paired_lines(paths, [("student", "teacher"), ("student", "reference")])
 
     md = [f"# Robust distillation report ({params.profile} profile)", "",
           f"Student `{params.distill.student.arch}` distilled with `{params.distill.method}` from a "
           f"`{params.teacher.model.arch}` teacher ({params.teacher.method}). Accuracy in percent at "
-          f"eps = {params.evaluate.config.eps * 255:.0f}/255 (L-inf) on the test subset: {subset}.", "",
+          f"eps = {params.evaluate.config.eps * 255:.0f}/255 (L-inf) on the test subset: {subset}; "
+          "[95% Wilson interval]; an image wrong without attack counts as wrong under attack.", "",
           "## Accuracy under attack", "", table, ""]
+    if evals:
+        md += ["## Evaluation checks", ""] + checks_lines(evals) + [""]
+    if paired:
+        md += ["## Paired comparisons (same images)", ""] + paired + [""]
     if bars:
         md += [f"![accuracy]({bars.name})", ""]
     if curves:
@@ -151,6 +224,10 @@ def main(args) -> None:
 
     body = [f"<h1>{html.escape(md[0][2:])}</h1>", f"<p>{html.escape(md[2])}</p>",
             "<h2>Accuracy under attack</h2>", markdown_to_html_table(table)]
+    if evals:
+        body += ["<h2>Evaluation checks</h2>", "<pre>" + html.escape("\n".join(checks_lines(evals))) + "</pre>"]
+    if paired:
+        body += ["<h2>Paired comparisons (same images)</h2>", markdown_to_html_table("\n".join(paired))]
     if bars:
         body.append(img(bars))
     if curves:

@@ -69,7 +69,7 @@ def main(out: Path) -> None:
         torch.save(student.state_dict(), out / "student.pt")
         (out / "result.json").write_text(json.dumps({
             "loss": history[-1]["loss"], "world_size": info.world_size,
-            "correct": {k: v.int().tolist() for k, v in results.items()}}))
+            "correct": {k: v.int().tolist() for k, v in results.correct.items()}}))
     cleanup()
 
 

@@ -53,15 +53,36 @@ def test_teacher_and_students_are_checkpoints(workdir):
     assert history[0].startswith("epoch,loss,arkd,iakd,dbkd") and len(history) == 3
 
 
+def _numbers_only(obj, where=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            _numbers_only(v, f"{where}/{k}")
+    else:
+        assert isinstance(obj, (int, float)) and not isinstance(obj, bool), (where, obj)
+
+
 def test_evaluate_writes_every_attack(workdir):
     for name in ("teacher", "student"):
         m = json.loads((workdir / f"metrics/evaluate/{name}.json").read_text())
-        for key in ("natural", "pgd20", "cw", "autoattack"):
+        _numbers_only(m)  # a DVC metrics file: the words are in <name>_info.json
+        for key in ("natural", "pgd20", "cw", "autoattack", "worst_case"):
             assert 0.0 <= m[key] <= 100.0
+            acc = m["accuracy"][key]
+            assert acc["total"] == 10 and m[key] == round(100 * acc["correct"] / 10, 2)
+            assert acc["ci95_low"] <= m[key] <= acc["ci95_high"]
         assert m["pgd20"] <= m["natural"] and m["autoattack"] <= m["natural"]
+        assert m["worst_case"] <= min(m["pgd20"], m["cw"], m["autoattack"])
         assert m["num_images"] == 10 and m["per_class"] == 1
+        assert m["flagged"] in (0, 1) and m["checks"]["pgd20"]["linf"] == 1
+        info = json.loads((workdir / f"metrics/evaluate/{name}_info.json").read_text())
+        assert info["arch"] == "resnet10_w8" and info["threat_model"]["norm"] == "Linf"
+        assert info["subset"]["num_images"] == 10 and len(info["subset"]["images_sha256"]) == 64
+        assert info["flagged"] == bool(m["flagged"]) and set(info["failed_checks"]) <= set(info["checks"])
+        per_image = np.load(workdir / f"metrics/evaluate/{name}_per_image.npz", allow_pickle=False)
+        assert per_image["autoattack"].sum() == m["accuracy"]["autoattack"]["correct"]
+        assert len(per_image["index"]) == 10
     ref = json.loads((workdir / "metrics/evaluate/reference.json").read_text())
-    assert set(ref["per_class_accuracy"]) == {"natural", "pgd20"}
+    assert set(ref["per_class_accuracy"]) == {"natural", "pgd20", "worst_case"}
 
 
 def test_export_parity_and_report(workdir):
