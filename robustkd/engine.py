@@ -45,8 +45,9 @@ class OptimConfig:
     onecycle_warmup: float = 0.3   # fraction of training spent rising to lr (onecycle)
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise InputError(f"optimiser: epochs, batch_size and lr must be positive, found {self}")
+        for key in ("epochs", "batch_size", "lr"):
+            if getattr(self, key) <= 0:
+                raise InputError(f"optimiser.{key}: expected a positive number, found {getattr(self, key)}")
         if self.schedule not in ("piecewise", "cosine", "onecycle", "constant"):
             raise InputError(f"optimiser.schedule: expected piecewise|cosine|onecycle|constant, "
                              f"found {self.schedule!r}")

@@ -66,8 +66,8 @@ def main(args) -> None:
     onnx.checker.check_model(onnx.load(str(path)), full_check=True)
     session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
 
-    if params.evaluate.per_class is not None:
-        test = test.subset(stratified_first_k(test.labels, params.evaluate.per_class, test.num_classes))
+    if cfg.per_class is not None:
+        test = test.subset(stratified_first_k(test.labels, cfg.per_class, test.num_classes))
     x = to_float(test.images)
     with torch.no_grad():
         ref = model(x).numpy()
