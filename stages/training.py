@@ -3,17 +3,28 @@ with the per-epoch history, held-out monitoring and resume."""
 
 from __future__ import annotations
 
-from dataclasses import asdict
 from pathlib import Path
 
 import torch
 
 from robustkd.data import GeneratedPool, ImageSet, TrainBatches
-from robustkd.engine import OptimConfig, RunConfig, Trainer
+from robustkd.engine import OptimConfig, RunConfig, Trainer, array_hash
 from robustkd.losses import Objective
 
 from .common import HistoryWriter, heldout_monitor
 from .params import Params
+
+
+def data_hash(train: ImageSet, heldout: ImageSet | None, generated: GeneratedPool | None,
+              fraction: float, partner_labels=None) -> dict:
+    """The content of everything a run reads: prepared arrays, generated arrays, their mix."""
+    sets = {"train": train, "heldout": heldout}
+    out = {name: [array_hash(s.images, s.labels), s.classes] for name, s in sets.items() if s is not None}
+    if generated is not None and len(generated):
+        out["generated"] = [array_hash(generated.images, generated.labels), fraction]
+    if partner_labels is not None:
+        out["partner_labels"] = array_hash(torch.as_tensor(partner_labels))
+    return out
 
 
 def run_training(model, objective: Objective, optim: OptimConfig, params: Params, train: ImageSet,
@@ -33,8 +44,7 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     trainer = Trainer(model, objective, batches, optim, run_cfg, teacher=teacher,
                       evaluate=heldout_monitor(heldout, device, monitor_steps, eps, step, params.run.seed),
                       callbacks=[history, *extra_callbacks], is_main=rank == 0,
-                      settings_fingerprint=repr((asdict(params.data), len(train), fraction,
-                                                 getattr(model, "arch", ""))))
+                      inputs={"data": data_hash(train, heldout, generated, fraction, partner_labels)})
     if trainer.try_resume():
         history.load_previous(trainer.history)
         for row in trainer.history:  # the resumed run's tracker gets the epochs trained before the kill
