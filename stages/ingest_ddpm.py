@@ -33,6 +33,8 @@ def read_npz_files(cfg: DdpmParams, num_classes: int):
     images, labels = [], []
     for path in cfg.files:
         img, lab = load_npz(path, num_classes=num_classes, require_labels=False, mmap=False)
+        if len(img) == 0:
+            raise InputError(f"{path}: 'image' holds 0 images; expected at least one (ddpm.files)")
         images.append(img)
         labels.append(lab)
     missing = [f for f, lab in zip(cfg.files, labels) if lab is None]

@@ -7,7 +7,7 @@ import hashlib
 
 import torch
 
-from robustkd.data import ImageSet, load_image_folder, load_torchvision_cifar
+from robustkd.data import ImageSet, check_same_classes, load_image_folder, load_torchvision_cifar
 from robustkd.errors import InputError
 
 from .common import METRICS, PREPARED, cli, parser, read_params, save_imageset, write_json
@@ -59,6 +59,8 @@ def main(args) -> None:
     train_all = load_split(cfg, train=True, per_class=limit)
     train, heldout = split_per_class(train_all, cfg.train_per_class, cfg.heldout_per_class)
     test = load_split(cfg, train=False, per_class=cfg.test_per_class)
+    check_same_classes({"train": train.classes, "held-out": heldout.classes, "test": test.classes},
+                       f"data.root {cfg.root}")
     PREPARED.mkdir(parents=True, exist_ok=True)
     for name, data in [("train", train), ("heldout", heldout), ("test", test)]:
         save_imageset(data, PREPARED / f"{name}.npz")

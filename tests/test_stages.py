@@ -144,11 +144,13 @@ def test_ingest_without_labels_uses_teacher(workdir, tmp_path, monkeypatch):
     (lambda a: a.update(image=a["image"][:, :, :30]), "N x 32 x 32 x 3"),
     (lambda a: a.pop("image"), "missing key 'image'"),
     (lambda a: a.update(label=a["label"] + 10), r"labels must lie in \[0, 9\]"),
+    (lambda a: a.update(image=a["image"][:0], label=a["label"][:0]), "0 images"),
 ])
 def test_broken_npz_fails_clearly_and_keeps_previous_outputs(workdir, tmp_path, monkeypatch, capsys,
                                                              mutate, message):
     ingest_with(workdir, tmp_path, monkeypatch, generated())
     before = {p.name: p.read_bytes() for p in (tmp_path / "data/generated").iterdir()}
+    report_before = (tmp_path / "metrics/ddpm.json").read_bytes()
     arrays = generated(seed=2)
     mutate(arrays)
     with pytest.raises(SystemExit) as err:
@@ -157,7 +159,7 @@ def test_broken_npz_fails_clearly_and_keeps_previous_outputs(workdir, tmp_path, 
     stderr = capsys.readouterr().err
     assert "gen.npz" in stderr and __import__("re").search(message, stderr)
     after = {p.name: p.read_bytes() for p in (tmp_path / "data/generated").iterdir()}
-    assert after == before
+    assert after == before and (tmp_path / "metrics/ddpm.json").read_bytes() == report_before
 
 
 def test_params_typo_is_rejected(tmp_path, monkeypatch, workdir):
