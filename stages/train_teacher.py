@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import torch
 
+from robustkd.engine import state_hash
 from robustkd.errors import InputError
 from robustkd.losses import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
@@ -43,8 +44,9 @@ def main(args) -> None:
             return
         model = given_teacher(args.params, cfg, load_imageset(PREPARED / "train.npz").classes)
         save_checkpoint(model, MODELS / "teacher.pt", source=cfg.checkpoint)
-        write_json({"source": "checkpoint", "checkpoint": cfg.checkpoint, "arch": model.arch},
-                   METRICS / "teacher_train.json")
+        write_json({}, METRICS / "teacher_train.json")  # nothing trained: no figures
+        write_json({"source": "checkpoint", "checkpoint": cfg.checkpoint, "model": model.arch,
+                    "teacher weights": state_hash(model)}, METRICS / "teacher_info.json")
         write_csv([], METRICS / "teacher_history.csv")
         print(f"teacher taken from {cfg.checkpoint} ({model.arch})")
         return

@@ -3,6 +3,7 @@ with the per-epoch history, held-out monitoring and resume."""
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
@@ -11,8 +12,14 @@ from robustkd.data import GeneratedPool, ImageSet, TrainBatches
 from robustkd.engine import OptimConfig, RunConfig, Trainer, array_hash
 from robustkd.losses import Objective
 
-from .common import HistoryWriter, heldout_monitor
+from . import tracking
+from .common import HistoryWriter, heldout_monitor, write_json
 from .params import Params
+
+
+def info_path(metrics_json: Path) -> Path:
+    """metrics/student_train.json -> metrics/student_info.json (not a DVC metric: text)."""
+    return metrics_json.with_name(metrics_json.name.replace("_train.json", "") + "_info.json")
 
 
 def data_hash(train: ImageSet, heldout: ImageSet | None, generated: GeneratedPool | None,
@@ -37,7 +44,7 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     batches = TrainBatches(train, optim.batch_size, device, generated=generated, fraction=fraction,
                            with_partners=objective.needs_partners, partner_labels=partner_labels,
                            rank=rank, world_size=world_size)
-    history = HistoryWriter(history_csv, metrics_json, extra={"method": objective.name})
+    history = HistoryWriter(history_csv, metrics_json)  # numbers only: DVC compares them
     run_cfg = RunConfig(seed=params.run.seed, device=str(device), bf16=params.run.bf16,
                         channels_last=params.run.channels_last, checkpoint_dir=str(checkpoint_dir),
                         sync_bn=params.run.sync_bn, compile=params.run.compile)
@@ -45,6 +52,12 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
                       evaluate=heldout_monitor(heldout, device, monitor_steps, eps, step, params.run.seed),
                       callbacks=[history, *extra_callbacks], is_main=rank == 0,
                       inputs={"data": data_hash(train, heldout, generated, fraction, partner_labels)})
+    if rank == 0:  # the text of the run beside its metrics, and the hashes resume compares
+        write_json({"method": objective.name, "model": getattr(model, "arch", ""), "inputs": trainer.inputs},
+                   info_path(metrics_json))
+        tracker = tracking.current()
+        tracker.log_params({"method": {"name": objective.name, **asdict(objective.config)}})
+        tracker.set_tags({f"input.{k.replace(' ', '_')}": v for k, v in trainer.inputs.items()})
     if trainer.try_resume():
         history.load_previous(trainer.history)
         for row in trainer.history:  # the resumed run's tracker gets the epochs trained before the kill

@@ -30,3 +30,14 @@ def test_prepare_data_refuses_a_test_tree_with_other_classes(tmp_path, monkeypat
     msg = capsys.readouterr().err
     assert "'c9'" in msg and "'c99'" in msg and "train classes" in msg and "test classes" in msg
     assert not (tmp_path / "data/prepared").exists()
+
+
+def test_data_root_resolves_from_dvc_temporary_workspaces_and_the_environment(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from stages.common import data_root, project_dir
+
+    assert project_dir(Path("/w/proj/.dvc/tmp/exps/standalone/tmpab12")) == Path("/w/proj")
+    assert project_dir(Path("/w/proj")) == Path("/w/proj")
+    monkeypatch.setenv("ROBUSTKD_DATA_ROOT", str(tmp_path))
+    assert data_root("../shared/datasets/cifar10") == tmp_path

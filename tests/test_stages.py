@@ -110,7 +110,8 @@ def ingest_with(workdir, tmp_path, monkeypatch, arrays: dict, **ddpm):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     ingest_ddpm.run([])
-    return json.loads((tmp_path / "metrics/ddpm.json").read_text())
+    return {**json.loads((tmp_path / "metrics/ddpm.json").read_text()),
+            **json.loads((tmp_path / "metrics/ddpm_info.json").read_text())}
 
 
 def generated(n=12, labels=True, seed=1):
@@ -127,7 +128,7 @@ def test_ingest_valid_npz_subsample_dedupe_and_memory_map(workdir, tmp_path, mon
     arrays["image"][0] = test_images[0]  # a copy of a test image must be dropped
     report = ingest_with(workdir, tmp_path, monkeypatch, arrays, num_images=8)
     assert report["test_duplicates_dropped"] == 1 and report["num_images"] == 8
-    assert report["labelled_by"] == "file" and sum(report["per_class"]) == 8
+    assert report["labelled_by"] == "file" and sum(report["per_class"].values()) == 8
     images = np.load(tmp_path / "data/generated/images.npy", mmap_mode="r")
     assert isinstance(images, np.memmap) and images.shape == (8, 32, 32, 3)
 
@@ -193,6 +194,32 @@ def test_every_stage_run_is_an_mlflow_run(workdir):
     assert {"student_history.csv", "student_train.json", "student.pt"} <= artifacts
     assert "student/autoattack" in runs["evaluate"].data.metrics
     assert "student.onnx" in {a.path for a in client.list_artifacts(runs["export_onnx"].info.run_id)}
+
+
+def test_mlflow_records_the_method_that_ran_and_its_inputs(workdir):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id])
+    reference = next(r for r in runs if r.data.tags.get("method") == "natural_kd")
+    assert reference.data.params["distill.method"] == "natural_kd" == reference.data.params["method.name"]
+    darwin = next(r for r in runs if r.data.tags.get("method") == "darwin")
+    assert float(darwin.data.params["method.eps"]) == pytest.approx(8 / 255)  # a number, not "8/255"
+    info = json.loads((workdir / "metrics/student_info.json").read_text())
+    for key in ("teacher weights", "data", "model", "seed"):
+        assert darwin.data.tags[f"input.{key.replace(' ', '_')}"] == info["inputs"][key]
+
+
+def test_metrics_files_hold_numbers_only(workdir):
+    def numbers(obj):
+        if isinstance(obj, dict):
+            return all(numbers(v) for v in obj.values())
+        return isinstance(obj, (int, float)) and not isinstance(obj, bool)
+
+    for name in ("teacher_train", "student_train", "reference_train", "export"):
+        assert numbers(json.loads((workdir / f"metrics/{name}.json").read_text())), name
+    assert json.loads((workdir / "metrics/student_info.json").read_text())["method"] == "darwin"
+    assert json.loads((workdir / "metrics/export_info.json").read_text())["checker"] == "passed"
 
 
 def test_rerun_after_the_last_epoch_rewrites_outputs_dvc_removed(workdir, monkeypatch):
