@@ -85,6 +85,7 @@ def test_teacher_from_checkpoint(workdir, tmp_path, monkeypatch):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["teacher"].update(source="checkpoint", checkpoint=str(workdir / "models/teacher.pt"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    __import__("shutil").copytree(workdir / "data/prepared", tmp_path / "data/prepared")  # its classes
     monkeypatch.chdir(tmp_path)
     train_teacher.run([])
     assert load_checkpoint(tmp_path / "models/teacher.pt").arch == "resnet10_w8"
