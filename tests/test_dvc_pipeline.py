@@ -1,6 +1,7 @@
 """`dvc repro` of a tiny profile in a temporary copy of the repository, for real."""
 
 import json
+import re
 
 import pytest
 
@@ -54,10 +55,10 @@ def test_metrics_diff_after_a_commit_and_a_temporary_experiment(repo):
     sh("dvc repro", repo)
     sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm run", repo)
     params_path = repo / "params.yaml"
-    params_path.write_text(params_path.read_text().replace("latency_repeats: 3", "latency_repeats: 4"))
+    params_path.write_text(re.sub(r"latency_repeats: \d+", "latency_repeats: 7", params_path.read_text()))
     sh("dvc repro -s export_onnx", repo)
-    diff = json.loads(sh("dvc metrics diff --json", repo).stdout)
-    assert "metrics/export.json" in diff and "max_abs_logit_diff" in json.dumps(diff)
+    diff = json.loads(sh("dvc metrics diff --json", repo).stdout)  # the latencies moved
+    assert {"old", "new", "diff"} <= set(diff["metrics/export.json"]["latency.batch1.torch_ms"])
     sh("git checkout -q params.yaml && dvc checkout -q", repo, check=False)
     out = sh("dvc exp run --temp -S export.latency_repeats=5", repo)
     assert "Ran experiment" in out.stdout + out.stderr or "Reproducing experiment" in out.stdout, out.stdout
