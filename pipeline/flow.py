@@ -1,7 +1,7 @@
 """The Prefect flow over the DVC pipeline: one task per DVC stage, MLflow parent run, registry.
 
     python -m pipeline.flow                                  # the pipeline of params.yaml
-    python -m pipeline.flow --preset cifar10-resnet18        # switch params.yaml to a preset first
+    python -m pipeline.flow --preset cifar10-resnet18        # run with a preset's params
     python -m pipeline.flow --methods darwin rslad ard       # and compare these methods
 
 Each task runs ``dvc repro --single-item STAGE``, so DVC still skips what is up to date and owns
@@ -16,11 +16,13 @@ and the Prefect flow run. The last task registers the exported ONNX student (pip
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from collections import deque
 from pathlib import Path
@@ -116,26 +118,56 @@ def register_student(root: str, parent_run_id: str | None) -> dict:
             "reason": decision.reason if decision else "already registered"}
 
 
-def apply_preset(root: Path, preset: str) -> None:
+def preset_params(root: Path, preset: str) -> dict:
     src = root / "params" / f"{preset}.yaml"
     if not src.is_file():
         names = sorted(p.stem for p in (root / "params").glob("*.yaml"))
         raise ValueError(f"preset {preset!r}: {src} does not exist; presets: {', '.join(names)}")
-    params = load_params(src)  # validate before touching params.yaml
-    shutil.copyfile(src, root / "params.yaml")
-    if params.data.source != "imagefolder":  # dvc.yaml depends on data.root: download it first
+    return yaml.safe_load(src.read_text())
+
+
+def run_params(root: Path, preset: str | None, methods: list[str] | None) -> bytes | None:
+    """The params of this flow run as YAML text, validated; None when params.yaml is used as is."""
+    if not preset and not methods:
+        return None
+    raw = preset_params(root, preset) if preset else yaml.safe_load((root / "params.yaml").read_text())
+    if methods:
+        if not isinstance(raw.get("compare"), dict):
+            raise ValueError(f"{root / 'params.yaml'}: no 'compare:' section to set the methods of")
+        raw["compare"]["methods"] = list(methods)
+    text = yaml.safe_dump(raw, sort_keys=False).encode()
+    with tempfile.TemporaryDirectory() as tmp:  # validated before it is ever in place
+        (Path(tmp) / "params.yaml").write_bytes(text)
+        load_params(Path(tmp) / "params.yaml")
+    return text
+
+
+@contextlib.contextmanager
+def params_for_this_run(root: Path, text: bytes | None):
+    """DVC reads params.yaml: this run's params stand in for it while the stages run, and the
+    file's own bytes come back afterwards, whatever happens (tracked params.yaml never changes)."""
+    if text is None:
+        yield
+        return
+    path = root / "params.yaml"
+    original = path.read_bytes()
+    try:
+        atomic_write(path, text)
+        yield
+    finally:
+        atomic_write(path, original)
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.flow.tmp")
+    tmp.write_bytes(data)
+    os.replace(tmp, path)
+
+
+def download_if_needed(root: Path) -> None:
+    if load_params(root / "params.yaml").data.source != "imagefolder":  # dvc.yaml depends on data.root
         subprocess.run([sys.executable, "-m", "stages.prepare_data", "--download-only"], cwd=root,
                        env=stage_env({"ROBUSTKD_TRACKING": "off"}), check=True)
-
-
-def set_compare_methods(params_path: Path, methods: list[str]) -> None:
-    """Rewrite the ``methods:`` line of the ``compare:`` block, leaving the rest of the file as is."""
-    text = params_path.read_text()
-    new, n = re.subn(r"(?m)^(compare:\s*\n(?:\s*#.*\n)*\s+methods:).*$", rf"\1 [{', '.join(methods)}]", text)
-    if n != 1:
-        raise ValueError(f"{params_path}: no 'compare:' block with a 'methods:' line to set")
-    params_path.write_text(new)
-    load_params(params_path)
 
 
 @flow(name="robustkd-pipeline", log_prints=True)
@@ -144,10 +176,13 @@ def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = Non
     """Run the DVC pipeline stage by stage (and the method comparison when ``methods`` is given),
     then register the ONNX student. ``preset``: a file of params/ copied to params.yaml first."""
     root = Path(project_dir).resolve()
-    if preset:
-        apply_preset(root, preset)
-    if methods:
-        set_compare_methods(root / "params.yaml", methods)
+    with params_for_this_run(root, run_params(root, preset, methods)):
+        if preset:
+            download_if_needed(root)
+        return run_pipeline(root, preset, methods, register_model)
+
+
+def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, register_model: bool) -> dict:
     params = load_params(root / "params.yaml")
     stages = main_stages(root) + (compare_stages(methods) if methods else [])
     env = {"MLFLOW_TRACKING_URI": tracking_uri(root)}
@@ -185,7 +220,7 @@ def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = Non
 
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", help="copy params/PRESET.yaml to params.yaml first")
+    p.add_argument("--preset", help="run with params/PRESET.yaml (params.yaml is left as it is)")
     p.add_argument("--methods", nargs="+", help="also run the comparison of these methods")
     p.add_argument("--no-register", action="store_true", help="do not register the ONNX student")
     p.add_argument("--project-dir", default=".")

@@ -32,7 +32,7 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str) -> C:
         kwargs[name] = _convert(hints[name], value, f"{where}.{name}")
     try:
         return cls(**kwargs)
-    except TypeError as exc:
+    except (TypeError, InputError) as exc:  # __post_init__ checks: name where they failed
         raise InputError(f"{where}: {exc}") from None
 
 

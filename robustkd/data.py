@@ -109,6 +109,17 @@ def load_image_folder(root: str | os.PathLike, per_class: int | None = None) -> 
     return ImageSet(to_chw_tensor(images), torch.from_numpy(labels), list(folder.classes))
 
 
+def check_same_classes(lists: dict[str, list[str]], source: str) -> list[str]:
+    """The class lists of the splits must agree, names and order (label i is one class
+    everywhere); returns the common list."""
+    (first, classes), *rest = lists.items()
+    for name, other in rest:
+        if list(other) != list(classes):
+            raise InputError(f"{source}: the {first} classes {list(classes)} differ from the {name} "
+                             f"classes {list(other)}; expected the same names in the same order")
+    return list(classes)
+
+
 def first_k_per_class(samples: list[tuple[str, int]], k: int) -> list[tuple[str, int]]:
     seen: dict[int, int] = {}
     out = []

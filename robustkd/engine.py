@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+import numpy as np
 import torch
 import torch.nn as nn
 
@@ -45,8 +46,9 @@ class OptimConfig:
     onecycle_warmup: float = 0.3   # fraction of training spent rising to lr (onecycle)
 
     def __post_init__(self):
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise InputError(f"optimiser: epochs, batch_size and lr must be positive, found {self}")
+        for key in ("epochs", "batch_size", "lr"):
+            if getattr(self, key) <= 0:
+                raise InputError(f"optimiser.{key}: expected a positive number, found {getattr(self, key)}")
         if self.schedule not in ("piecewise", "cosine", "onecycle", "constant"):
             raise InputError(f"optimiser.schedule: expected piecewise|cosine|onecycle|constant, "
                              f"found {self.schedule!r}")
@@ -100,6 +102,35 @@ def fingerprint(*parts) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def array_hash(*arrays, chunk_rows: int = 4096) -> str:
+    """SHA-256 of arrays' shapes and bytes (tensors or numpy, memory-mapped ones read in chunks)."""
+    h = hashlib.sha256()
+    for a in arrays:
+        if isinstance(a, torch.Tensor):
+            a = a.detach().cpu().reshape(a.shape or (1,))
+            a = (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy()
+        h.update(repr((tuple(a.shape), str(a.dtype))).encode())
+        for i in range(0, len(a), chunk_rows):
+            h.update(memoryview(np.ascontiguousarray(a[i:i + chunk_rows])).cast("B"))
+    return h.hexdigest()[:16]
+
+
+def state_hash(model: nn.Module) -> str:
+    """A hash of a model's weights and buffers, by name: the teacher's identity."""
+    h = hashlib.sha256()
+    for name, value in sorted(model.state_dict().items()):
+        h.update(name.encode())
+        h.update(array_hash(value).encode())
+    return h.hexdigest()[:16]
+
+
+def shape_mismatch(model: nn.Module, state: dict) -> list[str]:
+    """Names whose shapes differ between ``model`` and a saved state dict (missing keys too)."""
+    own = model.state_dict()
+    names = sorted(set(own) | set(state))
+    return [n for n in names if n not in own or n not in state or tuple(own[n].shape) != tuple(state[n].shape)]
+
+
 class Trainer:
     """Trains ``model`` with ``objective`` on ``batches``; checkpoints and resumes.
 
@@ -112,7 +143,7 @@ class Trainer:
                  optim: OptimConfig, run: RunConfig, teacher: nn.Module | None = None,
                  evaluate: Callable[[nn.Module], dict] | None = None,
                  callbacks: list[Callback] | None = None, is_main: bool = True,
-                 settings_fingerprint: str = "", log: Callable[[str], None] = print):
+                 inputs: dict | None = None, log: Callable[[str], None] = print):
         self.device = select_device(run.device)
         self.model = model
         self.plain_model = model      # never wrapped: checkpoints, evaluation, the result
@@ -128,20 +159,49 @@ class Trainer:
         self.log = log if is_main else (lambda *_: None)
         objective.check_run(self.device, run.sync_bn)
         self.optimizer, self.scheduler = build_optimizer(model, optim, len(batches), objective.parameters())
-        self.fingerprint = fingerprint(settings_fingerprint, asdict(optim), objective.name,
-                                       asdict(objective.config), run.seed)
+        self.inputs = self.resume_inputs(inputs or {})
+        self.fingerprint = fingerprint(self.inputs)
         self.history: list[dict] = []
         self.start_epoch = 0
         self._resumed = False
         self.ckpt_path = Path(run.checkpoint_dir) / "state.pt" if run.checkpoint_dir else None
 
     # ------------------------------------------------------------- checkpoint
+    def resume_inputs(self, given: dict) -> dict[str, str]:
+        """One hash per input that decides the result: a checkpoint resumes only when all agree.
+
+        ``given`` adds what only the caller knows (the data's content); the model, method,
+        optimiser, numerics, seed and the teacher's weights are taken here.
+        """
+        run, model = self.run_cfg, self.plain_model
+        parts = {
+            "model": {"arch": getattr(model, "arch", type(model).__name__),
+                      "options": getattr(model, "options", {})},
+            "method": {"name": self.objective.name, "settings": asdict(self.objective.config)},
+            "optimiser": asdict(self.optim_cfg),
+            "numerics": {"bf16": run.bf16, "channels_last": run.channels_last, "compile": run.compile,
+                         "sync_bn": run.sync_bn, "world_size": self.batches.world_size},
+            "seed": run.seed,
+            "teacher weights": state_hash(self.teacher) if self.teacher is not None else "none",
+            **given,
+        }
+        return {name: fingerprint(value) for name, value in parts.items()}
+
+    def _set_aside(self, reason: str, old_fingerprint: str) -> None:
+        """Keep a checkpoint of another run as ``state.pt.stale-<its fingerprint>`` and say why."""
+        stale = self.ckpt_path.with_name(f"{self.ckpt_path.name}.stale-{old_fingerprint}")
+        if self.is_main:
+            os.replace(self.ckpt_path, stale)
+        self.log(f"checkpoint {self.ckpt_path} is not of this run ({reason}); starting fresh, "
+                 f"the old checkpoint kept as {stale.name}")
+
     def _save_state(self, epoch: int) -> None:
         if self.ckpt_path is None or not self.is_main:
             return
         plain = self.plain_model
         state = {
             "fingerprint": self.fingerprint,
+            "inputs": json.dumps(self.inputs),
             "epoch": epoch,
             "model": plain.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -162,10 +222,17 @@ class Trainer:
         try:
             state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            self.log(f"checkpoint {self.ckpt_path} is unreadable ({exc}); starting from scratch")
+            self._set_aside(f"unreadable: {exc}", "unreadable")
             return False
-        if state.get("fingerprint") != self.fingerprint:
-            self.log(f"checkpoint {self.ckpt_path} belongs to other settings; starting from scratch")
+        old = str(state.get("fingerprint"))
+        if old != self.fingerprint:
+            saved = json.loads(state.get("inputs") or "{}")
+            differ = [k for k in self.inputs if saved.get(k) != self.inputs[k]] if saved else []
+            self._set_aside(f"other {', '.join(differ)}" if differ else "other settings", old)
+            return False
+        mismatch = shape_mismatch(self.plain_model, state["model"])
+        if mismatch:
+            self._set_aside(f"model shapes differ at {mismatch[:3]}", old)
             return False
         self.plain_model.load_state_dict(state["model"])
         self.objective.load_state_dict(state.get("objective", {}))

@@ -4,6 +4,7 @@ history writer, and the one way every CLI reports bad input (message, exit code 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import csv
 import functools
 import io
@@ -51,6 +52,8 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
         args = build().parse_args(argv)
         try:
             params = args.loaded_params = load_params(args.params)
+            if getattr(args, "method", None):  # --method: the method that runs is the one recorded
+                params = dataclasses.replace(params, distill=dataclasses.replace(params.distill, method=args.method))
             with stage_run(stage, params, sections, enabled=int(os.environ.get("RANK", "0")) == 0) as tracker:
                 args.tracker = tracker
                 main(args)
@@ -58,6 +61,27 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
     return entry
+
+
+def project_dir(cwd: Path | None = None) -> Path:
+    """The project's directory, also from inside DVC's temporary experiment workspaces
+    (``dvc exp run --temp`` and ``--queue`` run in ``<project>/.dvc/tmp/exps/...``)."""
+    cwd = (cwd or Path.cwd()).resolve()
+    parts = cwd.parts
+    for i in range(len(parts) - 2):
+        if parts[i:i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i])
+    return cwd
+
+
+def data_root(root: str) -> Path:
+    """``data.root``: ``ROBUSTKD_DATA_ROOT`` when set; a relative path is relative to the project
+    (README: "the default profile reads CIFAR-10 from ../shared/datasets/cifar10"), wherever the
+    stage runs."""
+    chosen = Path(os.environ.get("ROBUSTKD_DATA_ROOT") or root)
+    if chosen.is_absolute() or (Path.cwd() / chosen).exists():
+        return chosen
+    return project_dir() / chosen
 
 
 def setup_run(params: Params) -> torch.device:

@@ -33,6 +33,8 @@ def read_npz_files(cfg: DdpmParams, num_classes: int):
     images, labels = [], []
     for path in cfg.files:
         img, lab = load_npz(path, num_classes=num_classes, require_labels=False, mmap=False)
+        if len(img) == 0:
+            raise InputError(f"{path}: 'image' holds 0 images; expected at least one (ddpm.files)")
         images.append(img)
         labels.append(lab)
     missing = [f for f, lab in zip(cfg.files, labels) if lab is None]
@@ -90,6 +92,13 @@ def save_npy(path, array) -> None:
             np.save(fh, np.ascontiguousarray(array), allow_pickle=False)
 
 
+def split_report(report: dict) -> tuple[dict, dict]:
+    """(numbers, text): DVC metrics hold numbers only; the rest goes to the *_info.json."""
+    is_number = lambda v: isinstance(v, (int, float, dict)) and not isinstance(v, bool)  # noqa: E731
+    return ({k: v for k, v in report.items() if is_number(v)},
+            {k: v for k, v in report.items() if not is_number(v)})
+
+
 def main(args) -> None:
     params = read_params(args)
     cfg = params.ddpm
@@ -135,7 +144,7 @@ def main(args) -> None:
             report["labelled_by"] = "file"
     counts = np.bincount(labels, minlength=num_classes) if len(labels) else np.zeros(num_classes, int)
     report["num_images"] = int(len(images))
-    report["per_class"] = counts.tolist()
+    report["per_class"] = {str(c): int(n) for c, n in enumerate(counts)}
     imbalance = float(counts.max() / max(counts.min(), 1)) if len(labels) else 0.0
     report["class_imbalance"] = imbalance
     if cfg.max_class_imbalance and imbalance > cfg.max_class_imbalance:
@@ -145,9 +154,13 @@ def main(args) -> None:
     save_npy(GENERATED / "images.npy", images)
     save_npy(GENERATED / "labels.npy", labels)
     save_npy(GENERATED / "confidence.npy", conf)
-    write_json(report, METRICS / "ddpm.json")
-    args.tracker.log_metrics(report)
+    numbers, text = split_report(report)
+    numbers["source"] = cfg.source  # until stages/report.py reads ddpm_info.json (its only text)
+    write_json(text, METRICS / "ddpm_info.json")
+    write_json(numbers, METRICS / "ddpm.json")  # last: a failed run leaves the previous report
+    args.tracker.log_metrics(numbers)
     args.tracker.log_artifact(METRICS / "ddpm.json")
+    args.tracker.log_artifact(METRICS / "ddpm_info.json")
     print(f"generated data: {report['num_images']} images ({cfg.source})")
 
 

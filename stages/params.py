@@ -6,6 +6,7 @@ before any work starts, with the file and key named.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,11 +42,15 @@ class ModelParams:
 @dataclass
 class TeacherParams:
     source: Literal["train", "checkpoint"] = "train"
-    checkpoint: str = ""                    # with source: checkpoint
+    # With source: checkpoint, the given teacher file. dvc.yaml declares it as a dependency of
+    # train_teacher, so it always names an existing path: teachers/ (tracked, holds a README)
+    # when the teacher is trained.
+    checkpoint: str = "teachers"
     model: ModelParams = field(default_factory=lambda: ModelParams("wrn34_10"))
     method: str = "trades"                 # a teacher method of robustkd.methods
     settings: dict = field(default_factory=dict)   # the method's settings (robustkd.methods)
     optim: OptimConfig = field(default_factory=OptimConfig)
+    monitor_pgd_steps: int = 10            # PGD steps of the per-epoch held-out check
 
 
 @dataclass
@@ -97,6 +102,7 @@ class EvaluateParams:
 @dataclass
 class ExportParams:
     opset: int = 18
+    per_class: int | None = None           # parity on the first k test images of each class (None: all)
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
     latency_repeats: int = 20
     parity_atol: float = 1e-4              # max |logit difference| accepted between torch and ORT
@@ -164,8 +170,14 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise InputError(f"{path}: not valid YAML: {exc}") from None
-    params = from_dict(Params, raw or {}, str(path))
+    if not raw:  # an empty file would silently mean "all defaults" (the full data set)
+        raise InputError(f"{path}: the parameters file is empty; expected the sections "
+                         f"{[f.name for f in dataclasses.fields(Params)]} (see params/ for complete files)")
+    params = from_dict(Params, raw, str(path))
+    from .param_checks import check_params
+
     validate_methods(params, str(path))
+    check_params(params, str(path))
     return params
 
 

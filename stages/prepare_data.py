@@ -7,10 +7,10 @@ import hashlib
 
 import torch
 
-from robustkd.data import ImageSet, load_image_folder, load_torchvision_cifar
+from robustkd.data import ImageSet, check_same_classes, load_image_folder, load_torchvision_cifar
 from robustkd.errors import InputError
 
-from .common import METRICS, PREPARED, cli, parser, read_params, save_imageset, write_json
+from .common import METRICS, PREPARED, cli, data_root, parser, read_params, save_imageset, write_json
 from .params import DataParams
 
 
@@ -30,8 +30,8 @@ def split_per_class(data: ImageSet, first: int | None, then: int) -> tuple[Image
 
 def load_split(cfg: DataParams, train: bool, per_class: int | None) -> ImageSet:
     if cfg.source == "imagefolder":
-        return load_image_folder(f"{cfg.root}/{'train' if train else 'test'}", per_class=per_class)
-    data = load_torchvision_cifar(cfg.source, cfg.root, train=train, download=cfg.download)
+        return load_image_folder(data_root(cfg.root) / ("train" if train else "test"), per_class=per_class)
+    data = load_torchvision_cifar(cfg.source, data_root(cfg.root), train=train, download=cfg.download)
     if per_class is not None:
         from robustkd.data import stratified_first_k
         data = data.subset(stratified_first_k(data.labels, per_class, data.num_classes))
@@ -52,13 +52,15 @@ def main(args) -> None:
             print(f"data.source is imagefolder ({cfg.root}): nothing to download")
             return
         for train in (True, False):
-            load_torchvision_cifar(cfg.source, cfg.root, train=train, download=True)
+            load_torchvision_cifar(cfg.source, data_root(cfg.root), train=train, download=True)
         print(f"{cfg.source} downloaded to {cfg.root}")
         return
     limit = None if cfg.train_per_class is None else cfg.train_per_class + cfg.heldout_per_class
     train_all = load_split(cfg, train=True, per_class=limit)
     train, heldout = split_per_class(train_all, cfg.train_per_class, cfg.heldout_per_class)
     test = load_split(cfg, train=False, per_class=cfg.test_per_class)
+    check_same_classes({"train": train.classes, "held-out": heldout.classes, "test": test.classes},
+                       f"data.root {cfg.root}")
     PREPARED.mkdir(parents=True, exist_ok=True)
     for name, data in [("train", train), ("heldout", heldout), ("test", test)]:
         save_imageset(data, PREPARED / f"{name}.npz")

@@ -45,16 +45,23 @@ def tracking_enabled() -> bool:
     return os.environ.get("ROBUSTKD_TRACKING", "on").lower() not in ("off", "0", "false", "no")
 
 
+# What DVC itself rewrites while the pipeline runs (locks, declared outputs): not a code change.
+PIPELINE_WRITES = ("dvc.lock", "compare/dvc.lock", "metrics/", "reports/", "models/", "data/", "checkpoints/")
+
+
 def git_commit(root: Path | None = None) -> str:
-    """The project's commit, with ``-dirty`` when tracked files differ ('unknown' outside git)."""
+    """The project's commit, with ``-dirty`` when tracked files other than the pipeline's own
+    records (dvc.lock, the outputs) differ ('unknown' outside git)."""
     cwd = str(root or project_root())
     try:
         sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=cwd, capture_output=True, text=True,
                              timeout=10, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
+        changed = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=cwd,
+                                 capture_output=True, text=True, timeout=10).stdout.splitlines()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+    paths = [line[3:].split(" -> ")[-1] for line in changed if line.strip()]
+    dirty = [p for p in paths if not (p in PIPELINE_WRITES or p.startswith(tuple(PIPELINE_WRITES)))]
     return sha + ("-dirty" if dirty else "")
 
 
@@ -79,6 +86,14 @@ def numeric_metrics(metrics: dict, prefix: str = "") -> dict[str, float]:
         elif isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
             out[key] = float(v)
     return out
+
+
+_CURRENT: list = []
+
+
+def current() -> "NullTracker":
+    """The tracker of the stage run in progress (a NullTracker outside one)."""
+    return _CURRENT[-1] if _CURRENT else NullTracker()
 
 
 class NullTracker:
@@ -181,7 +196,11 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
     with keep_environment(*MLFLOW_ENV), mlflow.start_run(run_name=dvc_stage, parent_run_id=parent,
                                                          tags=tags) as run:
         tracker = MlflowTracker(mlflow, run.info.run_id)
-        if params is not None:
+        if params is not None:  # the typed, resolved values (defaults included, 8/255 as a number)
             raw = asdict(params)
             tracker.log_params({k: raw[k] for k in sections} if sections else raw)
-        yield tracker
+        _CURRENT.append(tracker)
+        try:
+            yield tracker
+        finally:
+            _CURRENT.pop()

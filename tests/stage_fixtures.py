@@ -41,13 +41,14 @@ def tiny_params(data_root: str) -> dict:
     p["teacher"]["optim"].update(epochs=2, batch_size=10)
     p["distill"]["optim"].update(epochs=2, batch_size=10)
     p["distill"]["monitor_pgd_steps"] = 2
+    p["teacher"]["monitor_pgd_steps"] = 2
     for m in p["distill"]["settings"]:
         if m != "natural_kd":
             p["distill"]["settings"][m] = {"steps": 2}
     p["evaluate"]["per_class"] = 1
     p["evaluate"]["config"].update(attacks=["natural", "pgd20", "cw", "autoattack"], pgd_steps=3,
                                    cw_steps=3, batch_size=16)
-    p["export"].update(latency_batch_sizes=[1, 4], latency_repeats=2)
+    p["export"].update(latency_batch_sizes=[1, 4], latency_repeats=2, per_class=1)
     p["run"]["threads"] = 1
     p["compare"]["methods"] = ["darwin", "rslad"]
     return p

@@ -36,7 +36,8 @@ def test_diffusers_source_samples_and_labels(workdir, tmp_path, monkeypatch, sch
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     ingest_ddpm.run([])
-    report = json.loads((tmp_path / "metrics/ddpm.json").read_text())
+    report = {**json.loads((tmp_path / "metrics/ddpm.json").read_text()),
+              **json.loads((tmp_path / "metrics/ddpm_info.json").read_text())}
     assert report["num_images"] == 5 and report["labelled_by"] == "teacher"
     images = np.load(tmp_path / "data/generated/images.npy")
     assert images.shape == (5, 32, 32, 3) and images.dtype == np.uint8

@@ -1,6 +1,7 @@
 """`dvc repro` of a tiny profile in a temporary copy of the repository, for real."""
 
 import json
+import re
 
 import pytest
 
@@ -28,6 +29,8 @@ def test_repro_runs_every_stage_then_reruns_only_dependants(repo):
     assert {"natural", "pgd20", "cw", "autoattack", "num_images", "per_class"} <= set(student)
 
     assert ran_stages(sh("dvc repro", repo).stdout) == []  # everything up to date
+    status = sh("dvc status dvc.yaml", repo).stdout  # bytecode written by the run changes no dependency
+    assert "up to date" in status and "changed deps" not in status, status
 
     params_path = repo / "params.yaml"
     text = params_path.read_text().replace("latency_repeats: 2", "latency_repeats: 3")
@@ -44,3 +47,19 @@ def test_comparison_pipeline_writes_the_table(repo):
                                       "compare/dvc.yaml:table"]
     table = (repo / "reports/comparison.md").read_text()
     assert "| darwin |" in table and "| rslad |" in table and "| Teacher resnet10_w8 |" in table
+
+
+def test_metrics_diff_after_a_commit_and_a_temporary_experiment(repo):
+    """Metrics are committed files of numbers: `dvc metrics diff` compares a change with the commit;
+    `dvc exp run --temp` runs in DVC's temporary workspace (data.root resolved there too)."""
+    sh("dvc repro", repo)
+    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm run", repo)
+    params_path = repo / "params.yaml"
+    params_path.write_text(re.sub(r"latency_repeats: \d+", "latency_repeats: 7", params_path.read_text()))
+    sh("dvc repro -s export_onnx", repo)
+    diff = json.loads(sh("dvc metrics diff --json", repo).stdout)  # the latencies moved
+    assert {"old", "new", "diff"} <= set(diff["metrics/export.json"]["latency.batch1.torch_ms"])
+    sh("git checkout -q params.yaml && dvc checkout -q", repo, check=False)
+    out = sh("dvc exp run --temp -S export.latency_repeats=5", repo)
+    assert "Ran experiment" in out.stdout + out.stderr or "Reproducing experiment" in out.stdout, out.stdout
+    assert (repo / "params.yaml").read_text().count("latency_repeats: 5") == 0

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.flow import (StageFailed, compare_stages, is_transient_output, main_stages,
-                           set_compare_methods)
+from pipeline.flow import (StageFailed, compare_stages, is_transient_output, main_stages, params_for_this_run,
+                           run_params)
 from pipeline.registry import CHALLENGER, CHAMPION, decide_alias
 from stages.tracking import flatten, numeric_metrics
 
@@ -40,21 +40,40 @@ def test_only_transient_failures_are_retried():
     assert "not retried" in str(StageFailed("distill", 255, False, bad_input))
 
 
-def test_set_compare_methods_rewrites_one_line(tmp_path):
-    params = tmp_path / "params.yaml"
-    params.write_text((ROOT / "params.yaml").read_text())
-    before = params.read_text().splitlines()
-    set_compare_methods(params, ["darwin", "ard"])
-    after = params.read_text().splitlines()
-    changed = [(a, b) for a, b in zip(before, after) if a != b]
-    assert changed == [("  methods: [darwin, darwin_lf, ard, iad, rslad, adaad, crdnd, gacd, natural_kd]",
-                        "  methods: [darwin, ard]")]
+def test_methods_and_presets_never_change_params_yaml(tmp_path):
+    """--methods / --preset: validated params stand in for params.yaml during the run only; the
+    file's bytes come back, also when the run fails."""
+    import yaml
+
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params.yaml").write_text((ROOT / "params.yaml").read_text())
+    (tmp_path / "params/cpu.yaml").write_text((ROOT / "params/cpu.yaml").read_text())
+    before = (tmp_path / "params.yaml").read_bytes()
+    text = run_params(tmp_path, None, ["darwin", "ard"])
+    assert yaml.safe_load(text)["compare"]["methods"] == ["darwin", "ard"]
+    with pytest.raises(RuntimeError):
+        with params_for_this_run(tmp_path, text):
+            assert yaml.safe_load((tmp_path / "params.yaml").read_text())["compare"]["methods"] == ["darwin", "ard"]
+            raise RuntimeError("a stage failed")
+    assert (tmp_path / "params.yaml").read_bytes() == before
+    assert run_params(tmp_path, "cpu", None) and run_params(tmp_path, None, None) is None
+    assert (tmp_path / "params.yaml").read_bytes() == before
 
 
-def test_set_compare_methods_names_the_problem(tmp_path):
-    params = write_params(tmp_path / "params.yaml", {k: v for k, v in tiny_params("raw").items() if k != "compare"})
+def test_bad_methods_or_presets_are_refused_before_anything_is_written(tmp_path):
+    from robustkd.errors import InputError
+
+    write_params(tmp_path / "params.yaml", tiny_params("raw"))
+    (tmp_path / "params").mkdir()
+    before = (tmp_path / "params.yaml").read_bytes()
+    with pytest.raises(ValueError, match="preset 'nope'"):
+        run_params(tmp_path, "nope", None)
+    with pytest.raises(InputError, match="compare.methods"):
+        run_params(tmp_path, None, [3])
+    assert (tmp_path / "params.yaml").read_bytes() == before
+    write_params(tmp_path / "params.yaml", {k: v for k, v in tiny_params("raw").items() if k != "compare"})
     with pytest.raises(ValueError, match="compare"):
-        set_compare_methods(params, ["darwin"])
+        run_params(tmp_path, None, ["darwin"])
 
 
 def test_stage_lists():
@@ -134,3 +153,23 @@ def test_official_schedules_rescale_to_the_profile_and_take_overrides(tmp_path):
     assert resolve_optim(params, "adaad", 10)[0].weight_decay == 5e-4
     shared, how = resolve_optim(params, "ard", 10, schedule="shared")
     assert shared.schedule == raw["distill"]["optim"]["schedule"] and how.startswith("shared")
+
+
+def test_git_commit_is_dirty_only_for_changes_other_than_the_pipelines_records(tmp_path):
+    from stages.tracking import git_commit
+
+    def git(*a):
+        subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=tmp_path, check=True,
+                       capture_output=True)
+
+    (tmp_path / "metrics").mkdir()
+    for f in ("dvc.lock", "metrics/m.json", "code.py"):
+        (tmp_path / f).write_text("1")
+    git("init", "-q")
+    git("add", "-A")
+    git("commit", "-qm", "x")
+    (tmp_path / "dvc.lock").write_text("2")
+    (tmp_path / "metrics/m.json").write_text("2")
+    assert not git_commit(tmp_path).endswith("-dirty")
+    (tmp_path / "code.py").write_text("2")
+    assert git_commit(tmp_path).endswith("-dirty")

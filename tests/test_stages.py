@@ -106,6 +106,7 @@ def test_teacher_from_checkpoint(workdir, tmp_path, monkeypatch):
     params = yaml.safe_load((workdir / "params.yaml").read_text())
     params["teacher"].update(source="checkpoint", checkpoint=str(workdir / "models/teacher.pt"))
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    __import__("shutil").copytree(workdir / "data/prepared", tmp_path / "data/prepared")  # its classes
     monkeypatch.chdir(tmp_path)
     train_teacher.run([])
     assert load_checkpoint(tmp_path / "models/teacher.pt").arch == "resnet10_w8"
@@ -131,7 +132,8 @@ def ingest_with(workdir, tmp_path, monkeypatch, arrays: dict, **ddpm):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     ingest_ddpm.run([])
-    return json.loads((tmp_path / "metrics/ddpm.json").read_text())
+    return {**json.loads((tmp_path / "metrics/ddpm.json").read_text()),
+            **json.loads((tmp_path / "metrics/ddpm_info.json").read_text())}
 
 
 def generated(n=12, labels=True, seed=1):
@@ -148,7 +150,7 @@ def test_ingest_valid_npz_subsample_dedupe_and_memory_map(workdir, tmp_path, mon
     arrays["image"][0] = test_images[0]  # a copy of a test image must be dropped
     report = ingest_with(workdir, tmp_path, monkeypatch, arrays, num_images=8)
     assert report["test_duplicates_dropped"] == 1 and report["num_images"] == 8
-    assert report["labelled_by"] == "file" and sum(report["per_class"]) == 8
+    assert report["labelled_by"] == "file" and sum(report["per_class"].values()) == 8
     images = np.load(tmp_path / "data/generated/images.npy", mmap_mode="r")
     assert isinstance(images, np.memmap) and images.shape == (8, 32, 32, 3)
 
@@ -165,11 +167,13 @@ def test_ingest_without_labels_uses_teacher(workdir, tmp_path, monkeypatch):
     (lambda a: a.update(image=a["image"][:, :, :30]), "N x 32 x 32 x 3"),
     (lambda a: a.pop("image"), "missing key 'image'"),
     (lambda a: a.update(label=a["label"] + 10), r"labels must lie in \[0, 9\]"),
+    (lambda a: a.update(image=a["image"][:0], label=a["label"][:0]), "0 images"),
 ])
 def test_broken_npz_fails_clearly_and_keeps_previous_outputs(workdir, tmp_path, monkeypatch, capsys,
                                                              mutate, message):
     ingest_with(workdir, tmp_path, monkeypatch, generated())
     before = {p.name: p.read_bytes() for p in (tmp_path / "data/generated").iterdir()}
+    report_before = (tmp_path / "metrics/ddpm.json").read_bytes()
     arrays = generated(seed=2)
     mutate(arrays)
     with pytest.raises(SystemExit) as err:
@@ -178,7 +182,7 @@ def test_broken_npz_fails_clearly_and_keeps_previous_outputs(workdir, tmp_path, 
     stderr = capsys.readouterr().err
     assert "gen.npz" in stderr and __import__("re").search(message, stderr)
     after = {p.name: p.read_bytes() for p in (tmp_path / "data/generated").iterdir()}
-    assert after == before
+    assert after == before and (tmp_path / "metrics/ddpm.json").read_bytes() == report_before
 
 
 def test_params_typo_is_rejected(tmp_path, monkeypatch, workdir):
@@ -212,6 +216,32 @@ def test_every_stage_run_is_an_mlflow_run(workdir):
     assert {"student_history.csv", "student_train.json", "student.pt"} <= artifacts
     assert "student/autoattack" in runs["evaluate"].data.metrics
     assert "student.onnx" in {a.path for a in client.list_artifacts(runs["export_onnx"].info.run_id)}
+
+
+def test_mlflow_records_the_method_that_ran_and_its_inputs(workdir):
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id])
+    reference = next(r for r in runs if r.data.tags.get("method") == "natural_kd")
+    assert reference.data.params["distill.method"] == "natural_kd" == reference.data.params["method.name"]
+    darwin = next(r for r in runs if r.data.tags.get("method") == "darwin")
+    assert float(darwin.data.params["method.eps"]) == pytest.approx(8 / 255)  # a number, not "8/255"
+    info = json.loads((workdir / "metrics/student_info.json").read_text())
+    for key in ("teacher weights", "data", "model", "seed"):
+        assert darwin.data.tags[f"input.{key.replace(' ', '_')}"] == info["inputs"][key]
+
+
+def test_metrics_files_hold_numbers_only(workdir):
+    def numbers(obj):
+        if isinstance(obj, dict):
+            return all(numbers(v) for v in obj.values())
+        return isinstance(obj, (int, float)) and not isinstance(obj, bool)
+
+    for name in ("teacher_train", "student_train", "reference_train", "export"):
+        assert numbers(json.loads((workdir / f"metrics/{name}.json").read_text())), name
+    assert json.loads((workdir / "metrics/student_info.json").read_text())["method"] == "darwin"
+    assert json.loads((workdir / "metrics/export_info.json").read_text())["checker"] == "passed"
 
 
 def test_rerun_after_the_last_epoch_rewrites_outputs_dvc_removed(workdir, monkeypatch):

@@ -1,0 +1,119 @@
+"""Ranges and units of params.yaml, checked as a whole when it is loaded (stages/params.py).
+
+Types and unknown keys are checked while the typed params are built; this module adds what a
+type cannot say: eps and step sizes are [0, 1] pixel units (README: "Units"), counts are
+positive, fractions lie in [0, 1]. Every message names the file, the key, what was expected and
+what was found.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from robustkd.config import _convert
+from robustkd.errors import InputError
+
+# Keys of method settings that are pixel-unit radii or steps.
+PIXEL_KEYS = ("eps", "step_size")
+
+
+def fail(path: str, key: str, expected: str, found, hint: str = "") -> None:
+    raise InputError(f"{path}: {key}: expected {expected}, found {found!r}{hint}")
+
+
+def pixel_unit(path: str, key: str, value) -> None:
+    """eps and step sizes in (0, 1]; 8 is almost surely 8/255."""
+    if not 0 < value <= 1:
+        hint = f"; did you mean {value:g}/255?" if value > 1 else ""
+        fail(path, key, "a value in (0, 1] (pixel units, e.g. 8/255)", value, hint)
+
+
+def positive(path: str, key: str, value, allow_zero: bool = False) -> None:
+    if value is None:
+        return
+    if value < 0 or (value == 0 and not allow_zero):
+        fail(path, key, "a number >= 0" if allow_zero else "a positive number", value)
+
+
+def fraction(path: str, key: str, value) -> None:
+    if not 0 <= value <= 1:
+        fail(path, key, "a fraction in [0, 1]", value)
+
+
+def check_settings(path: str, where: str, settings: dict) -> None:
+    """eps/step_size of a raw method-settings block ("8/255" accepted, as the methods accept it)."""
+    for key in PIXEL_KEYS:
+        if key in settings:
+            value = _convert(float, settings[key], f"{path}:{where}.{key}")
+            pixel_unit(path, f"{where}.{key}", value)
+
+
+def check_optim(path: str, where: str, optim) -> None:
+    for key in ("epochs", "batch_size", "lr"):
+        positive(path, f"{where}.{key}", getattr(optim, key))
+    positive(path, f"{where}.weight_decay", optim.weight_decay, allow_zero=True)
+    fraction(path, f"{where}.momentum", optim.momentum)
+    fraction(path, f"{where}.onecycle_warmup", optim.onecycle_warmup)
+
+
+def check_teacher(path: str, teacher) -> None:
+    from robustkd.losses import create_objective
+
+    create_objective(teacher.method, teacher.settings, where=f"{path}:teacher.settings")
+    check_settings(path, "teacher.settings", teacher.settings)
+    check_optim(path, "teacher.optim", teacher.optim)
+    positive(path, "teacher.monitor_pgd_steps", teacher.monitor_pgd_steps, allow_zero=True)
+    if teacher.source == "checkpoint" and not Path(teacher.checkpoint).is_file():
+        fail(path, "teacher.checkpoint", "an existing checkpoint file (teacher.source is checkpoint)",
+             teacher.checkpoint)
+
+
+def check_data(path: str, data) -> None:
+    positive(path, "data.train_per_class", data.train_per_class)
+    positive(path, "data.heldout_per_class", data.heldout_per_class, allow_zero=True)
+    positive(path, "data.test_per_class", data.test_per_class)
+
+
+def check_ddpm(path: str, ddpm) -> None:
+    fraction(path, "ddpm.fraction", ddpm.fraction)
+    positive(path, "ddpm.num_images", ddpm.num_images, allow_zero=True)
+    positive(path, "ddpm.max_class_imbalance", ddpm.max_class_imbalance, allow_zero=True)
+    positive(path, "ddpm.diffusers.inference_steps", ddpm.diffusers.inference_steps)
+    positive(path, "ddpm.diffusers.batch_size", ddpm.diffusers.batch_size)
+
+
+def check_distill(path: str, distill) -> None:
+    for method, block in (distill.settings or {}).items():
+        if isinstance(block, dict):
+            check_settings(path, f"distill.settings.{method}", block)
+    check_optim(path, "distill.optim", distill.optim)
+    positive(path, "distill.monitor_pgd_steps", distill.monitor_pgd_steps, allow_zero=True)
+
+
+def check_evaluate(path: str, evaluate) -> None:
+    cfg = evaluate.config
+    for key in ("eps", "pgd_step_size", "cw_step_size"):
+        pixel_unit(path, f"evaluate.config.{key}", getattr(cfg, key))
+    for key in ("pgd_steps", "cw_steps", "batch_size"):
+        positive(path, f"evaluate.config.{key}", getattr(cfg, key))
+    positive(path, "evaluate.per_class", evaluate.per_class)
+
+
+def check_export(path: str, export) -> None:
+    positive(path, "export.per_class", export.per_class)
+    positive(path, "export.latency_repeats", export.latency_repeats)
+    positive(path, "export.parity_atol", export.parity_atol)
+    for i, bs in enumerate(export.latency_batch_sizes):
+        positive(path, f"export.latency_batch_sizes[{i}]", bs)
+
+
+def check_params(params, path: str) -> None:
+    """Every range check of the whole file; the first problem raises InputError."""
+    check_data(path, params.data)
+    check_teacher(path, params.teacher)
+    check_ddpm(path, params.ddpm)
+    check_distill(path, params.distill)
+    check_evaluate(path, params.evaluate)
+    check_export(path, params.export)
+    positive(path, "run.threads", params.run.threads, allow_zero=True)
+    positive(path, "registry.natural_tolerance", params.registry.natural_tolerance, allow_zero=True)

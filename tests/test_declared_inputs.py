@@ -1,0 +1,210 @@
+"""Each DVC stage declares its inputs once: every project module its script imports (directly or
+not) is covered by a declared dependency, and every params key its code reads is declared.
+
+The params a stage reads are found in the source: chains ``params.<section>.<key>`` (and local
+names bound to such a chain) in the stage's ``main`` and in every project function it calls,
+following calls through stages/ (stages/tracking.py records params, it reads none for the run).
+"""
+
+import ast
+import os
+import re
+from pathlib import Path
+
+import pytest
+
+from .stage_fixtures import ROOT
+
+LAUNCH_READS = {"run.nproc_per_node", "run.nnodes"}   # stages/launch.py: the world size
+
+
+def dvc_stages():
+    from dvc.dependency.param import ParamsDependency
+    from dvc.repo import Repo
+
+    out = []
+    for stage in Repo(str(ROOT)).index.stages:
+        files, params = [], []
+        for dep in stage.deps:
+            if isinstance(dep, ParamsDependency):
+                params += dep.params
+            else:
+                files.append(os.path.relpath(dep.fs_path, ROOT))
+        out.append((stage.addressing, stage.cmd, files, params))
+    return out
+
+
+STAGES = dvc_stages()
+
+
+def module_path(name: str) -> Path:
+    base = ROOT / name.replace(".", "/")
+    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
+
+
+def parse(name: str) -> ast.Module:
+    return ast.parse(module_path(name).read_text())
+
+
+def imported(name: str) -> set[str]:
+    """Project modules (robustkd.*, stages.*) that module ``name`` imports anywhere in it."""
+    package = name.rsplit(".", 1)[0]
+    out = set()
+    for node in ast.walk(parse(name)):
+        if isinstance(node, ast.Import):
+            names = [a.name for a in node.names]
+        elif isinstance(node, ast.ImportFrom):
+            base = package if node.level else ""
+            mod = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
+            names = [mod] + [f"{mod}.{a.name}" for a in node.names]
+        else:
+            continue
+        for n in names:
+            while n and not module_path(n).is_file():
+                n = n.rpartition(".")[0]
+            if n.split(".")[0] in ("robustkd", "stages"):
+                out.add(n)
+    return out
+
+
+def closure(name: str) -> set[str]:
+    seen, todo = set(), [name]
+    while todo:
+        mod = todo.pop()
+        if mod not in seen:
+            seen.add(mod)
+            todo += imported(mod) | ({mod.rsplit(".", 1)[0]} if "." in mod else set())
+    return seen
+
+
+def stage_module(cmd: str) -> tuple[str, list[str]]:
+    words = cmd.split()
+    i = words.index("-m")
+    if words[i + 1] == "stages.launch":
+        return f"stages.{words[i + 2]}", words[i + 3:]
+    return words[i + 1], words[i + 2:]
+
+
+# ---------------------------------------------------------------- params read by the code
+def chain(node) -> list[str] | None:
+    parts = []
+    while isinstance(node, ast.Attribute):
+        parts.append(node.attr)
+        node = node.value
+    return [node.id, *reversed(parts)] if isinstance(node, ast.Name) else None
+
+
+def functions(name: str) -> tuple[dict, dict]:
+    """Top-level functions of a stages module, and names it imports from other stages modules."""
+    tree = parse(name)
+    defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
+    imports = {}
+    for node in tree.body:
+        if isinstance(node, ast.ImportFrom) and node.level == 1:
+            for a in node.names:
+                imports[a.asname or a.name] = (f"stages.{node.module}", a.name)
+    return defs, imports
+
+
+def target(name: str, module: str):
+    defs, imports = functions(module)
+    if name in defs:
+        return module, name
+    return imports.get(name)
+
+
+def bindings(call: ast.Call, module: str, aliases: dict) -> tuple | None:
+    """(module, function, {parameter: chain}) of a call of a project function."""
+    if not isinstance(call.func, ast.Name) or target(call.func.id, module) is None:
+        return None
+    callee_module, callee = target(call.func.id, module)
+    fn = functions(callee_module)[0].get(callee)
+    if fn is None:
+        return None
+    names = [a.arg for a in fn.args.args]
+    bound = {names[i]: aliases[a.id] for i, a in enumerate(call.args)
+             if i < len(names) and isinstance(a, ast.Name) and a.id in aliases}
+    bound.update({k.arg: aliases[k.value.id] for k in call.keywords
+                  if k.arg and isinstance(k.value, ast.Name) and k.value.id in aliases})
+    return callee_module, callee, bound
+
+
+def reads(module: str, func: str, seen: set, bound: dict | None = None) -> set[str]:
+    bound = bound if bound is not None else {"params": []}
+    key = (module, func, repr(sorted(bound.items())))
+    if key in seen or module == "stages.tracking":
+        return set()
+    seen.add(key)
+    defs, imports = functions(module)
+    fn = defs.get(func)
+    if fn is None:
+        return set()
+    aliases, definitions = dict(bound), set()
+    for node in ast.walk(fn):  # cfg = params.teacher -> cfg stands for ["teacher"]
+        if isinstance(node, ast.Assign) and len(node.targets) == 1 and isinstance(node.targets[0], ast.Name):
+            c = chain(node.value)
+            if c and c[0] in aliases and len(c) > 1:
+                aliases[node.targets[0].id] = aliases[c[0]] + c[1:]
+                definitions.add(id(node.value))
+    inner = {id(n.value) for n in ast.walk(fn) if isinstance(n, ast.Attribute)}
+    called = {id(n.func) for n in ast.walk(fn) if isinstance(n, ast.Call)}
+    out, handed = set(), set()
+    for node in ast.walk(fn):  # aliases handed to project functions: read there
+        if isinstance(node, ast.Call) and (b := bindings(node, module, aliases)):
+            out |= reads(b[0], b[1], seen, b[2])
+            handed |= {id(a) for a in [*node.args, *(k.value for k in node.keywords)]
+                       if isinstance(a, ast.Name) and a.id in aliases}
+    for node in ast.walk(fn):
+        if id(node) in inner or id(node) in handed or id(node) in definitions:
+            continue
+        if isinstance(node, ast.Attribute):
+            c = chain(node)
+            if c and c[0] in aliases:
+                path = aliases[c[0]] + c[1:-1 if id(node) in called else None]
+                out.add(".".join(path))
+        elif isinstance(node, ast.Name) and isinstance(node.ctx, ast.Load) and aliases.get(node.id):
+            out.add(".".join(aliases[node.id]))  # a whole section used as such
+    return {r for r in out if r}
+
+
+def read_by_stage(cmd: str) -> set[str]:
+    module, argv = stage_module(cmd)
+    got = reads(module, "main", set())
+    if "--method" in argv:  # the method comes from the command line: its settings block only
+        method = argv[argv.index("--method") + 1]
+        got = {f"distill.settings.{method}" if r == "distill.settings" else r for r in got - {"distill.method"}}
+    if "stages.launch" in cmd:
+        got |= LAUNCH_READS
+    return got
+
+
+def covered(key: str, declared: list[str]) -> bool:
+    return any(key == d or key.startswith(d + ".") for d in declared)
+
+
+@pytest.mark.parametrize("address, cmd, files, params", STAGES, ids=[s[0] for s in STAGES])
+def test_every_imported_module_is_a_declared_dependency(address, cmd, files, params):
+    module, _ = stage_module(cmd)
+    needed = sorted(os.path.relpath(module_path(m), ROOT) for m in closure(module))
+    missing = [f for f in needed if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in files)]
+    assert not missing, f"{address}: {module} imports {missing}, not declared in deps {files}"
+
+
+@pytest.mark.parametrize("address, cmd, files, params", STAGES, ids=[s[0] for s in STAGES])
+def test_every_params_key_read_is_declared(address, cmd, files, params):
+    missing = sorted(k for k in read_by_stage(cmd) if not covered(k, params))
+    assert not missing, f"{address}: reads params {missing}, declared {params}"
+
+
+def test_the_reader_finds_what_a_stage_reads():
+    got = read_by_stage("python -m stages.launch distill --method rslad --name x")
+    assert {"distill.student.arch", "distill.settings.rslad", "ddpm.fraction", "run.seed", "run.bf16",
+            "data.source", "run.nproc_per_node"} <= got
+    assert "distill.method" not in got and "distill.settings" not in got
+    assert {"data.root", "data.source", "data.test_per_class"} <= read_by_stage("python -m stages.prepare_data")
+
+
+def test_bytecode_never_counts_as_a_dependency_change():
+    ignored = (ROOT / ".dvcignore").read_text().split()
+    assert "__pycache__" in ignored and "*.pyc" in ignored
+    assert re.search(r"(?m)^/metrics/", (ROOT / ".gitignore").read_text()) is None
