@@ -310,7 +310,7 @@ def onnx_case(preset: dict, device, student_path: str | None) -> dict:
     import onnxruntime as ort
     import torch
 
-    from stages.export_onnx import INPUT_NAME, OUTPUT_NAME, export, median_latency_ms
+    from services.onnx_export import INPUT_NAME, OUTPUT_NAME, export, median_latency_ms
 
     student, _ = build(preset, torch.device("cpu"), student_path=student_path)
     student.eval()

@@ -31,8 +31,8 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run as current_flow_run
 
-from stages.params import load_params
-from stages.tracking import DEFAULT_EXPERIMENT, git_commit, setup_mlflow, tracking_enabled, tracking_uri
+from services.params import load_params
+from services.tracking import DEFAULT_EXPERIMENT, git_commit, setup_mlflow, tracking_enabled, tracking_uri
 
 from . import registry
 

@@ -25,7 +25,7 @@ def resolve_model(source: str) -> Path:
         return path
     import mlflow
 
-    from stages.tracking import MLFLOW_ENV, keep_environment, tracking_uri
+    from services.tracking import MLFLOW_ENV, keep_environment, tracking_uri
 
     with keep_environment(*MLFLOW_ENV):
         mlflow.set_tracking_uri(tracking_uri())

@@ -22,10 +22,10 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from stages.evaluate import read_evaluation
-from stages.params import load_params
-from stages.report import ATTACK_COLUMNS
-from stages.tracking import MLFLOW_ENV, git_commit, keep_environment, setup_mlflow
+from services.results import read_evaluation
+from services.params import load_params
+from services.tables import ATTACK_COLUMNS
+from services.tracking import MLFLOW_ENV, git_commit, keep_environment, setup_mlflow
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 

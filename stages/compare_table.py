@@ -7,9 +7,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .common import METRICS, REPORTS, cli, parser, read_params, write_json
-from .evaluate import read_evaluation
-from .report import TABLE_COLUMNS, accuracy_cell, paired_lines
+from services.common import METRICS, REPORTS, cli, parser, read_params, write_json
+from services.results import read_evaluation
+from services.tables import TABLE_COLUMNS, accuracy_cell, paired_lines
 from robustkd.utils import atomic_path
 
 

@@ -14,10 +14,10 @@ from robustkd.data import GeneratedPool, to_float
 from robustkd.methods import DataInfo, create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
 
-from .common import (CHECKPOINTS, GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser,
+from services.common import (CHECKPOINTS, GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser,
                      read_params, setup_distributed)
-from .params import dataset_key, method_settings, resolve_optim
-from .training import run_training
+from services.params import dataset_key, method_settings, resolve_optim
+from services.training import run_training
 
 
 def load_generated() -> GeneratedPool | None:

@@ -5,8 +5,6 @@ and latency of torch eager and onnxruntime; the figures go to metrics/export.jso
 from __future__ import annotations
 
 import json
-import time
-import warnings
 
 import numpy as np
 import torch
@@ -14,40 +12,9 @@ import torch
 from robustkd.data import stratified_first_k, to_float
 from robustkd.errors import InputError
 from robustkd.models import load_checkpoint
-from robustkd.utils import atomic_path
 
-from .common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, write_json
-
-INPUT_NAME = "image"
-OUTPUT_NAME = "logits"
-
-
-def export(model, path, opset: int, metadata: dict[str, str]) -> None:
-    """One .onnx file; ``metadata`` (class names, method, ...) goes into its metadata_props so
-    the server and the predict CLI need nothing but the file."""
-    import onnx
-
-    example = torch.rand(2, 3, 32, 32)
-    batch = torch.export.Dim("batch", min=1, max=65536)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset,
-                          input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
-                          dynamic_shapes={"x": {0: batch}}, external_data=False, verbose=False)
-        proto = onnx.load(str(tmp))
-        onnx.helper.set_model_props(proto, metadata)
-        onnx.save(proto, str(tmp))
-
-
-def median_latency_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1000 * float(np.median(times))
-
+from services.onnx_export import INPUT_NAME, OUTPUT_NAME, export, median_latency_ms
+from services.common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, write_json
 
 def main(args) -> None:
     import onnx

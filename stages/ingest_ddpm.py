@@ -19,8 +19,8 @@ from robustkd.errors import InputError
 from robustkd.models import load_checkpoint
 from robustkd.utils import atomic_path, progress
 
-from .common import GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, setup_run, write_json
-from .params import DdpmParams
+from services.common import GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, setup_run, write_json
+from services.params import DdpmParams
 
 
 def image_hashes(images_hwc: np.ndarray) -> np.ndarray:

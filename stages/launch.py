@@ -19,7 +19,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .params import load_params
+from services.params import load_params
 
 DISTRIBUTED_STAGES = ("train_teacher", "distill", "evaluate")
 

@@ -10,8 +10,8 @@ import torch
 from robustkd.data import ImageSet, check_same_classes, load_image_folder, load_torchvision_cifar
 from robustkd.errors import InputError
 
-from .common import METRICS, PREPARED, cli, data_root, parser, read_params, save_imageset, write_json
-from .params import DataParams
+from services.common import METRICS, PREPARED, cli, data_root, parser, read_params, save_imageset, write_json
+from services.params import DataParams
 
 
 def split_per_class(data: ImageSet, first: int | None, then: int) -> tuple[ImageSet, ImageSet]:

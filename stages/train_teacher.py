@@ -10,10 +10,10 @@ from robustkd.errors import InputError
 from robustkd.methods import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
 
-from .common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
+from services.common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
                      setup_distributed, write_csv, write_json)
-from .params import dataset_key
-from .training import run_training
+from services.params import dataset_key
+from services.training import run_training
 
 
 def given_teacher(path: str, cfg, classes: list[str]):

@@ -3,7 +3,7 @@ not) is covered by a declared dependency, and every params key its code reads is
 
 The params a stage reads are found in the source: chains ``params.<section>.<key>`` (and local
 names bound to such a chain) in the stage's ``main`` and in every project function it calls,
-following calls through stages/ (stages/tracking.py records params, it reads none for the run).
+following calls through stages/ and services/ (services/tracking.py records params, it reads none for the run).
 """
 
 import ast
@@ -62,7 +62,7 @@ def imported(name: str) -> set[str]:
         for n in names:
             while n and not module_path(n).is_file():
                 n = n.rpartition(".")[0]
-            if n.split(".")[0] in ("robustkd", "stages"):
+            if n.split(".")[0] in ("robustkd", "stages", "services"):
                 out.add(n)
     return out
 
@@ -99,10 +99,14 @@ def functions(name: str) -> tuple[dict, dict]:
     tree = parse(name)
     defs = {n.name: n for n in tree.body if isinstance(n, ast.FunctionDef)}
     imports = {}
+    package = name.rpartition(".")[0]
     for node in tree.body:
         if isinstance(node, ast.ImportFrom) and node.level == 1:
             for a in node.names:
-                imports[a.asname or a.name] = (f"stages.{node.module}", a.name)
+                imports[a.asname or a.name] = (f"{package}.{node.module}", a.name)
+        elif isinstance(node, ast.ImportFrom) and (node.module or "").split(".")[0] in ("stages", "services"):
+            for a in node.names:
+                imports[a.asname or a.name] = (node.module, a.name)
     return defs, imports
 
 
@@ -132,7 +136,7 @@ def bindings(call: ast.Call, module: str, aliases: dict) -> tuple | None:
 def reads(module: str, func: str, seen: set, bound: dict | None = None) -> set[str]:
     bound = bound if bound is not None else {"params": []}
     key = (module, func, repr(sorted(bound.items())))
-    if key in seen or module == "stages.tracking":
+    if key in seen or module == "services.tracking":
         return set()
     seen.add(key)
     defs, imports = functions(module)

@@ -337,7 +337,7 @@ def stage_dir(tmp_path, monkeypatch):
     """A prepared 10-image test set, an untrained checkpoint and a tiny params.yaml."""
     from robustkd.data import ImageSet
     from robustkd.models import create_model, save_checkpoint
-    from stages.common import save_imageset
+    from services.common import save_imageset
 
     from .stage_fixtures import tiny_params, write_params
 
@@ -398,8 +398,8 @@ def test_stage_with_fail_on_check_writes_then_exits_1(stage_dir, monkeypatch, ca
 
 def _written(tmp, name, correct: dict, flagged=0):
     """A results trio as the stage writes it, for the readers' tests."""
-    from stages.common import save_arrays, write_json
-    from stages.evaluate import info_path, per_image_path
+    from services.common import save_arrays, write_json
+    from services.results import info_path, per_image_path
 
     from robustkd.stats import accuracy_record
 
@@ -418,8 +418,8 @@ def _written(tmp, name, correct: dict, flagged=0):
 
 def test_tables_show_intervals_flags_and_mcnemar(tmp_path):
     from stages.compare_table import table_text
-    from stages.evaluate import read_evaluation
-    from stages.report import checks_lines, markdown_to_html_table, paired_lines
+    from services.results import read_evaluation
+    from services.tables import checks_lines, markdown_to_html_table, paired_lines
 
     a = _written(tmp_path, "a", {"natural": [1] * 8 + [0] * 2, "pgd20": [1] * 6 + [0] * 4})
     b = _written(tmp_path, "b", {"natural": [1] * 2 + [0] * 8, "pgd20": [0] * 10}, flagged=1)

@@ -97,7 +97,7 @@ def test_champion_moves_only_to_a_version_at_least_as_robust(flow_run):
     from pipeline import registry
 
     repo, _, _, client = flow_run
-    from stages.tracking import setup_mlflow
+    from services.tracking import setup_mlflow
     setup_mlflow(repo)
     champion = json.loads((repo / "metrics/evaluate/student.json").read_text())
     tags = {"method": "rslad", "student": "resnet10_w8"}

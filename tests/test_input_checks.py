@@ -35,7 +35,7 @@ def test_prepare_data_refuses_a_test_tree_with_other_classes(tmp_path, monkeypat
 def test_data_root_resolves_from_dvc_temporary_workspaces_and_the_environment(tmp_path, monkeypatch):
     from pathlib import Path
 
-    from stages.common import data_root, project_dir
+    from services.common import data_root, project_dir
 
     assert project_dir(Path("/w/proj/.dvc/tmp/exps/standalone/tmpab12")) == Path("/w/proj")
     assert project_dir(Path("/w/proj")) == Path("/w/proj")

@@ -7,7 +7,7 @@ import pytest
 
 from robustkd.errors import InputError
 from robustkd.models import create_model, save_checkpoint
-from stages.params import load_params
+from services.params import load_params
 
 from .stage_fixtures import tiny_params, write_params
 

@@ -10,7 +10,7 @@ import pytest
 from pipeline.flow import (StageFailed, compare_stages, is_transient_output, main_stages, params_for_this_run,
                            run_params)
 from pipeline.registry import CHALLENGER, CHAMPION, decide_alias
-from stages.tracking import flatten, numeric_metrics
+from services.tracking import flatten, numeric_metrics
 
 from .stage_fixtures import ROOT, tiny_params, write_params
 
@@ -104,7 +104,7 @@ def test_ci_runs_the_readme_test_command():
 
 def test_launch_builds_the_torchrun_command():
     from stages.launch import params_path, torchrun_command
-    from stages.params import RunParams
+    from services.params import RunParams
 
     single = torchrun_command("distill", ["--method", "rslad"], RunParams(nproc_per_node=4))
     assert single[1:] == ["--nproc_per_node=4", "--standalone", "-m", "stages.distill", "--method", "rslad"]
@@ -115,7 +115,7 @@ def test_launch_builds_the_torchrun_command():
 
 def test_several_nodes_need_a_rendezvous_endpoint():
     from robustkd.errors import InputError
-    from stages.params import RunParams
+    from services.params import RunParams
 
     with pytest.raises(InputError, match="rdzv_endpoint"):
         RunParams(nnodes=2)
@@ -126,7 +126,7 @@ def test_tracking_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
     child process) must not inherit the first one's store."""
     import os
 
-    from stages.tracking import stage_run
+    from services.tracking import stage_run
 
     monkeypatch.chdir(tmp_path)
     before = {k: v for k, v in os.environ.items() if k.startswith("MLFLOW_")}
@@ -139,7 +139,7 @@ def test_tracking_leaves_the_environment_as_it_was(tmp_path, monkeypatch):
 def test_official_schedules_rescale_to_the_profile_and_take_overrides(tmp_path):
     import yaml
 
-    from stages.params import load_params, resolve_optim
+    from services.params import load_params, resolve_optim
 
     raw = yaml.safe_load((ROOT / "params.yaml").read_text())
     raw["distill"].update(schedule="official", official_epochs=6, method_optim={"rslad": {"lr": 0.05}})
@@ -156,7 +156,7 @@ def test_official_schedules_rescale_to_the_profile_and_take_overrides(tmp_path):
 
 
 def test_git_commit_is_dirty_only_for_changes_other_than_the_pipelines_records(tmp_path):
-    from stages.tracking import git_commit
+    from services.tracking import git_commit
 
     def git(*a):
         subprocess.run(["git", "-c", "user.email=t@t", "-c", "user.name=t", *a], cwd=tmp_path, check=True,

@@ -8,7 +8,7 @@ from robustkd.data import ImageSet, TrainBatches
 from robustkd.engine import OptimConfig, RunConfig, Trainer
 from robustkd.losses import create_objective
 from robustkd.models import create_model
-from stages.training import data_hash
+from services.training import data_hash
 
 
 def dataset(seed=0, n=32):
