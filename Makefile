@@ -41,7 +41,7 @@ test: setup
 
 # Switch params.yaml to a preset of params/ (cpu, cifar10-resnet18, ...): `make preset PRESET=...`
 preset: setup
-	cp params/$(PRESET).yaml params.yaml
+	$(PY) -m services.presets $(PRESET)
 	$(PY) -m stages.prepare_data --download-only
 
 compare: setup

@@ -119,11 +119,10 @@ def register_student(root: str, parent_run_id: str | None) -> dict:
 
 
 def preset_params(root: Path, preset: str) -> dict:
-    src = root / "params" / f"{preset}.yaml"
-    if not src.is_file():
-        names = sorted(p.stem for p in (root / "params").glob("*.yaml"))
-        raise ValueError(f"preset {preset!r}: {src} does not exist; presets: {', '.join(names)}")
-    return yaml.safe_load(src.read_text())
+    """The full params of a preset of params/ (its ``extends`` chain merged)."""
+    from services.presets import load_preset
+
+    return load_preset(root, preset)
 
 
 def run_params(root: Path, preset: str | None, methods: list[str] | None) -> bytes | None:

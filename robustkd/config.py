@@ -33,7 +33,10 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str) -> C:
     try:
         return cls(**kwargs)
     except (TypeError, InputError) as exc:  # __post_init__ checks: name where they failed
-        raise InputError(f"{where}: {exc}") from None
+        msg = str(exc)
+        if msg.split(":")[0] in fields:     # "eps: expected ..." -> "<where>.eps: expected ..."
+            raise InputError(f"{where}.{msg}") from None
+        raise InputError(f"{where}: {msg}") from None
 
 
 def _convert(hint, value, where):

@@ -158,28 +158,23 @@ class HistoryWriter:
 
 def heldout_monitor(heldout: ImageSet | None, device: torch.device, pgd_steps: int, eps: float,
                     step_size: float, seed: int):
-    """Per-epoch natural and PGD accuracy on the held-out slice (None when there is none)."""
+    """Per-epoch natural and PGD accuracy on the held-out slice (None when there is none), with the
+    library's evaluation attacks (``robustkd.evaluation.run_attack``: no checks, the figures of
+    a monitor, not of the protocol)."""
     if heldout is None or len(heldout) == 0:
         return None
-    from robustkd import attacks
     from robustkd.data import to_float
-    from robustkd.utils import make_generator
+    from robustkd.evaluation import EvalConfig, run_attack
 
-    x = to_float(heldout.images)
-    y = heldout.labels
+    x, y = to_float(heldout.images), heldout.labels
+    cfg = EvalConfig(eps=eps, pgd_steps=pgd_steps, pgd_step_size=step_size, attacks=["natural", "pgd20"],
+                     batch_size=256, seed=seed, checks=False)
 
     def evaluate(model) -> dict:
-        model.eval()
-        gen = make_generator(seed, device)
-        nat = adv = 0
-        for i in range(0, len(x), 256):
-            xb, yb = x[i:i + 256].to(device), y[i:i + 256].to(device)
-            with torch.no_grad():
-                nat += (model(xb).argmax(1) == yb).sum().item()
-            xa = attacks.pgd_ce(model, xb, yb, eps=eps, alpha=step_size, steps=pgd_steps, generator=gen)
-            with torch.no_grad():
-                adv += (model(xa).argmax(1) == yb).sum().item()
-        return {"heldout_natural": 100.0 * nat / len(y), f"heldout_pgd{pgd_steps}": 100.0 * adv / len(y)}
+        nat = run_attack(model, x, y, "natural", cfg, device)
+        adv = run_attack(model, x, y, "pgd20", cfg, device)
+        return {"heldout_natural": 100.0 * nat.float().mean().item(),
+                f"heldout_pgd{pgd_steps}": 100.0 * adv.float().mean().item()}
 
     return evaluate
 

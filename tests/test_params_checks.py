@@ -28,8 +28,10 @@ def test_the_tiny_profile_and_the_presets_load(tmp_path):
     from .stage_fixtures import ROOT
 
     load_params(params_with(tmp_path, lambda p: None))
-    for preset in sorted((ROOT / "params").glob("*.yaml")):
-        load_params(preset)
+    from services.presets import preset_names, preset_text
+
+    for preset in preset_names(ROOT):
+        preset_text(ROOT, preset)      # merged over its base and loaded as a whole params.yaml
 
 
 def test_eps_above_one_names_the_key_and_suggests_a_fraction(tmp_path):
@@ -99,3 +101,24 @@ def test_a_given_teacher_is_checked_against_the_params(tmp_path, kwargs, words):
         return
     with pytest.raises(InputError, match=__import__("re").escape(words)):
         given_teacher("params.yaml", params.teacher, classes)
+
+
+def test_every_preset_merges_over_its_base_and_validates(tmp_path):
+    from services.presets import load_preset, preset_names, preset_text
+
+    from .stage_fixtures import ROOT
+
+    assert (ROOT / "params.yaml").read_text() == (ROOT / "params/cpu.yaml").read_text()
+    for name in preset_names(ROOT):
+        if name != "cpu":
+            preset_text(ROOT, name)          # validated as a whole params.yaml
+    full = load_preset(ROOT, "cifar100-resnet18")
+    assert full["data"]["source"] == "cifar100" and full["distill"]["student"]["arch"] == "resnet18"
+    assert full["teacher"]["model"]["arch"] == "wrn34_10" and full["distill"]["schedule"] == "official"
+    assert full["distill"]["settings"]["darwin"]["eps"] == "8/255"          # from the base
+    assert full["distill"]["settings"]["darwin"]["steps"] == 10             # from params/paper.yaml
+    (tmp_path / "params").mkdir()
+    (tmp_path / "params/cpu.yaml").write_text((ROOT / "params/cpu.yaml").read_text())
+    (tmp_path / "params/bad.yaml").write_text("extends: cpu\ndistill: {optim: {epochs: 0}}\n")
+    with pytest.raises(InputError, match="epochs"):
+        preset_text(tmp_path, "bad")

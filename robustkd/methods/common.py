@@ -31,11 +31,12 @@ def teacher_logits(teacher: nn.Module, x: torch.Tensor, autocast) -> torch.Tenso
         return teacher(x).float()
 
 
-def check_attack(eps: float, step_size: float, steps: int, where: str) -> None:
-    """eps and step in [0, 1] pixel units, at least one step (0 allowed: no attack)."""
+def check_attack(eps: float, step_size: float, steps: int, method: str) -> None:
+    """eps and step in [0, 1] pixel units, steps >= 0 (0: no attack). The message starts with the
+    field's name, so ``from_dict`` reports it as ``<where>.<field>``."""
     for name, value in (("eps", eps), ("step_size", step_size)):
         if not 0.0 <= value <= 1.0:
             hint = f" (did you mean {value:g}/255?)" if value > 1 else ""
-            raise InputError(f"{where}.{name}: expected a value in [0, 1] pixel units, found {value:g}{hint}")
+            raise InputError(f"{name}: expected a value in [0, 1] pixel units, found {value:g}{hint}")
     if steps < 0:
-        raise InputError(f"{where}.steps: expected >= 0, found {steps}")
+        raise InputError(f"steps: expected >= 0, found {steps}")
