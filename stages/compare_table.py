@@ -10,6 +10,7 @@ from pathlib import Path
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_json
 from services.results import read_evaluation
 from services.tables import TABLE_COLUMNS, accuracy_cell, paired_lines
+from robustkd.methods import available_methods, get_method
 from robustkd.utils import atomic_path
 
 
@@ -36,16 +37,28 @@ def table_text(rows: list[tuple[str, dict]], paired: list[str]) -> str:
     lines = ["| method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | checks |",
              "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
     for name, m in rows:
-        lines.append(f"| {name} | " + " | ".join(accuracy_cell(m, k) for k, _ in TABLE_COLUMNS)
+        lines.append(f"| {display_name(name)} | " + " | ".join(accuracy_cell(m, k) for k, _ in TABLE_COLUMNS)
                      + f" | {'FLAGGED' if m.get('flagged') else 'passed'} |")
     last = rows[-1][1] if rows else {}
     subset = last.get("info", {}).get("subset", {})
     text = "\n".join(lines) + (f"\n\nAccuracy (%) [95% Wilson interval] on {last.get('num_images', 0)} test images "
                                f"({subset.get('description', '-')}, images sha256 "
                                f"{str(subset.get('images_sha256', '-'))[:16]}).\n")
+    trained = [f"- {display_name(name)}: {m['info']['optimiser']}" for name, m in rows
+               if m.get("info", {}).get("optimiser")]
+    if trained:
+        text += "\nHow each method's learning rate and schedule were set:\n\n" + "\n".join(trained) + "\n"
+    if any(display_name(name) != name for name, _ in rows):
+        text += ("\n(reconstruction): no official code exists; rebuilt from the published equations "
+                 "(docs/methods.md).\n")
     if paired:
         text += "\nExact McNemar tests on the same images:\n\n" + "\n".join(paired) + "\n"
     return text
+
+
+def display_name(name: str) -> str:
+    """A method's table name: reconstructions say so."""
+    return get_method(name).label if name in available_methods() else name
 
 
 def numeric_rows(rows: list[tuple[str, dict]]) -> dict:

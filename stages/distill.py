@@ -75,7 +75,8 @@ def main(args) -> None:
     if not dist_info.is_main:
         return
     save_checkpoint(student, model_path, method=method, teacher_arch=teacher.arch,
-                    dataset=params.data.source, epochs=len(history))
+                    dataset=params.data.source, epochs=len(history), optimiser=optim_how,
+                    reconstruction=objective.method.reconstruction)
     args.tracker.set_tags({"method": method, "student": cfg.student.arch, "teacher": teacher.arch,
                            "optimiser": optim_how, "reconstruction": str(objective.method.reconstruction)})
     for path in (metrics_dir / f"{name}_train.json", metrics_dir / f"{name}_history.csv", model_path):

@@ -68,6 +68,7 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     if k is not None:
         summary["per_class"] = k
     info = {"model": str(model_path), "arch": model.arch, "method": model.checkpoint_meta.get("method"),
+            "optimiser": model.checkpoint_meta.get("optimiser"),
             "subset": subset_identity(params, indices, test.images),
             "threat_model": {"norm": "Linf", "eps": cfg.eps, "eps_255": round(cfg.eps * 255, 4)},
             "attacks": attack_settings(cfg), "config": asdict(cfg),

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attacks import kl_per_sample, model_modes  # noqa: F401 - re-exported for the method modules
+from ..attacks import model_modes
 from ..errors import InputError
 
 EPS = 8 / 255     # L-inf radius, [0, 1] pixel units

@@ -24,11 +24,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import attacks
 from ..distributed import global_sum
 from .common import ALPHA, EPS, check_attack, teacher_logits
-from .registry import DataInfo, Method, register
-from .rslad import RSLAD_SCHEDULE, rslad_attack
+from .registry import Method, register
+from .rslad import RSLAD_SCHEDULE, kl_or_ce_attack
 
 
 @dataclass
@@ -105,12 +104,7 @@ def crdnd_loss(student, teacher, batch, cfg: CrdndConfig, step):
     x, y = batch.x, batch.y
     acc_state: TeacherClassAccuracy = step.state
     t_x = teacher_logits(teacher, x, step.autocast)
-    if cfg.attack == "rslad_kl":
-        x_adv = rslad_attack(student, x, t_x, cfg, step)
-    else:
-        x_adv = attacks.pgd_ce(student, x, y, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
-                               start="uniform", clamp_start=cfg.clamp_start, bn_mode=cfg.attack_bn_mode,
-                               generator=step.generator, autocast=step.autocast)
+    x_adv = kl_or_ce_attack(student, x, y, t_x, cfg, step)
     t_adv = teacher_logits(teacher, x_adv, step.autocast)
     with step.autocast():
         s_adv = student(x_adv).float()

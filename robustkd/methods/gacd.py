@@ -25,13 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import attacks
 from ..attacks import kl_per_sample, model_modes
-from ..distributed import all_gather_cat, current
+from ..distributed import all_gather_cat
 from ..errors import InputError
 from .common import ALPHA, EPS, check_attack
 from .registry import DataInfo, Method, register
-from .rslad import RSLAD_SCHEDULE, rslad_attack
+from .rslad import RSLAD_SCHEDULE, kl_or_ce_attack
 
 NCE_EPS = 1e-7   # CRD's ContrastLoss eps
 
@@ -180,12 +179,7 @@ def gacd_loss(student, teacher, batch, cfg: GacdConfig, step):
     with model_modes([teacher], [False]), torch.no_grad(), step.autocast():
         t_x, f_t = teacher(x, return_features=True)
     t_x, f_t = t_x.float(), f_t.float()
-    if cfg.attack == "rslad_kl":
-        x_adv = rslad_attack(student, x, t_x, cfg, step)
-    else:
-        x_adv = attacks.pgd_ce(student, x, y, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
-                               start="uniform", clamp_start=cfg.clamp_start, bn_mode=cfg.attack_bn_mode,
-                               generator=step.generator, autocast=step.autocast)
+    x_adv = kl_or_ce_attack(student, x, y, t_x, cfg, step)
     with step.autocast():
         s_adv, f_s = student(x_adv, return_features=True)
     s_adv, f_s = s_adv.float(), f_s.float()

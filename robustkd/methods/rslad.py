@@ -45,6 +45,16 @@ def rslad_attack(student, x, t_x, cfg, step):
                           generator=step.generator, autocast=step.autocast)
 
 
+def kl_or_ce_attack(student, x, y, t_x, cfg, step):
+    """The reconstructed methods' training attack, ``cfg.attack``: 'rslad_kl' (RSLAD's, label-free)
+    or 'ce' (PGD on the student's cross-entropy, uniform start)."""
+    if cfg.attack == "rslad_kl":
+        return rslad_attack(student, x, t_x, cfg, step)
+    return attacks.pgd_ce(student, x, y, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps, start="uniform",
+                          clamp_start=cfg.clamp_start, bn_mode=cfg.attack_bn_mode, generator=step.generator,
+                          autocast=step.autocast)
+
+
 def soft_label_kl(t_logits: torch.Tensor, s_logits: torch.Tensor, log_eps: float) -> torch.Tensor:
     """sum_c p_t (log(p_t + log_eps) - log p_s) per sample: RSLAD's official ``kl_loss``."""
     p_t = F.softmax(t_logits.float(), 1)

@@ -1,0 +1,59 @@
+"""Stage fingerprint_data: a hash of the raw data that ``prepare_data`` reads, in
+``data/raw_fingerprint.json``.
+
+The raw data may live outside the project (the default ``../shared/datasets/cifar10``), where
+DVC's temporary experiment workspaces (``dvc exp run --temp`` / ``--queue``) cannot see it as a
+dependency. This stage always runs (``always_changed``), lists the files under ``data.root``
+(relative path, size and modification time) and writes their hash; ``prepare_data`` depends on
+that file, so it re-runs exactly when the raw data changes, from any workspace. It is
+deliberately not an MLflow run: it records nothing but the hash.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import sys
+from pathlib import Path
+
+from robustkd.errors import InputError
+
+from services.common import data_root, write_json
+from services.params import load_params
+
+OUT = Path("data") / "raw_fingerprint.json"
+
+
+def fingerprint(root: Path) -> dict:
+    """{"files": n, "bytes": total, "sha256": hash of the sorted (path, size, mtime) listing}."""
+    if not root.exists():   # a torchvision source that prepare_data will download
+        return {"files": 0, "bytes": 0, "sha256": "absent"}
+    digest, files, total = hashlib.sha256(), 0, 0
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames.sort()
+        for name in sorted(filenames):
+            path = Path(dirpath) / name
+            st = path.stat()
+            digest.update(f"{path.relative_to(root)}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+            files, total = files + 1, total + st.st_size
+    return {"files": files, "bytes": total, "sha256": digest.hexdigest()}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__)
+    p.add_argument("--params", default="params.yaml")
+    args = p.parse_args(argv)
+    try:
+        root = data_root(load_params(args.params).data.root)
+        record = fingerprint(root)
+    except InputError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    write_json(record, OUT)   # the data alone: the same hash from any workspace
+    print(f"{root}: {record['files']} files, sha256 {record['sha256'][:16]}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
