@@ -163,9 +163,47 @@ def keep_environment(*names: str):
 MLFLOW_ENV = ("MLFLOW_TRACKING_URI", "MLFLOW_EXPERIMENT_ID", "MLFLOW_EXPERIMENT_NAME")
 
 
+def relocate_store(root: Path) -> str | None:
+    """Make the project's SQLite store follow a moved project folder; returns the old folder.
+
+    MLflow keeps absolute artifact locations (it resolves relative ones on purpose), under
+    ``<project>/mlruns``. When the experiments' locations name another folder than ``root``, every
+    text cell of the store that starts with the old folder is rewritten to the new one, so runs,
+    artifacts and registered models of a moved or copied workspace open again."""
+    import re
+    import sqlite3
+
+    db = root / "mlflow.db"
+    if not db.is_file():
+        return None
+    con = sqlite3.connect(db)
+    try:
+        tables = [r[0] for r in con.execute("select name from sqlite_master where type = 'table'")]
+        if "experiments" not in tables:
+            return None
+        olds = {m.group(2) for (loc,) in con.execute("select artifact_location from experiments")
+                if loc and (m := re.match(r"^(file://)?(/.*)/mlruns/[^/]+/?$", loc))}
+        new = str(root.resolve())
+        moved = sorted(o for o in olds if o != new)
+        for old in moved:
+            for table in tables:
+                cols = [c[1] for c in con.execute(f'pragma table_info("{table}")')
+                        if (c[2] or "").upper().startswith(("VARCHAR", "TEXT"))]
+                for col in cols:
+                    con.execute(f'update "{table}" set "{col}" = replace("{col}", ?, ?) where "{col}" like ?',
+                                (old + "/", new + "/", f"%{old}/%"))
+        con.commit()
+        return moved[0] if moved else None
+    finally:
+        con.close()
+
+
 def setup_mlflow(root: Path | None = None):
-    """Import MLflow, point it at the tracking URI and experiment; returns the module."""
+    """Import MLflow, point it at the tracking URI and experiment; returns the module. The
+    project's own store follows a moved project folder (:func:`relocate_store`)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    if not os.environ.get("MLFLOW_TRACKING_URI"):
+        relocate_store(root or project_root())
     import mlflow
 
     with keep_environment(*MLFLOW_ENV):

@@ -173,3 +173,29 @@ def test_git_commit_is_dirty_only_for_changes_other_than_the_pipelines_records(t
     assert not git_commit(tmp_path).endswith("-dirty")
     (tmp_path / "code.py").write_text("2")
     assert git_commit(tmp_path).endswith("-dirty")
+
+
+def test_a_moved_workspace_still_opens_its_runs_and_artifacts(tmp_path, monkeypatch):
+    """MLflow stores absolute artifact paths; the project's store follows a moved folder."""
+    import shutil
+
+    from services.tracking import keep_environment, setup_mlflow, MLFLOW_ENV
+
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    old, new = tmp_path / "old", tmp_path / "new"
+    old.mkdir()
+    monkeypatch.chdir(old)
+    (old / "a.txt").write_text("hello")
+    with keep_environment(*MLFLOW_ENV):
+        mlflow = setup_mlflow(old)
+        with mlflow.start_run() as run:
+            mlflow.log_artifact(str(old / "a.txt"))
+    shutil.move(str(old), str(new))
+    monkeypatch.chdir(new)
+    with keep_environment(*MLFLOW_ENV):
+        mlflow = setup_mlflow(new)
+        got = mlflow.get_run(run.info.run_id)
+        assert str(new) in got.info.artifact_uri and str(old) not in got.info.artifact_uri
+        path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="a.txt",
+                                                   dst_path=str(tmp_path / "dl"))
+    assert Path(path).read_text() == "hello"
