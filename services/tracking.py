@@ -182,7 +182,7 @@ def relocate_store(root: Path) -> str | None:
         if "experiments" not in tables:
             return None
         olds = {m.group(2) for (loc,) in con.execute("select artifact_location from experiments")
-                if loc and (m := re.match(r"^(file://)?(/.*)/mlruns/[^/]+/?$", loc))}
+                if loc and (m := re.match(r"^(file://)?(/.*)/mlruns(/[^/]+)?/?$", loc))}
         new = str(root.resolve())
         moved = sorted(o for o in olds if o != new)
         for old in moved:
@@ -203,13 +203,30 @@ def setup_mlflow(root: Path | None = None):
     project's own store follows a moved project folder (:func:`relocate_store`)."""
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     if not os.environ.get("MLFLOW_TRACKING_URI"):
-        relocate_store(root or project_root())
+        relocate_store(Path(root or project_root()))
     import mlflow
 
+    own_store = not os.environ.get("MLFLOW_TRACKING_URI")   # read before MLflow exports it
     with keep_environment(*MLFLOW_ENV):
         mlflow.set_tracking_uri(tracking_uri(root))
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT))
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
+        if own_store:
+            ensure_project_experiment(mlflow, name, root or project_root())
+        mlflow.set_experiment(name)
     return mlflow
+
+
+def ensure_project_experiment(mlflow, name: str, root: Path) -> None:
+    """Create the project's experiment with its artifacts under ``<project>/mlruns``: MLflow's
+    default is ``./mlruns`` of whichever process creates the experiment first (the flow's, a
+    test's), which would scatter a project's artifacts over working directories."""
+    if mlflow.get_experiment_by_name(name) is not None:
+        return
+    try:
+        mlflow.create_experiment(name, artifact_location=str(Path(root).resolve() / "mlruns" / name))
+    except Exception:  # noqa: BLE001 - another stage process created it first
+        if mlflow.get_experiment_by_name(name) is None:
+            raise
 
 
 @contextlib.contextmanager

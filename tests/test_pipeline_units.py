@@ -77,7 +77,8 @@ def test_bad_methods_or_presets_are_refused_before_anything_is_written(tmp_path)
 
 
 def test_stage_lists():
-    assert main_stages(ROOT)[:2] == ["prepare_data", "train_teacher"] and main_stages(ROOT)[-1] == "report"
+    assert main_stages(ROOT)[:3] == ["fingerprint_data", "prepare_data", "train_teacher"]
+    assert main_stages(ROOT)[-1] == "report"
     assert compare_stages(["a", "b"]) == ["compare/dvc.yaml:distill@a", "compare/dvc.yaml:distill@b",
                                           "compare/dvc.yaml:evaluate@a", "compare/dvc.yaml:evaluate@b",
                                           "compare/dvc.yaml:table"]
