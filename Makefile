@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 # The pipeline through the Prefect flow: one task per DVC stage, MLflow runs, registry.
 run: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pipeline.flow $(FLOW_ARGS)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc metrics show metrics/evaluate
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc metrics show metrics/evaluate/teacher.json metrics/evaluate/student.json metrics/evaluate/reference.json
 	$(PY) -m pipeline.registry list
 
 test: setup
