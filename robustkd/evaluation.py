@@ -1,4 +1,4 @@
-"""Robustness evaluation (SPEC.md, "Evaluation protocol"): natural accuracy, PGD-20, CW-inf
+"""Robustness evaluation (docs/methods.md, "Attacks and evaluation"): natural accuracy, PGD-20, CW-inf
 and AutoAttack (standard, from ``pyautoattack``), with the protocol's checks.
 
 Results are per image (a bool "still correct" vector), so a sharded evaluation can gather

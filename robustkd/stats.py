@@ -1,4 +1,4 @@
-"""Statistics of the evaluation protocol (SPEC.md, "Evaluation protocol", "Statistics"): every
+"""Statistics of the evaluation protocol (docs/methods.md, "Attacks and evaluation"): every
 accuracy is a count of correct images out of a total, shown as a percentage with a 95% Wilson
 interval; two models evaluated on the same images are compared with an exact McNemar test on
 their per-image outcomes.

@@ -1,6 +1,6 @@
 """Stage evaluate: natural, PGD-20, CW-inf and AutoAttack (standard) accuracy of the teacher and
 the student (and the non-adversarial reference student) on the stratified test subset
-"first k per class", with the protocol's checks (SPEC.md, "Evaluation protocol").
+"first k per class", with the protocol's checks (docs/methods.md, "Attacks and evaluation").
 
 Writes, per model, next to each other (``metrics/evaluate/<model>``):
 
