@@ -138,6 +138,7 @@ def main(args) -> None:
 
 def build_parser():
     p = parser(__doc__)
+    p.add_argument("--seed", type=int, help="override run.seed (the comparison pipeline's seeds); recorded as run.seed")
     p.add_argument("--model", help="evaluate this checkpoint only (with --out)")
     p.add_argument("--out", help="numeric results JSON written for --model (_info.json and _per_image.npz "
                                  "beside it)")

@@ -29,7 +29,7 @@ def workdir(tmp_path_factory):
         train_teacher.run([])
         ingest_ddpm.run([])
         distill.run([])
-        distill.run(["--method", "natural_kd", "--name", "reference"])
+        distill.run(["--method", "natural_kd", "--name", "reference", "--seed", "7"])
         evaluate.run([])
         export_onnx.run([])
         report.run([])
@@ -232,6 +232,7 @@ def test_mlflow_records_the_method_that_ran_and_its_inputs(workdir):
     runs = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id])
     reference = next(r for r in runs if r.data.tags.get("method") == "natural_kd")
     assert reference.data.params["distill.method"] == "natural_kd" == reference.data.params["method.name"]
+    assert reference.data.params["run.seed"] == "7"  # --seed is the seed that ran and is recorded
     darwin = next(r for r in runs if r.data.tags.get("method") == "darwin")
     assert float(darwin.data.params["method.eps"]) == pytest.approx(8 / 255)  # a number, not "8/255"
     info = json.loads((workdir / "metrics/student_info.json").read_text())
