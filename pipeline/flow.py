@@ -71,9 +71,11 @@ def main_stages(root: Path) -> list[str]:
     return list(yaml.safe_load((root / "dvc.yaml").read_text())["stages"])
 
 
-def compare_stages(methods: list[str]) -> list[str]:
-    return ([f"compare/dvc.yaml:distill@{m}" for m in methods]
-            + [f"compare/dvc.yaml:evaluate@{m}" for m in methods] + ["compare/dvc.yaml:table"])
+def compare_stages(methods: list[str], seeds: list[int] = (0,)) -> list[str]:
+    """The comparison's stages in order: compare/dvc.yaml's matrix names them ``<method>-<seed>``."""
+    runs = [f"{m}-{s}" for m in methods for s in seeds]
+    return ([f"compare/dvc.yaml:distill@{r}" for r in runs]
+            + [f"compare/dvc.yaml:evaluate@{r}" for r in runs] + ["compare/dvc.yaml:table"])
 
 
 def stage_env(extra: dict[str, str]) -> dict[str, str]:
@@ -183,7 +185,7 @@ def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = Non
 
 def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, register_model: bool) -> dict:
     params = load_params(root / "params.yaml")
-    stages = main_stages(root) + (compare_stages(methods) if methods else [])
+    stages = main_stages(root) + (compare_stages(methods, params.compare.seeds) if methods else [])
     env = {"MLFLOW_TRACKING_URI": tracking_uri(root)}
     results: list[dict] = []
     parent_id = None

@@ -4,11 +4,18 @@
 with tags for method, student, teacher, dataset, each attack's accuracy and its 95% Wilson interval,
 the evaluated subset's hash and whether the evaluation was flagged, then decides its alias:
 
+- a new version is ranked only against a champion evaluated on the same dataset, AutoAttack
+  images (their SHA-256) and threat model (tag ``comparison_group``); against a champion of another
+  group it is ranked within its own group and gets ``champion-<group>`` (or ``challenger-<group>``),
+  with the reason;
 - ``champion`` moves to the new version only if its AutoAttack accuracy is at least the current
-  champion's and its natural accuracy is within ``registry.natural_tolerance`` percentage points of
-  the champion's (the first version becomes champion);
+  champion's (``registry.promotion: point_estimate``; with ``significant`` also an exact McNemar
+  p-value below ``registry.alpha`` on the same images) and its natural accuracy is within
+  ``registry.natural_tolerance`` percentage points of the champion's (the first version becomes
+  champion);
 - otherwise the new version gets ``challenger``, and the reason is logged and kept in the
-  version's ``alias_reason`` tag.
+  version's ``alias_reason`` tag; the counts, intervals and the McNemar p-value against the
+  champion are tags too.
 
 An ONNX file already registered (same SHA-256) is not registered again.
 ``python -m pipeline.registry list`` prints the registered students side by side.
@@ -22,9 +29,12 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from services.results import read_evaluation
+import numpy as np
+
+from robustkd.stats import discordant_pairs, mcnemar_exact_counts
+from services.results import per_image_path, read_evaluation
 from services.params import load_params
-from services.tables import ATTACK_COLUMNS
+from services.tables import ATTACK_COLUMNS, images_of
 from services.tracking import MLFLOW_ENV, git_commit, keep_environment, setup_mlflow
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -36,11 +46,40 @@ class Decision:
     reason: str
 
 
-def decide_alias(new: dict, champion: dict | None, natural_tolerance: float) -> Decision:
+# What makes two evaluations comparable: the same dataset, the same images (for AutoAttack,
+# the images it ran on) and the same threat model. Each is a version tag.
+COMPARABILITY_TAGS = ("dataset", "autoattack_images_sha256", "threat_model")
+GROUP_TAG = "comparison_group"
+PROMOTION_RULES = ("point_estimate", "significant")
+
+
+def comparison_group(tags: dict) -> str:
+    """A short name for the comparability key: versions with equal groups may be ranked."""
+    key = "|".join(str(tags.get(k, "")) for k in COMPARABILITY_TAGS)
+    return hashlib.sha256(key.encode()).hexdigest()[:8]
+
+
+def group_alias(group: str) -> str:
+    return f"{CHAMPION}-{group}"
+
+
+def incomparable(new_tags: dict, champion_tags: dict) -> str:
+    """Why two versions cannot be ranked ("" when they can): the tags that differ."""
+    differ = [f"{k} {new_tags.get(k)!s:.16} vs the champion's {champion_tags.get(k)!s:.16}"
+              for k in COMPARABILITY_TAGS if str(new_tags.get(k)) != str(champion_tags.get(k))]
+    return "; ".join(differ)
+
+
+def decide_alias(new: dict, champion: dict | None, natural_tolerance: float, promotion: str = "point_estimate",
+                 p_value: float | None = None, alpha: float = 0.05) -> Decision:
     """Champion or challenger for a new version, from accuracies in percent.
 
     ``new`` / ``champion``: {"natural": ..., "autoattack": ...}; ``champion`` None when there is none.
+    ``promotion``: "point_estimate" (AutoAttack accuracy >= the champion's) or "significant"
+    (also the exact McNemar ``p_value`` of the AutoAttack outcomes on the same images < ``alpha``).
     """
+    if promotion not in PROMOTION_RULES:
+        raise ValueError(f"registry.promotion: expected one of {PROMOTION_RULES}, found {promotion!r}")
     if champion is None:
         return Decision(CHAMPION, "first registered student")
     if new.get("autoattack") is None:
@@ -49,13 +88,20 @@ def decide_alias(new: dict, champion: dict | None, natural_tolerance: float) -> 
         return Decision(CHAMPION, "the champion has no AutoAttack accuracy")
     aa_new, aa_old = float(new["autoattack"]), float(champion["autoattack"])
     nat_new, nat_old = float(new["natural"]), float(champion["natural"])
+    shown_p = f", McNemar p = {p_value:.3g}" if p_value is not None else ""
     if aa_new < aa_old:
-        return Decision(CHALLENGER, f"AutoAttack {aa_new:.2f}% < champion's {aa_old:.2f}%")
+        return Decision(CHALLENGER, f"AutoAttack {aa_new:.2f}% < champion's {aa_old:.2f}%{shown_p}")
+    if promotion == "significant":
+        if p_value is None:
+            return Decision(CHALLENGER, "promotion: significant, but no paired outcomes to test against the champion")
+        if aa_new == aa_old or p_value >= alpha:
+            return Decision(CHALLENGER, f"AutoAttack {aa_new:.2f}% vs {aa_old:.2f}%: not a significant improvement"
+                                        f" (McNemar p = {p_value:.3g} >= alpha {alpha:g})")
     if nat_new < nat_old - natural_tolerance:
         return Decision(CHALLENGER, f"natural {nat_new:.2f}% more than {natural_tolerance} points below "
                                     f"the champion's {nat_old:.2f}%")
-    return Decision(CHAMPION, f"AutoAttack {aa_new:.2f}% >= {aa_old:.2f}%, natural {nat_new:.2f}% within "
-                              f"{natural_tolerance} of {nat_old:.2f}%")
+    return Decision(CHAMPION, f"AutoAttack {aa_new:.2f}% >= {aa_old:.2f}%{shown_p}, natural {nat_new:.2f}% "
+                              f"within {natural_tolerance} of {nat_old:.2f}% (promotion: {promotion})")
 
 
 def sha256_file(path: Path) -> str:
@@ -73,13 +119,52 @@ def _version_metrics(version) -> dict:
     return {k: _tag_float(version.tags, k) for k, _ in ATTACK_COLUMNS}
 
 
-def current_champion(client, model_name: str):
+def current_champion(client, model_name: str, alias: str = CHAMPION):
     from mlflow.exceptions import MlflowException
 
     try:
-        return client.get_model_version_by_alias(model_name, CHAMPION)
+        return client.get_model_version_by_alias(model_name, alias)
     except MlflowException:
         return None
+
+
+PER_IMAGE_ARTIFACT = "evaluation/per_image.npz"
+
+
+def autoattack_outcomes(per_image: dict) -> tuple[np.ndarray, np.ndarray] | None:
+    """(test-set indices, 1/0 AutoAttack outcomes) from a per-image results file's arrays."""
+    if per_image is None or "autoattack" not in per_image:
+        return None
+    return images_of(per_image, "autoattack"), per_image["autoattack"].astype(bool)
+
+
+def champion_outcomes(client, version) -> tuple[np.ndarray, np.ndarray] | None:
+    """The champion's per-image AutoAttack outcomes, from its registration run's artifact."""
+    import tempfile
+
+    import mlflow
+
+    if not version.run_id:
+        return None
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            path = mlflow.artifacts.download_artifacts(run_id=version.run_id, artifact_path=PER_IMAGE_ARTIFACT,
+                                                       dst_path=tmp)
+            with np.load(path, allow_pickle=False) as npz:
+                return autoattack_outcomes({k: npz[k] for k in npz.files})
+    except Exception:  # an older version registered without the artifact: no paired test
+        return None
+
+
+def paired_p_value(new: tuple[np.ndarray, np.ndarray] | None,
+                   old: tuple[np.ndarray, np.ndarray] | None) -> tuple[float | None, str]:
+    """Exact McNemar p of the AutoAttack outcomes on the same images (None and why when not paired)."""
+    if new is None or old is None:
+        return None, "per-image AutoAttack outcomes missing"
+    if not np.array_equal(new[0], old[0]):
+        return None, "not the same images"
+    only_new, only_old = discordant_pairs(new[1], old[1])
+    return mcnemar_exact_counts(only_new, only_old), f"right only for the new: {only_new}, only for the champion: {only_old}"
 
 
 def find_registered(client, model_name: str, sha: str):
@@ -93,8 +178,14 @@ def find_registered(client, model_name: str, sha: str):
 
 
 def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, natural_tolerance: float,
-                  parent_run_id: str | None = None, log=print) -> tuple[str, Decision | None]:
-    """Register ``onnx_path`` (unless already registered); returns (version, decision or None)."""
+                  parent_run_id: str | None = None, log=print, promotion: str = "point_estimate",
+                  alpha: float = 0.05, per_image: Path | None = None) -> tuple[str, Decision | None]:
+    """Register ``onnx_path`` (unless already registered); returns (version, decision or None).
+
+    The new version is ranked only against a champion of its comparison group (same dataset,
+    AutoAttack images and threat model); ``per_image``: its per-image evaluation outcomes, kept with
+    the version for the McNemar test of later versions against it.
+    """
     import mlflow
     import onnx
 
@@ -108,6 +199,7 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
     version_tags = {**{k: str(v) for k, v in tags.items()},
                     **{k: f"{metrics[k]:.2f}" for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None},
                     "onnx_sha256": sha}
+    version_tags[GROUP_TAG] = comparison_group(version_tags)
     with keep_environment(*MLFLOW_ENV), mlflow.start_run(
             run_name="register", parent_run_id=parent_run_id,
             tags={"stage": "register", "git_commit": tags.get("git_commit", "")}):
@@ -117,22 +209,60 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
                                      onnx_execution_providers=["CPUExecutionProvider"],
                                      pip_requirements=["onnx==1.23.2", "onnxruntime==1.32.0"],
                                      save_as_external_data=False)
+        if per_image is not None and Path(per_image).is_file():
+            mlflow.log_artifact(str(per_image), artifact_path=Path(PER_IMAGE_ARTIFACT).parent.as_posix())
     version = str(info.registered_model_version)
     for k, v in version_tags.items():
         client.set_model_version_tag(model_name, version, k, v)
-    champion = current_champion(client, model_name)
-    decision = decide_alias(metrics, _version_metrics(champion) if champion else None, natural_tolerance)
-    client.set_registered_model_alias(model_name, decision.alias, version)
-    client.set_model_version_tag(model_name, version, "alias_reason", decision.reason)
+    decision = rank_version(client, model_name, version, version_tags, metrics, natural_tolerance, promotion,
+                            alpha, per_image)
     log(f"{model_name} version {version} -> {decision.alias}: {decision.reason}")
     return version, decision
 
 
+def rank_version(client, model_name: str, version: str, version_tags: dict, metrics: dict,
+                 natural_tolerance: float, promotion: str, alpha: float, per_image: Path | None) -> Decision:
+    """Set the new version's alias: ``champion``/``challenger`` against a comparable champion;
+    with a champion of another comparison group, its own group's ``champion-<group>`` alias."""
+    group = version_tags[GROUP_TAG]
+    champion = current_champion(client, model_name)
+    why_not = incomparable(version_tags, champion.tags) if champion is not None else ""
+    in_group = current_champion(client, model_name, group_alias(group)) if why_not else champion
+    outcomes = autoattack_outcomes(read_npz(per_image))
+    p_value, pairing = (paired_p_value(outcomes, champion_outcomes(client, in_group)) if in_group is not None
+                        else (None, "no champion to test against"))
+    decision = decide_alias(metrics, _version_metrics(in_group) if in_group else None, natural_tolerance,
+                            promotion, p_value, alpha)
+    if why_not:  # ranked within its own group only; the main champion stays
+        alias = group_alias(group) if decision.alias == CHAMPION else f"{CHALLENGER}-{group}"
+        decision = Decision(alias, f"not comparable with the champion ({why_not}); within its group "
+                                   f"{group}: {decision.reason}")
+    elif decision.alias == CHAMPION:  # the champion is also its group's champion
+        client.set_registered_model_alias(model_name, group_alias(group), version)
+    client.set_registered_model_alias(model_name, decision.alias, version)
+    client.set_model_version_tag(model_name, version, "alias_reason", decision.reason)
+    if p_value is not None:
+        client.set_model_version_tag(model_name, version, "autoattack_mcnemar_p_vs_champion", f"{p_value:.4g}")
+    client.set_model_version_tag(model_name, version, "paired_with_champion", pairing)
+    return decision
+
+
+def read_npz(path: Path | None) -> dict | None:
+    if path is None or not Path(path).is_file():
+        return None
+    with np.load(path, allow_pickle=False) as npz:
+        return {k: npz[k] for k in npz.files}
+
+
 def interval_tags(metrics: dict) -> dict:
-    """{"<attack>_ci95": "[low, high]"}: each accuracy's 95% Wilson interval, in percent."""
+    """{"<attack>_ci95": "[low, high]", "<attack>_count": "k/n"}: each accuracy's 95% Wilson
+    interval in percent and its count."""
     records = metrics.get("accuracy") or {}
-    return {f"{k}_ci95": f"[{records[k]['ci95_low']:.2f}, {records[k]['ci95_high']:.2f}]"
-            for k, _ in ATTACK_COLUMNS if k in records}
+    out = {f"{k}_ci95": f"[{records[k]['ci95_low']:.2f}, {records[k]['ci95_high']:.2f}]"
+           for k, _ in ATTACK_COLUMNS if k in records}
+    out.update({f"{k}_count": f"{records[k]['correct']}/{records[k]['total']}"
+                for k, _ in ATTACK_COLUMNS if k in records})
+    return out
 
 
 def workspace_metadata(root: Path) -> tuple[dict, dict]:
@@ -149,10 +279,15 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
     subset = info.get("subset", {})
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     params = load_params(root / "params.yaml")
+    aa_subset = (info.get("attack_subsets") or {}).get("autoattack", subset)
+    threat = info.get("threat_model") or {}
     tags = {"method": props.get("method", info.get("method")), "student": props.get("arch", info.get("arch")),
             "teacher": props.get("teacher_arch"), "dataset": props.get("dataset", params.data.source),
             "profile": params.profile, "eval_images": metrics.get("num_images"),
             "eval_subset": subset.get("description"), "eval_images_sha256": subset.get("images_sha256"),
+            "autoattack_subset": aa_subset.get("description"),
+            "autoattack_images_sha256": aa_subset.get("images_sha256"),
+            "threat_model": f"{threat.get('norm', 'Linf')} eps={threat.get('eps_255', metrics.get('eps_255'))}/255",
             "eval_flagged": metrics.get("flagged", 0), **interval_tags(metrics), "git_commit": git_commit(root)}
     return {k: metrics.get(k) for k, _ in ATTACK_COLUMNS}, tags
 
@@ -163,7 +298,9 @@ def register_workspace(root: Path = Path("."), parent_run_id: str | None = None,
     setup_mlflow(root)
     metrics, tags = workspace_metadata(root)
     return register_onnx(root / "models/student.onnx", metrics, tags, params.registry.model_name,
-                         params.registry.natural_tolerance, parent_run_id=parent_run_id, log=log)
+                         params.registry.natural_tolerance, parent_run_id=parent_run_id, log=log,
+                         promotion=params.registry.promotion, alpha=params.registry.alpha,
+                         per_image=per_image_path(root / "metrics/evaluate/student.json"))
 
 
 def _shown(tags: dict, key: str) -> str:
@@ -182,14 +319,16 @@ def students_table(model_name: str) -> str:
     if versions:  # search results leave aliases empty: take them from the registered model
         for alias, version in client.get_registered_model(model_name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-    header = (["version", "aliases", "method", "student", "teacher", "dataset"] + [l for _, l in ATTACK_COLUMNS]
-              + ["flagged"])
+    header = (["version", "aliases", "method", "student", "teacher", "dataset", "group"]
+              + [l for _, l in ATTACK_COLUMNS] + ["AA images", "McNemar p vs champion", "flagged"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in versions:
         t = v.tags
         cells = [v.version, ",".join(aliases.get(str(v.version), [])) or "-", t.get("method", "-"), t.get("student", "-"),
-                 t.get("teacher", "-"), t.get("dataset", "-")] + [_shown(t, k) for k, _ in ATTACK_COLUMNS] \
-            + [t.get("eval_flagged", "-")]
+                 t.get("teacher", "-"), t.get("dataset", "-"), t.get(GROUP_TAG, "-")] \
+            + [_shown(t, k) for k, _ in ATTACK_COLUMNS] \
+            + [t.get("autoattack_count", "-"), t.get("autoattack_mcnemar_p_vs_champion", "-"),
+               t.get("eval_flagged", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)
 

@@ -103,11 +103,20 @@ class EvaluationResult:
     attack counts as wrong under every attack. ``own``: each attack's own per-image figure, as
     it returned it. ``worst_case``: right under every evaluated attack (None with natural alone).
     ``masking``: the unbounded attack's and the sweep's per-image outcomes on the first images.
+    ``positions``: for an attack run on a subset only (AutoAttack on a stratified subset, the
+    expensive one), the positions in x of the images its vectors describe.
     """
+
+    def images_of(self, name: str, n: int) -> torch.Tensor:
+        """Positions in x of the outcomes ``name`` describes (all ``n`` when not a subset)."""
+        return self.positions.get(name, torch.arange(n))
 
     correct: dict[str, torch.Tensor]
     own: dict[str, torch.Tensor] = field(default_factory=dict)
     worst_case: torch.Tensor | None = None
+    # attacks run on part of the images: their positions in x (sorted); absent: every image.
+    # The worst case is then over the positions every attack saw (positions["worst_case"]).
+    positions: dict[str, torch.Tensor] = field(default_factory=dict)
     checks: dict[str, Check] = field(default_factory=dict)
     masking: dict[str, torch.Tensor] = field(default_factory=dict)
     autoattack_warnings: list[str] = field(default_factory=list)
@@ -366,8 +375,12 @@ def check_autoattack_warnings(messages: list[str]) -> Check:
 # ----------------------------------------------------------------------------- the evaluation
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
                    device, log: Callable[[str], None] = print, rank: int = 0,
-                   world_size: int = 1, reference: nn.Module | None = None) -> EvaluationResult:
+                   world_size: int = 1, reference: nn.Module | None = None,
+                   subsets: dict[str, torch.Tensor] | None = None) -> EvaluationResult:
     """Per-image correctness for each configured attack on (x, y), with the protocol's checks.
+
+    ``subsets``: {attack: positions in x} for attacks run on part of the images only (the
+    protocol's AutoAttack on a stated stratified subset); the others see every image.
 
     ``reference``: a separate copy of the model as loaded from disk, used only to recompute
     each attack's accuracy from its x_adv (default: a deep copy made here, before any attack).
@@ -381,26 +394,31 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
         reference = (reference if reference is not None else separate_copy(model)).to(device).eval()
     else:
         reference = None
-    starts = batch_starts(len(x), cfg.batch_size, rank, world_size)
+    positions = _check_subsets(subsets or {}, len(x), cfg)
     names = ["natural"] + [a for a in cfg.attacks if a != "natural"]
     local: dict[str, dict[str, torch.Tensor]] = {}
     messages: list[str] = []
     for name in names:
+        xs, ys = (x[positions[name]], y[positions[name]]) if name in positions else (x, y)
+        starts = batch_starts(len(xs), cfg.batch_size, rank, world_size)
         with captured_warnings() as caught:
-            local[name] = measure(make_attack(name, model, cfg, device), name, x, y, starts, cfg, device,
+            local[name] = measure(make_attack(name, model, cfg, device), name, xs, ys, starts, cfg, device,
                                   reference if name != "natural" else None)
         messages += caught
     n_mask = min(cfg.masking_images, len(x)) if cfg.checks else 0
     masking_local = _measure_masking(model, x[:n_mask], y[:n_mask], cfg, device, rank, world_size)
     if world_size > 1:
-        local = _gather(local, len(x), cfg.batch_size, world_size)
+        local = {name: _gather({name: m}, len(positions.get(name, x)), cfg.batch_size, world_size)[name]
+                 for name, m in local.items()}
         masking_local = _gather(masking_local, n_mask, cfg.batch_size, world_size)
         messages = [m for part in _all_gather(messages) for m in part]
-    result = _assemble(local, masking_local, messages, cfg, _num_classes(model, x, device) if len(x) else 0)
+    result = _assemble(local, masking_local, messages, cfg, _num_classes(model, x, device) if len(x) else 0,
+                       positions)
     for name, correct in result.correct.items():
         log(f"{name}: {percent(int(correct.sum()), len(correct))}% of {len(correct)} images")
     if result.worst_case is not None:
-        log(f"worst case over attacks: {percent(int(result.worst_case.sum()), len(y))}%")
+        log(f"worst case over attacks: {percent(int(result.worst_case.sum()), len(result.worst_case))}% "
+            f"of {len(result.worst_case)} images")
     for name in result.failed:
         log(f"CHECK FAILED {name}: {result.checks[name].detail}")
     return result
@@ -433,19 +451,44 @@ def sweep_key(eps: float) -> str:
     return f"sweep_{eps * 255:g}"
 
 
+def _check_subsets(subsets: dict[str, torch.Tensor], n: int, cfg: EvalConfig) -> dict[str, torch.Tensor]:
+    """Sorted, unique, in-range positions per attack; at most one subset size below n (the
+    worst case is taken over the images every attack saw)."""
+    out = {}
+    for name, pos in subsets.items():
+        if name not in cfg.attacks or name == "natural":
+            raise InputError(f"evaluation subset for {name!r}: expected one of the evaluated attacks "
+                             f"{[a for a in cfg.attacks if a != 'natural']}")
+        pos = torch.as_tensor(pos, dtype=torch.long)
+        if len(pos) and (pos.min() < 0 or pos.max() >= n or len(pos.unique()) != len(pos)):
+            raise InputError(f"evaluation subset for {name!r}: expected distinct positions in [0, {n}), "
+                             f"found {len(pos)} positions in [{int(pos.min())}, {int(pos.max())}]")
+        out[name] = pos.sort().values
+    if len({tuple(p.tolist()) for p in out.values()}) > 1:
+        raise InputError("evaluation subsets: every attack on a subset must use the same images")
+    return out
+
+
 def _assemble(measured: dict, masking: dict, messages: list[str], cfg: EvalConfig,
-              num_classes: int) -> EvaluationResult:
+              num_classes: int, positions: dict[str, torch.Tensor] | None = None) -> EvaluationResult:
+    positions = positions or {}
     natural = measured["natural"]["own"]
     own = {name: m["own"] for name, m in measured.items()}
-    correct = {name: own[name] & natural for name in cfg.attacks}  # wrong naturally: wrong under attack
+    # wrong naturally: wrong under attack (natural taken on the attack's own images)
+    correct = {name: own[name] & (natural[positions[name]] if name in positions else natural)
+               for name in cfg.attacks}
     worst = None
+    result_positions = dict(positions)
     if any(a != "natural" for a in cfg.attacks):
-        worst = natural.clone()
-        for c in correct.values():
-            worst &= c
+        common = next(iter(positions.values())) if positions else None
+        worst = natural.clone() if common is None else natural[common].clone()
+        for name, c in correct.items():
+            worst &= c if (common is None or name in positions) else c[common]
+        if common is not None:
+            result_positions["worst_case"] = common
     result = EvaluationResult(correct=correct, own=own, worst_case=worst, num_classes=num_classes,
                               masking={k: v["own"] for k, v in masking.items()},
-                              autoattack_warnings=list(messages))
+                              autoattack_warnings=list(messages), positions=result_positions)
     if cfg.checks:
         result.checks = _run_checks(measured, result, cfg)
     return result
@@ -460,7 +503,8 @@ def _run_checks(measured: dict, result: EvaluationResult, cfg: EvalConfig) -> di
         checks[f"{name}/linf"] = check_perturbation(m["linf"], cfg.eps, name)
         checks[f"{name}/range"] = check_range(m["in_range"], name)
         checks[f"{name}/recomputed"] = check_recomputed(m["own"], m["recomputed"], name)
-        checks[f"{name}/not_above_natural"] = check_not_above_natural(natural, m["own"], name)
+        nat = natural[result.positions[name]] if name in result.positions else natural
+        checks[f"{name}/not_above_natural"] = check_not_above_natural(nat, m["own"], name)
     if "unbounded" in result.masking:
         checks["masking/unbounded"] = check_unbounded(result.masking["unbounded"], result.num_classes,
                                                       cfg.unbounded_margin, cfg.unbounded_eps)
@@ -511,12 +555,14 @@ def summarize(result: EvaluationResult, labels: torch.Tensor, classes: list[str]
     if result.worst_case is not None:
         outcomes[WORST_CASE] = result.worst_case
     out: dict = {"num_images": n}
-    out["accuracy"] = {name: accuracy_record(int(c.sum()), n) for name, c in outcomes.items()}
+    # each record carries its own count and total: an attack on a subset has a smaller total
+    out["accuracy"] = {name: accuracy_record(int(c.sum()), len(c)) for name, c in outcomes.items()}
     out.update({name: rec["percent"] for name, rec in out["accuracy"].items()})
-    out["per_class_accuracy"] = {
-        name: {cls: percent(int(c[labels == i].sum()), int((labels == i).sum()))
-               for i, cls in enumerate(classes) if (labels == i).any()}
-        for name, c in outcomes.items()}
+    out["per_class_accuracy"] = {}
+    for name, c in outcomes.items():
+        lab = labels[result.images_of(name, n)]
+        out["per_class_accuracy"][name] = {cls: percent(int(c[lab == i].sum()), int((lab == i).sum()))
+                                           for i, cls in enumerate(classes) if (lab == i).any()}
     if result.masking:
         out["gradient_masking"] = _masking_summary(result)
     if result.checks:

@@ -51,9 +51,12 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
     def entry(argv=None):
         args = build().parse_args(argv)
         try:
-            params = args.loaded_params = load_params(args.params)
+            params = load_params(args.params)
             if getattr(args, "method", None):  # --method: the method that runs is the one recorded
                 params = dataclasses.replace(params, distill=dataclasses.replace(params.distill, method=args.method))
+            if getattr(args, "seed", None) is not None:  # --seed (the comparison's seeds): recorded as run.seed
+                params = dataclasses.replace(params, run=dataclasses.replace(params.run, seed=args.seed))
+            args.loaded_params = params
             with stage_run(stage, params, sections, enabled=int(os.environ.get("RANK", "0")) == 0) as tracker:
                 args.tracker = tracker
                 main(args)

@@ -97,6 +97,11 @@ def check_evaluate(path: str, evaluate) -> None:
     for key in ("pgd_steps", "cw_steps", "batch_size"):
         positive(path, f"evaluate.config.{key}", getattr(cfg, key))
     positive(path, "evaluate.per_class", evaluate.per_class)
+    positive(path, "evaluate.autoattack_per_class", evaluate.autoattack_per_class)
+    if None not in (evaluate.per_class, evaluate.autoattack_per_class) and \
+            evaluate.autoattack_per_class > evaluate.per_class:
+        raise InputError(f"{path}: evaluate.autoattack_per_class must be <= evaluate.per_class "
+                         f"({evaluate.per_class}), found {evaluate.autoattack_per_class}")
 
 
 def check_export(path: str, export) -> None:
@@ -117,3 +122,5 @@ def check_params(params, path: str) -> None:
     check_export(path, params.export)
     positive(path, "run.threads", params.run.threads, allow_zero=True)
     positive(path, "registry.natural_tolerance", params.registry.natural_tolerance, allow_zero=True)
+    if not 0 < params.registry.alpha < 1:
+        fail(path, "registry.alpha", "a significance level in (0, 1)", params.registry.alpha)

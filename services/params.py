@@ -95,6 +95,8 @@ class DistillParams:
 @dataclass
 class EvaluateParams:
     per_class: int | None = None           # the stratified subset "first k per class" (None: all)
+    # AutoAttack (the expensive attack) on the first k per class of that subset (None: all of it)
+    autoattack_per_class: int | None = None
     reference_attacks: list[str] = field(default_factory=lambda: ["natural", "pgd20"])
     config: EvalConfig = field(default_factory=EvalConfig)
 
@@ -138,6 +140,7 @@ class RunParams:
 class CompareParams:
     methods: list[str] = field(default_factory=lambda: ["darwin", "rslad", "ard"])
     schedule: Literal["shared", "official"] = "official"   # how each compared method's optimiser is set
+    seeds: list[int] = field(default_factory=lambda: [0])  # each method trained and evaluated once per seed
 
 
 @dataclass
@@ -146,6 +149,10 @@ class RegistryParams:
 
     model_name: str = "robustkd-student"
     natural_tolerance: float = 1.0    # percentage points of natural accuracy a new champion may lose
+    # point_estimate: AutoAttack accuracy >= the champion's; significant: also an exact McNemar
+    # p-value below `alpha` on the same images (the champion then moves only on evidence)
+    promotion: Literal["point_estimate", "significant"] = "point_estimate"
+    alpha: float = 0.05
 
 
 @dataclass
@@ -193,6 +200,9 @@ def validate_methods(params: Params, where: str) -> None:
     for name in params.compare.methods:
         if name not in DISTILL_METHODS:
             raise InputError(f"{where}: compare.methods names {name!r}; expected methods of {list(DISTILL_METHODS)}")
+    seeds = params.compare.seeds
+    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
+        raise InputError(f"{where}: compare.seeds: expected distinct integers >= 0, found {seeds!r}")
     build_config(params.teacher.method, params.teacher.settings, where=f"{where}:teacher.settings")
     for name, block in params.distill.settings.items():
         if name not in DISTILL_METHODS:

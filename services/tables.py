@@ -49,10 +49,10 @@ def paired_lines(paths: dict[str, Path], pairs: list[tuple[str, str]]) -> list[s
     lines = []
     for a, b in pairs:
         pa, pb = (read_per_image(paths[n]) if n in paths else None for n in (a, b))
-        if pa is None or pb is None or not np.array_equal(pa["index"], pb["index"]):
+        if pa is None or pb is None:
             continue
         for key, label in TABLE_COLUMNS:
-            if key in pa and key in pb:
+            if key in pa and key in pb and same_images(pa, pb, key):
                 only_a, only_b = discordant_pairs(pa[key], pb[key])
                 p = mcnemar_exact_counts(only_a, only_b)
                 lines.append(f"| {a} vs {b} | {label} | {only_a} | {only_b} | {p:.3g} |")
@@ -60,6 +60,16 @@ def paired_lines(paths: dict[str, Path], pairs: list[tuple[str, str]]) -> list[s
         return []
     return ["| pair | attack | right only for the first | right only for the second | exact McNemar p |",
             "|---|---|---|---|---|"] + lines
+
+
+def images_of(per_image: dict[str, np.ndarray], key: str) -> np.ndarray:
+    """Test-set indices of the outcomes ``key`` describes (an attack on a subset has its own)."""
+    return per_image.get(f"{key}_index", per_image["index"])
+
+
+def same_images(pa: dict[str, np.ndarray], pb: dict[str, np.ndarray], key: str) -> bool:
+    """Paired tests need the same images in the same order."""
+    return np.array_equal(images_of(pa, key), images_of(pb, key))
 
 
 def markdown_to_html_table(md: str) -> str:

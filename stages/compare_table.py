@@ -1,7 +1,12 @@
 """Stage compare_table: the comparison of distillation methods on one teacher, in the slides'
-format (natural / PGD-20 / CW / AA per method, plus the per-image worst case), each accuracy with
-its 95% Wilson interval, and exact McNemar tests of each method against the first one on the
-same images; as reports/comparison.md and .json."""
+format (natural / PGD-20 / CW / AA per method, plus the per-image worst case).
+
+Each method is trained and evaluated once per seed of ``compare.seeds`` (compare/dvc.yaml). The
+table gives each figure's mean and sample standard deviation over the seeds (with one seed, the
+accuracy and its 95% Wilson interval), then every run with its Wilson intervals, then the exact
+McNemar test of the AutoAttack outcomes for every pair of methods on the same images, per seed;
+as reports/comparison.md and .json.
+"""
 
 from __future__ import annotations
 
@@ -11,11 +16,17 @@ from services.common import METRICS, REPORTS, cli, parser, read_params, write_js
 from services.results import read_evaluation
 from services.tables import TABLE_COLUMNS, accuracy_cell, paired_lines
 from robustkd.methods import available_methods, get_method
+from robustkd.stats import mean_std
 from robustkd.utils import atomic_path
 
 
+def run_name(method: str, seed: int) -> str:
+    return f"{method}_seed{seed}"
+
+
 def load_rows(params, metrics_dir: Path) -> tuple[list[tuple[str, dict]], dict[str, Path]]:
-    """(name, results) per row, the teacher first when evaluated, and each row's results path."""
+    """(name, results) per evaluated run, the teacher first when evaluated, and each row's path.
+    Runs are named ``<method>_seed<seed>``."""
     rows, paths = [], {}
     teacher = METRICS / "evaluate" / "teacher.json"
     teacher_metrics = read_evaluation(teacher)
@@ -24,13 +35,67 @@ def load_rows(params, metrics_dir: Path) -> tuple[list[tuple[str, dict]], dict[s
         rows.append((name, teacher_metrics))
         paths[name] = teacher
     for method in params.compare.methods:
-        path = metrics_dir / f"{method}.json"
-        results = read_evaluation(path)
-        if results is None:
-            raise SystemExit(f"error: {path} missing: run `dvc repro compare/dvc.yaml` first")
-        rows.append((method, results))
-        paths[method] = path
+        for seed in params.compare.seeds:
+            path = metrics_dir / f"{run_name(method, seed)}.json"
+            results = read_evaluation(path)
+            if results is None:
+                raise SystemExit(f"error: {path} missing: run `dvc repro compare/dvc.yaml` first")
+            rows.append((run_name(method, seed), results))
+            paths[run_name(method, seed)] = path
     return rows, paths
+
+
+def seed_summary(params, rows: dict[str, dict]) -> dict[str, dict]:
+    """{method: {"seeds": [...], attack: {"mean", "std", "values"}, "flagged": runs flagged}}."""
+    out = {}
+    for method in params.compare.methods:
+        runs = [rows[run_name(method, s)] for s in params.compare.seeds]
+        entry: dict = {"seeds": list(params.compare.seeds), "flagged": sum(int(r.get("flagged", 0)) for r in runs)}
+        for key, _ in TABLE_COLUMNS:
+            values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            if len(values) == len(runs):
+                mean, std = mean_std(values)
+                entry[key] = {"mean": round(mean, 2), "std": round(std, 2), "values": values}
+        out[method] = entry
+    return out
+
+
+def summary_text(params, summary: dict[str, dict], teacher: tuple[str, dict] | None) -> str:
+    seeds = params.compare.seeds
+    single = len(seeds) == 1
+    lines = ["| method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | seeds | checks |",
+             "|" + "---|" * (len(TABLE_COLUMNS) + 3)]
+    if teacher is not None:
+        lines.append(f"| {teacher[0]} | " + " | ".join(accuracy_cell(teacher[1], k) for k, _ in TABLE_COLUMNS)
+                     + f" | - | {'FLAGGED' if teacher[1].get('flagged') else 'passed'} |")
+    for method, entry in summary.items():
+        if single:
+            cells = [accuracy_cell(entry["_run"], k) for k, _ in TABLE_COLUMNS]
+        else:
+            cells = [f"{entry[k]['mean']:.2f} ± {entry[k]['std']:.2f}" if k in entry else "-"
+                     for k, _ in TABLE_COLUMNS]
+        checks = f"FLAGGED ({entry['flagged']} runs)" if entry["flagged"] else "passed"
+        lines.append(f"| {display_name(method)} | " + " | ".join(cells)
+                     + f" | {', '.join(map(str, seeds))} | {checks} |")
+    how = ("accuracy (%) [95% Wilson interval]" if single else
+           f"mean ± sample standard deviation over {len(seeds)} seeds of the accuracy (%); each run's "
+           "95% Wilson interval below")
+    return "\n".join(lines) + f"\n\n{how}.\n"
+
+
+def pairwise_autoattack(params, paths: dict[str, Path]) -> list[str]:
+    """Exact McNemar p of the AutoAttack outcomes for every pair of methods, per seed."""
+    methods = params.compare.methods
+    pairs = [(a, b) for i, a in enumerate(methods) for b in methods[i + 1:]]
+    lines = []
+    for a, b in pairs:
+        for seed in params.compare.seeds:
+            lines += [line for line in paired_lines(paths, [(run_name(a, seed), run_name(b, seed))])[2:]
+                      if "| AA |" in line]
+    if not lines:
+        return []
+    return ["| pair | attack | right only for the first | right only for the second | exact McNemar p |",
+            "|---|---|---|---|---|"] + lines
 
 
 def table_text(rows: list[tuple[str, dict]], paired: list[str]) -> str:
@@ -71,15 +136,28 @@ def numeric_rows(rows: list[tuple[str, dict]]) -> dict:
 def main(args) -> None:
     params = read_params(args)
     rows, paths = load_rows(params, Path(args.metrics_dir))
-    methods = [name for name, _ in rows if name in params.compare.methods]
-    paired = paired_lines(paths, [(m, methods[0]) for m in methods[1:]]) if methods else []
-    text = table_text(rows, paired)
+    by_name = dict(rows)
+    summary = seed_summary(params, by_name)
+    if len(params.compare.seeds) == 1:
+        for method, entry in summary.items():
+            entry["_run"] = by_name[run_name(method, params.compare.seeds[0])]
+    teacher = rows[0] if rows and rows[0][0].startswith("Teacher") else None
+    pairs = pairwise_autoattack(params, paths)
+    text = ("## Methods over seeds\n\n" + summary_text(params, summary, teacher)
+            + "\n## Every run\n\n" + table_text(rows, []))
+    if pairs:
+        text += ("\n## Paired tests\n\nExact McNemar tests of the AutoAttack outcomes, every pair of methods, "
+                 "per seed (the same images):\n\n" + "\n".join(pairs) + "\n")
     with atomic_path(REPORTS / "comparison.md") as tmp:
         tmp.write_text(text)
-    write_json(numeric_rows(rows), REPORTS / "comparison.json")
+    write_json({"runs": numeric_rows(rows),
+                "methods": {m: {k: v for k, v in e.items() if k != "_run"} for m, e in summary.items()},
+                "seeds": list(params.compare.seeds)}, REPORTS / "comparison.json")
     args.tracker.log_artifact(REPORTS / "comparison.md")
     args.tracker.log_artifact(REPORTS / "comparison.json")
     args.tracker.log_metrics({name: {k: m.get(k) for k, _ in TABLE_COLUMNS} for name, m in rows})
+    args.tracker.log_metrics({f"{m}_mean": {k: e[k]["mean"] for k, _ in TABLE_COLUMNS if k in e}
+                              for m, e in summary.items()})
     print(text)
 
 

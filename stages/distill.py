@@ -86,6 +86,7 @@ def main(args) -> None:
 
 def build_parser():
     p = parser(__doc__)
+    p.add_argument("--seed", type=int, help="override run.seed (the comparison pipeline's seeds); recorded as run.seed")
     p.add_argument("--method", help="override distill.method (e.g. for the comparison pipeline)")
     p.add_argument("--name", help="model name (default: 'student', or the method with --out-dir)")
     p.add_argument("--out-dir", help="write model, history and checkpoint here instead of models/")

@@ -33,14 +33,23 @@ from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, pars
                      setup_distributed, write_json)
 
 
-def subset_identity(params, indices: torch.Tensor, images: torch.Tensor) -> dict:
+def subset_identity(params, indices: torch.Tensor, images: torch.Tensor, k: int | None = None) -> dict:
     """What was evaluated, exactly: two runs on the same images have the same two hashes."""
-    k = params.evaluate.per_class
     return {"dataset": params.data.source, "split": "test", "per_class": k, "num_images": int(len(indices)),
             "description": f"first {k} per class" if k is not None else "full test set",
             "indices_of": str(PREPARED / "test.npz"),
             "indices_sha256": sha256_tensor(indices.to(torch.int64)),
             "images_sha256": sha256_tensor(images)}
+
+
+def autoattack_positions(params, labels: torch.Tensor, num_classes: int, attacks: list[str]) -> dict:
+    """{"autoattack": positions in the evaluated subset}: its first ``evaluate.autoattack_per_class``
+    images of each class, when that is smaller than the subset; {} otherwise."""
+    k = params.evaluate.autoattack_per_class
+    if "autoattack" not in attacks or k is None:
+        return {}
+    positions = stratified_first_k(labels, k, num_classes)
+    return {} if len(positions) == len(labels) else {"autoattack": positions}
 
 
 def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], device, tracker,
@@ -58,9 +67,13 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     if rank == 0:
         print(f"evaluating {model_path} ({model.arch}) on {len(test)} test images: {attacks}"
               + (f" over {world} processes" if world > 1 else ""))
+    subsets = autoattack_positions(params, test.labels, test.num_classes, attacks)
+    if rank == 0 and subsets:
+        print(f"autoattack on the first {params.evaluate.autoattack_per_class} of each class: "
+              f"{len(subsets['autoattack'])} of {len(test)} images")
     result = evaluate_model(model, to_float(test.images), test.labels, cfg, device,
                             log=print if rank == 0 else (lambda *_: None), rank=rank, world_size=world,
-                            reference=separate)
+                            reference=separate, subsets=subsets)
     if rank != 0:
         return result
     summary = summarize(result, test.labels, test.classes)
@@ -69,7 +82,10 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
         summary["per_class"] = k
     info = {"model": str(model_path), "arch": model.arch, "method": model.checkpoint_meta.get("method"),
             "optimiser": model.checkpoint_meta.get("optimiser"),
-            "subset": subset_identity(params, indices, test.images),
+            "subset": subset_identity(params, indices, test.images, k),
+            "attack_subsets": {name: subset_identity(params, indices[pos], test.images[pos],
+                                                     params.evaluate.autoattack_per_class)
+                               for name, pos in result.positions.items()},
             "threat_model": {"norm": "Linf", "eps": cfg.eps, "eps_255": round(cfg.eps * 255, 4)},
             "attacks": attack_settings(cfg), "config": asdict(cfg),
             "intervals": "95% Wilson score intervals (robustkd/stats.py)",
@@ -90,11 +106,14 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
 
 
 def save_per_image(result: EvaluationResult, indices: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
-    """Per image: its index in the prepared test set, its label and 1/0 under each attack."""
+    """Per image: its index in the prepared test set, its label and 1/0 under each attack; an
+    attack on a subset (and then the worst case) also gets ``<attack>_index``, its images' indices."""
     arrays = {"index": indices.to(torch.int64).numpy(), "label": labels.to(torch.int64).numpy()}
     arrays.update({name: c.numpy().astype(np.uint8) for name, c in result.correct.items()})
     if result.worst_case is not None:
         arrays[WORST_CASE] = result.worst_case.numpy().astype(np.uint8)
+    for name, pos in result.positions.items():
+        arrays[f"{name}_index"] = indices[pos].to(torch.int64).numpy()
     save_arrays(path, **arrays)
 
 
@@ -119,6 +138,7 @@ def main(args) -> None:
 
 def build_parser():
     p = parser(__doc__)
+    p.add_argument("--seed", type=int, help="override run.seed (the comparison pipeline's seeds); recorded as run.seed")
     p.add_argument("--model", help="evaluate this checkpoint only (with --out)")
     p.add_argument("--out", help="numeric results JSON written for --model (_info.json and _per_image.npz "
                                  "beside it)")

@@ -45,13 +45,15 @@ def tiny_params(data_root: str) -> dict:
     for m in p["distill"]["settings"]:
         if m != "natural_kd":
             p["distill"]["settings"][m] = {"steps": 2}
-    p["evaluate"]["per_class"] = 1
+    p["evaluate"]["per_class"] = 2
+    p["evaluate"]["autoattack_per_class"] = 1     # AutoAttack on a stratified half: the subset path runs
     p["evaluate"]["config"].update(attacks=["natural", "pgd20", "cw", "autoattack"], pgd_steps=3,
                                    cw_steps=3, batch_size=16)
     p["export"].update(latency_batch_sizes=[1, 4], latency_repeats=2, per_class=1)
     p["run"]["threads"] = 1
     p["compare"]["methods"] = ["darwin", "rslad"]
     p["compare"]["schedule"] = "shared"    # the official recipes' batch of 128 exceeds the tiny set
+    p["compare"]["seeds"] = [0]
     return p
 
 

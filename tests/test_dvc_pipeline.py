@@ -49,8 +49,8 @@ def test_repro_runs_every_stage_then_reruns_only_dependants(repo):
 def test_comparison_pipeline_writes_the_table(repo):
     sh("dvc repro", repo)
     out = sh("dvc repro compare/dvc.yaml", repo)
-    assert ran_stages(out.stdout) == ["compare/dvc.yaml:distill@darwin", "compare/dvc.yaml:distill@rslad",
-                                      "compare/dvc.yaml:evaluate@darwin", "compare/dvc.yaml:evaluate@rslad",
+    assert ran_stages(out.stdout) == ["compare/dvc.yaml:distill@darwin-0", "compare/dvc.yaml:distill@rslad-0",
+                                      "compare/dvc.yaml:evaluate@darwin-0", "compare/dvc.yaml:evaluate@rslad-0",
                                       "compare/dvc.yaml:table"]
     table = (repo / "reports/comparison.md").read_text()
     assert "| darwin |" in table and "| rslad |" in table and "| Teacher resnet10_w8 |" in table

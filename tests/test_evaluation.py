@@ -101,6 +101,32 @@ def test_worst_case_is_per_image_and_reported_figures_never_exceed_natural():
     assert 0 < int(result.worst_case.sum()) < len(y)
 
 
+def test_an_attack_on_a_subset_reports_its_own_total_and_the_worst_case_over_it():
+    """The protocol's AutoAttack runs on a stratified subset: its figure is over those images,
+    and the worst case over the images every attack saw; the summary says each total."""
+    x, y = images(offset=0.04)
+    x[::2] = images()[0][::2]
+    subset = torch.arange(10)                                 # classes 0-4, a robust and a flipped image each
+    cfg = config(attacks=["natural", "pgd20", "cw"])
+    full = run(MeanModel(), x, y, cfg)
+    part = run(MeanModel(), x, y, cfg, subsets={"cw": subset})
+    assert len(part.correct["cw"]) == len(subset) and len(part.correct["pgd20"]) == len(y)
+    assert torch.equal(part.correct["pgd20"], full.correct["pgd20"])     # the others as before
+    assert torch.equal(part.positions["worst_case"], subset)
+    assert torch.equal(part.worst_case, part.correct["natural"][subset] & part.correct["pgd20"][subset]
+                       & part.correct["cw"])
+    assert 0 < int(part.worst_case.sum()) < len(subset)
+    s = summarize(part, y, [str(i) for i in range(C)])
+    assert s["accuracy"]["cw"]["total"] == len(subset) and s["accuracy"]["pgd20"]["total"] == len(y)
+    assert s["accuracy"]["worst_case"]["total"] == len(subset) and s["num_images"] == len(y)
+    assert set(s["per_class_accuracy"]["cw"]) == {"0", "1", "2", "3", "4"}
+    assert not part.flagged
+    with pytest.raises(InputError, match="distinct positions"):
+        run(MeanModel(), x, y, cfg, subsets={"cw": torch.tensor([0, 0])})
+    with pytest.raises(InputError, match="evaluated attacks"):
+        run(MeanModel(), x, y, cfg, subsets={"autoattack": subset})
+
+
 # ----------------------------------------------------------------------------- perturbation checks
 def test_perturbation_checks_on_vectors():
     x = torch.full((3, 3, 4, 4), 0.5)
@@ -334,7 +360,7 @@ def test_bad_settings_are_input_errors():
 # ----------------------------------------------------------------------------- the stage
 @pytest.fixture
 def stage_dir(tmp_path, monkeypatch):
-    """A prepared 10-image test set, an untrained checkpoint and a tiny params.yaml."""
+    """A prepared 20-image test set, an untrained checkpoint and a tiny params.yaml."""
     from robustkd.data import ImageSet
     from robustkd.models import create_model, save_checkpoint
     from services.common import save_imageset
@@ -372,9 +398,9 @@ def test_stage_writes_a_flagged_result_and_continues(stage_dir, monkeypatch, cap
     evaluate.run(["--model", "model.pt", "--out", "out/model.json"])
     m = json.loads((tmp / "out/model.json").read_text())
     info = json.loads((tmp / "out/model_info.json").read_text())
-    assert m["flagged"] == 1 and m["checks"]["pgd20"]["linf"] == 0 and m["accuracy"]["pgd20"]["total"] == 10
+    assert m["flagged"] == 1 and m["checks"]["pgd20"]["linf"] == 0 and m["accuracy"]["pgd20"]["total"] == 20
     assert "pgd20/linf" in info["failed_checks"] and "outside the ball" in info["checks"]["pgd20/linf"]["detail"]
-    assert info["subset"]["per_class"] == 1 and info["method"] == "test"
+    assert info["subset"]["per_class"] == 2 and info["method"] == "test"
     assert "flagged" in capsys.readouterr().err
 
 
@@ -393,7 +419,7 @@ def test_stage_with_fail_on_check_writes_then_exits_1(stage_dir, monkeypatch, ca
     assert json.loads((tmp / "out/model.json").read_text())["flagged"] == 1
     lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
     assert len(lines) == 1 and "model.pt" in lines[0]
-    assert np.load(tmp / "out/model_per_image.npz", allow_pickle=False)["pgd20"].shape == (10,)
+    assert np.load(tmp / "out/model_per_image.npz", allow_pickle=False)["pgd20"].shape == (20,)
 
 
 def _written(tmp, name, correct: dict, flagged=0):
@@ -432,3 +458,28 @@ def test_tables_show_intervals_flags_and_mcnemar(tmp_path):
     assert checks_lines(rows)[1:] == ["- b: FLAGGED, 1 check(s) failed", "  - pgd20/linf: because"]
     page = markdown_to_html_table(text)
     assert page.count("<table>") == 2 and page.count("</table>") == 2 and "<p>Exact McNemar" in page
+
+
+def test_comparison_over_seeds_mean_std_and_every_pair(tmp_path):
+    from types import SimpleNamespace
+
+    from services.results import read_evaluation
+    from stages.compare_table import pairwise_autoattack, seed_summary, summary_text
+
+    params = SimpleNamespace(compare=SimpleNamespace(methods=["darwin", "rslad", "ard"], seeds=[0, 1]))
+    outcomes = {("darwin", 0): [1] * 8 + [0] * 2, ("darwin", 1): [1] * 6 + [0] * 4,
+                ("rslad", 0): [0] * 10, ("rslad", 1): [1] * 2 + [0] * 8,
+                ("ard", 0): [1] * 8 + [0] * 2, ("ard", 1): [1] * 6 + [0] * 4}
+    paths = {}
+    for (m, s), aa in outcomes.items():
+        paths[f"{m}_seed{s}"] = _written(tmp_path, f"{m}_seed{s}", {"natural": [1] * 10, "autoattack": aa})
+    rows = {name: read_evaluation(p) for name, p in paths.items()}
+    summary = seed_summary(params, rows)
+    assert summary["darwin"]["autoattack"] == {"mean": 70.0, "std": 14.14, "values": [80.0, 60.0]}
+    assert summary["rslad"]["autoattack"]["mean"] == 10.0 and summary["darwin"]["seeds"] == [0, 1]
+    text = summary_text(params, summary, None)
+    assert "| darwin | 100.00 ± 0.00 | - | - | 70.00 ± 14.14 |" in text and "| 0, 1 |" in text
+    pairs = pairwise_autoattack(params, paths)
+    assert len(pairs) == 2 + 3 * 2                        # 3 pairs of methods, 2 seeds each
+    assert "| darwin_seed0 vs rslad_seed0 | AA | 8 | 0 | 0.00781 |" in pairs   # 2 / 2^8
+    assert "| darwin_seed0 vs ard_seed0 | AA | 0 | 0 | 1 |" in pairs

@@ -102,7 +102,10 @@ def test_champion_moves_only_to_a_version_at_least_as_robust(flow_run):
     from services.tracking import setup_mlflow
     setup_mlflow(repo)
     champion = json.loads((repo / "metrics/evaluate/student.json").read_text())
-    tags = {"method": "rslad", "student": "resnet10_w8"}
+    first = client.get_model_version("robustkd-student", "1").tags
+    assert first["comparison_group"] == registry.comparison_group(first) and first["threat_model"] == "Linf eps=8.0/255"
+    assert first["autoattack_count"].count("/") == 1
+    tags = {"method": "rslad", "student": "resnet10_w8", **{k: first[k] for k in registry.COMPARABILITY_TAGS}}
 
     weaker = {**champion, "autoattack": champion["autoattack"] - 5.0}
     version, decision = registry.register_onnx(_variant(repo, "weaker"), weaker, tags, "robustkd-student", 1.0)
@@ -119,8 +122,16 @@ def test_champion_moves_only_to_a_version_at_least_as_robust(flow_run):
     assert decision.alias == "champion"
     assert str(client.get_model_version_by_alias("robustkd-student", "champion").version) == version
 
+    # another AutoAttack subset: not ranked against the champion, its own group's alias instead
+    other = {**tags, "autoattack_images_sha256": "0" * 64}
+    version, decision = registry.register_onnx(_variant(repo, "other"), better, other, "robustkd-student", 1.0)
+    group = registry.comparison_group(other)
+    assert decision.alias == f"champion-{group}" and "not comparable" in decision.reason
+    assert "autoattack_images_sha256" in decision.reason
+    assert str(client.get_model_version_by_alias("robustkd-student", "champion").version) != version
+
     table = registry.students_table("robustkd-student")
-    assert table.count("\n") == 2 + 3 and "champion" in table and "challenger" in table
+    assert table.count("\n") == 2 + 4 and "champion" in table and "challenger" in table and group in table
 
 
 def _start_server(repo: Path, env: dict):

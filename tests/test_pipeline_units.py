@@ -79,9 +79,10 @@ def test_bad_methods_or_presets_are_refused_before_anything_is_written(tmp_path)
 def test_stage_lists():
     assert main_stages(ROOT)[:3] == ["fingerprint_data", "prepare_data", "train_teacher"]
     assert main_stages(ROOT)[-1] == "report"
-    assert compare_stages(["a", "b"]) == ["compare/dvc.yaml:distill@a", "compare/dvc.yaml:distill@b",
-                                          "compare/dvc.yaml:evaluate@a", "compare/dvc.yaml:evaluate@b",
+    assert compare_stages(["a", "b"]) == ["compare/dvc.yaml:distill@a-0", "compare/dvc.yaml:distill@b-0",
+                                          "compare/dvc.yaml:evaluate@a-0", "compare/dvc.yaml:evaluate@b-0",
                                           "compare/dvc.yaml:table"]
+    assert compare_stages(["a"], [0, 3])[:2] == ["compare/dvc.yaml:distill@a-0", "compare/dvc.yaml:distill@a-3"]
 
 
 def test_tracking_flattens_params_and_keeps_finite_numbers():
@@ -200,3 +201,34 @@ def test_a_moved_workspace_still_opens_its_runs_and_artifacts(tmp_path, monkeypa
         path = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="a.txt",
                                                    dst_path=str(tmp_path / "dl"))
     assert Path(path).read_text() == "hello"
+
+
+def test_significant_promotion_needs_a_small_mcnemar_p():
+    better = {"natural": 50.0, "autoattack": 25.0}
+    champ = {"natural": 50.0, "autoattack": 20.0}
+    assert decide_alias(better, champ, 1.0, "significant", p_value=0.2).alias == CHALLENGER
+    assert "not a significant" in decide_alias(better, champ, 1.0, "significant", p_value=0.2).reason
+    assert decide_alias(better, champ, 1.0, "significant", p_value=0.01).alias == CHAMPION
+    assert decide_alias(better, champ, 1.0, "significant", p_value=None).alias == CHALLENGER
+    assert decide_alias(better, champ, 1.0, "point_estimate", p_value=0.2).alias == CHAMPION
+    with pytest.raises(ValueError, match="registry.promotion"):
+        decide_alias(better, champ, 1.0, "vibes")
+
+
+def test_comparison_groups_and_paired_p_values():
+    import numpy as np
+
+    from pipeline.registry import comparison_group, incomparable, paired_p_value
+
+    a = {"dataset": "cifar10", "autoattack_images_sha256": "ab", "threat_model": "Linf eps=8/255", "method": "x"}
+    assert comparison_group(a) == comparison_group({**a, "method": "y"})
+    assert comparison_group(a) != comparison_group({**a, "threat_model": "Linf eps=4/255"})
+    assert incomparable(a, {**a, "method": "y"}) == ""
+    assert "dataset" in incomparable(a, {**a, "dataset": "cifar100"})
+    idx = np.arange(8)
+    new = (idx, np.array([1, 1, 1, 1, 1, 1, 0, 0], bool))
+    old = (idx, np.array([0, 0, 0, 0, 0, 0, 0, 0], bool))
+    p, how = paired_p_value(new, old)
+    assert p == pytest.approx(2 / 2 ** 6) and "6" in how            # 6 discordant pairs, all one way
+    assert paired_p_value(new, (idx + 1, old[1]))[0] is None
+    assert paired_p_value(None, old) == (None, "per-image AutoAttack outcomes missing")

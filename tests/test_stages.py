@@ -29,7 +29,7 @@ def workdir(tmp_path_factory):
         train_teacher.run([])
         ingest_ddpm.run([])
         distill.run([])
-        distill.run(["--method", "natural_kd", "--name", "reference"])
+        distill.run(["--method", "natural_kd", "--name", "reference", "--seed", "7"])
         evaluate.run([])
         export_onnx.run([])
         report.run([])
@@ -68,19 +68,26 @@ def test_evaluate_writes_every_attack(workdir):
         for key in ("natural", "pgd20", "cw", "autoattack", "worst_case"):
             assert 0.0 <= m[key] <= 100.0
             acc = m["accuracy"][key]
-            assert acc["total"] == 10 and m[key] == round(100 * acc["correct"] / 10, 2)
+            total = 10 if key in ("autoattack", "worst_case") else 20   # AutoAttack: 1 of the 2 per class
+            assert acc["total"] == total and m[key] == round(100 * acc["correct"] / total, 2)
             assert acc["ci95_low"] <= m[key] <= acc["ci95_high"]
-        assert m["pgd20"] <= m["natural"] and m["autoattack"] <= m["natural"]
-        assert m["worst_case"] <= min(m["pgd20"], m["cw"], m["autoattack"])
-        assert m["num_images"] == 10 and m["per_class"] == 1
+        assert m["accuracy"]["worst_case"]["correct"] <= m["accuracy"]["autoattack"]["correct"]
+        assert m["num_images"] == 20 and m["per_class"] == 2
+        assert len(m["per_class_accuracy"]["autoattack"]) == 10   # one image of each class
         assert m["flagged"] in (0, 1) and m["checks"]["pgd20"]["linf"] == 1
         info = json.loads((workdir / f"metrics/evaluate/{name}_info.json").read_text())
         assert info["arch"] == "resnet10_w8" and info["threat_model"]["norm"] == "Linf"
-        assert info["subset"]["num_images"] == 10 and len(info["subset"]["images_sha256"]) == 64
+        assert info["subset"]["num_images"] == 20 and len(info["subset"]["images_sha256"]) == 64
+        aa = info["attack_subsets"]["autoattack"]
+        assert aa["num_images"] == 10 and aa["per_class"] == 1 and aa["images_sha256"] != info["subset"]["images_sha256"]
         assert info["flagged"] == bool(m["flagged"]) and set(info["failed_checks"]) <= set(info["checks"])
         per_image = np.load(workdir / f"metrics/evaluate/{name}_per_image.npz", allow_pickle=False)
         assert per_image["autoattack"].sum() == m["accuracy"]["autoattack"]["correct"]
-        assert len(per_image["index"]) == 10
+        assert len(per_image["index"]) == 20 and len(per_image["autoattack_index"]) == 10
+        # the AutoAttack images: the first of each class, a stratified subset of the evaluated ones
+        assert set(per_image["autoattack_index"]) < set(per_image["index"])
+        labels = dict(zip(per_image["index"], per_image["label"]))
+        assert sorted(labels[i] for i in per_image["autoattack_index"]) == list(range(10))
     ref = json.loads((workdir / "metrics/evaluate/reference.json").read_text())
     assert set(ref["per_class_accuracy"]) == {"natural", "pgd20", "worst_case"}
 
@@ -225,6 +232,7 @@ def test_mlflow_records_the_method_that_ran_and_its_inputs(workdir):
     runs = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id])
     reference = next(r for r in runs if r.data.tags.get("method") == "natural_kd")
     assert reference.data.params["distill.method"] == "natural_kd" == reference.data.params["method.name"]
+    assert reference.data.params["run.seed"] == "7"  # --seed is the seed that ran and is recorded
     darwin = next(r for r in runs if r.data.tags.get("method") == "darwin")
     assert float(darwin.data.params["method.eps"]) == pytest.approx(8 / 255)  # a number, not "8/255"
     info = json.loads((workdir / "metrics/student_info.json").read_text())
