@@ -127,6 +127,9 @@ def _attempts() -> int:
     return max(1, int(os.environ.get("ROBUSTKD_TRACKING_ATTEMPTS", "3")))
 
 
+HTTP_BOUNDS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
 def bound_mlflow_requests() -> None:
     """MLflow's own HTTP client retries 7 times with growing waits and a 120 s timeout per
     request (minutes against a dead server): one try per request of at most
@@ -298,13 +301,13 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
         return
     from dataclasses import asdict
 
-    bound_mlflow_requests()
     dvc_stage = os.environ.get("DVC_STAGE", stage)
     tags = {"dvc_stage": dvc_stage, "stage": stage, "git_commit": git_commit()}
     if params is not None:
         tags["profile"] = params.profile
     parent = os.environ.get("ROBUSTKD_PARENT_RUN_ID") or None
-    with keep_environment(*MLFLOW_ENV):
+    with keep_environment(*MLFLOW_ENV, *HTTP_BOUNDS):
+        bound_mlflow_requests()
         try:
             mlflow = with_retries(setup_mlflow)
             run = with_retries(lambda: mlflow.start_run(run_name=dvc_stage, parent_run_id=parent, tags=tags))
