@@ -99,7 +99,9 @@ def load_error_reason(exc: BaseException, path: str | os.PathLike | None = None)
         return f"not a torch checkpoint ({detail.group(1).strip() if detail else 'not a pickle of tensors'})"
     if zip_file or "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
         return "truncated or corrupt (not a complete torch zip archive)"
-    return f"not a torch checkpoint ({type(exc).__name__}: {text.splitlines()[0][:160] if text else ''})"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot be read ({exc.strerror})"
+    return "not a torch checkpoint (neither a torch zip archive nor a pickle of tensors)"
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
