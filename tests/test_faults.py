@@ -236,3 +236,35 @@ def test_an_unreachable_mlflow_server_leaves_the_stage_untracked_and_says_so(tmp
     assert "opening the MLflow run at http://127.0.0.1:" in said[0] and "failed 2 times" in said[0]
     assert said[0].endswith("the stage goes on untracked")
     assert (tmp_path / "data/prepared/train.npz").is_file() and (tmp_path / "metrics/data_card.json").is_file()
+
+
+@pytest.mark.slow   # SQLite's busy timeout (5 s) per try, and MLflow's own store set-up
+def test_a_store_locked_in_the_middle_of_a_run_leaves_the_rest_untracked_and_the_work_goes_on(
+        tmp_path, monkeypatch, capsys):
+    """A SQLite store held by another writer (BEGIN EXCLUSIVE): the metrics of epoch 2 cannot be
+    written; after the bounded retries the run says so once and goes on; the store is intact."""
+    import sqlite3
+
+    import mlflow
+
+    from services.tracking import stage_run
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROBUSTKD_TRACKING", "on")
+    monkeypatch.setenv("ROBUSTKD_TRACKING_ATTEMPTS", "2")
+    done = []
+    with stage_run("unit") as tracker:
+        tracker.log_metrics({"loss": 1.0}, step=1)
+        other = sqlite3.connect(tmp_path / "mlflow.db", timeout=0)
+        other.execute("BEGIN EXCLUSIVE")
+        tracker.log_metrics({"loss": 0.5}, step=2)   # the store is locked: retried, then untracked
+        tracker.log_metrics({"loss": 0.25}, step=3)  # no second wait, no second message
+        done.append("epoch 3")
+        other.rollback()
+        other.close()
+    assert done == ["epoch 3"]
+    said = [line for line in capsys.readouterr().err.splitlines() if line.startswith("tracking:")]
+    assert len(said) == 1 and said[0].startswith("tracking: logging metrics at sqlite:///") and \
+        "failed 2 times (MlflowException: (sqlite3.OperationalError) database is locked); the stage goes on untracked" in said[0], said
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.value for m in client.get_metric_history(tracker.run_id, "loss")] == [1.0]
