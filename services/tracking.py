@@ -144,14 +144,28 @@ def short_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
 
 
+# The store is away or busy (worth a retry, then going on untracked); any other error is a bug
+# or a rejected value and propagates as before.
+UNAVAILABLE = ("database is locked", "database table is locked", "unable to open database", "Connection refused",
+               "Connection reset", "Max retries exceeded", "timed out", "Temporary failure in name resolution",
+               "Name or service not known", "RemoteDisconnected", "status code 502", "status code 503",
+               "status code 504", "disk I/O error")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(p in text for p in UNAVAILABLE)
+
+
 def with_retries(fn, attempts: int | None = None):
-    """``fn()``, tried ``attempts`` times with waits of 1, 2, 4 ... s; the last error is raised."""
+    """``fn()``, tried ``attempts`` times with waits of 1, 2, 4 ... s while the store is
+    unavailable (:func:`store_unavailable`); the last error is raised."""
     attempts = attempts or _attempts()
     for k in range(attempts):
         try:
             return fn()
-        except Exception:  # noqa: BLE001 - connection refused, timeout, database is locked, ...
-            if k == attempts - 1:
+        except Exception as exc:  # noqa: BLE001 - connection refused, timeout, database is locked, ...
+            if k == attempts - 1 or not store_unavailable(exc):
                 raise
             time.sleep(2 ** k)
 
@@ -176,6 +190,8 @@ class MlflowTracker(NullTracker):
         try:
             with_retries(fn)
         except Exception as exc:  # noqa: BLE001
+            if not store_unavailable(exc):
+                raise
             self.lost = short_error(exc)
             say_untracked(what, exc)
 
@@ -312,6 +328,8 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
             mlflow = with_retries(setup_mlflow)
             run = with_retries(lambda: mlflow.start_run(run_name=dvc_stage, parent_run_id=parent, tags=tags))
         except Exception as exc:  # noqa: BLE001 - the store is unreachable or locked
+            if not store_unavailable(exc):
+                raise
             say_untracked("opening the MLflow run", exc)
             yield NullTracker()
             return
@@ -326,6 +344,9 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
             status = "FINISHED"
         finally:
             _CURRENT.pop()
-            tracker._call("ending the run", lambda: mlflow.MlflowClient().set_terminated(tracker.run_id, status))
+            try:
+                tracker._call("ending the run", lambda: mlflow.MlflowClient().set_terminated(tracker.run_id, status))
+            except Exception as exc:  # noqa: BLE001 - never hides the stage's own outcome
+                print(f"tracking: ending the run failed ({short_error(exc)})", file=sys.stderr, flush=True)
             with contextlib.suppress(Exception):  # off this process's active runs (a lost store: no matter)
                 mlflow.end_run(status=status)
