@@ -5,7 +5,12 @@
 
 Every case runs in its own process (same data, same initial weights, same seed), so each one's
 peak memory is its own: peak resident memory above the process's baseline on CPUs, peak CUDA
-memory allocated on GPUs. Prints a table and writes JSON (``--out``).
+memory allocated on GPUs. The cases run in interleaved rounds (``--rounds``, A B C, A B C, ...),
+so that a busy spell of a shared machine slows every case alike; the table gives the median of
+each figure and of each ratio (ratios taken within a round) with its min-max over the rounds. A
+case killed by a signal, failing or timing out (``--case-timeout``) is reported with its signal
+or error and the last lines of its error output; the other cases still run. Prints a table and
+writes JSON (``--out``).
 
 Cases
 - training steps (images/s): DARWIN n=10 (the project's defaults), the straightforward DARWIN of
@@ -25,10 +30,13 @@ On GPUs also: the measured bf16 matmul throughput, the fraction of it DARWIN's s
 from __future__ import annotations
 
 import argparse
+import functools
 import warnings
 import json
 import os
 import platform
+import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -376,50 +384,186 @@ def run_case(args) -> dict:
 
 
 # ---------------------------------------------------------------- driver
-def run_in_subprocess(case: str, args) -> dict:
+def case_command(case: str, args) -> list[str]:
     cmd = [sys.executable, "-m", "benchmarks.bench", "--case", case, "--preset", args.preset,
            "--device", args.device, "--threads", str(args.threads)]
     if args.student:
         cmd += ["--student", args.student]
+    return cmd
+
+
+def last_lines(text: str, count: int = 5) -> list[str]:
+    """The last ``count`` non-empty lines of a process's output (none when it printed nothing)."""
+    return [line.rstrip()[:300] for line in (text or "").splitlines() if line.strip()][-count:]
+
+
+def run_command(case: str, cmd: list[str], timeout: float) -> dict:
+    """Run one case's process; its result, or a record of how it failed: killed by a signal
+    (named), an error exit or a timeout, with the last lines of its error output."""
     start = time.perf_counter()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=args.case_timeout)
-    if proc.returncode != 0:
-        return {"case": case, "error": (proc.stderr or proc.stdout).strip().splitlines()[-1][:300],
+    try:
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        err = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else exc.stderr
+        return {"case": case, "error": f"timed out after {timeout:g} s", "stderr_tail": last_lines(err),
                 "wall_s": time.perf_counter() - start}
-    result = json.loads(proc.stdout.strip().splitlines()[-1])
-    result["wall_s"] = time.perf_counter() - start
+    wall = time.perf_counter() - start
+    tail = last_lines(proc.stderr) or last_lines(proc.stdout)
+    if proc.returncode < 0:
+        try:
+            name = signal.Signals(-proc.returncode).name
+        except ValueError:
+            name = f"signal {-proc.returncode}"
+        return {"case": case, "error": f"killed by {name}", "signal": name, "stderr_tail": tail, "wall_s": wall}
+    if proc.returncode != 0:
+        what = tail[-1] if tail else "no error output"
+        return {"case": case, "error": f"exit {proc.returncode}: {what}", "stderr_tail": tail, "wall_s": wall}
+    try:
+        result = json.loads([line for line in proc.stdout.splitlines() if line.strip()][-1])
+    except (IndexError, ValueError):
+        return {"case": case, "error": "exit 0 without a JSON result line", "stderr_tail": tail, "wall_s": wall}
+    result["wall_s"] = wall
     return result
 
 
-def table(results: list[dict], preset: dict) -> str:
+def run_in_subprocess(case: str, args) -> dict:
+    return run_command(case, case_command(case, args), args.case_timeout)
+
+
+def run_rounds(cases: list[str], rounds: int, run, log=functools.partial(print, flush=True)) -> list[list[dict]]:
+    """Interleaved rounds (A B C, A B C, ...): a slow spell of the machine touches every case
+    alike instead of one. A case that failed is not run again in later rounds."""
+    out: list[list[dict]] = []
+    failed: set[str] = set()
+    for k in range(rounds):
+        this = []
+        for case in cases:
+            if case in failed:
+                continue
+            r = run(case)
+            r["round"] = k + 1
+            this.append(r)
+            if "error" in r:
+                failed.add(case)
+            brief = {key: (round(v, 3) if isinstance(v, float) else v) for key, v in r.items()
+                     if key in ("images_per_s", "peak_mib", "loss_step1", "tflops", "error", "wall_s")}
+            log(f"  round {k + 1}/{rounds} {case}: {brief}")
+        out.append(this)
+    return out
+
+
+def _numbers(runs: list, path: tuple = ()) -> dict:
+    """{path: [value per run]} of every numeric leaf the runs share (nested dicts walked)."""
+    first = runs[0]
+    out: dict = {}
+    for key, value in first.items():
+        if key in ("round",):
+            continue
+        values = [r.get(key) for r in runs]
+        if isinstance(value, dict) and all(isinstance(v, dict) for v in values):
+            out.update(_numbers(values, path + (key,)))
+        elif all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            out[path + (key,)] = [float(v) for v in values]
+    return out
+
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def aggregate(case: str, runs: list[dict]) -> dict:
+    """One case over its rounds: the first run's record with every number replaced by its median,
+    ``spread`` giving median, min and max per number; a failure is kept as it was reported."""
+    failures = [r for r in runs if "error" in r]
+    if failures:
+        return {**failures[0], "case": case, "rounds_ok": len(runs) - len(failures)}
+    out = json.loads(json.dumps(runs[0]))
+    out.pop("round", None)
+    spreads = {}
+    for path, values in _numbers(runs).items():
+        target = out
+        for key in path[:-1]:
+            target = target[key]
+        target[path[-1]] = statistics.median(values)
+        spreads[".".join(path)] = spread(values)
+    out["spread"] = spreads
+    out["rounds_ok"] = len(runs)
+    return out
+
+
+def ratio_spreads(rounds_results: list[list[dict]], preset: dict) -> dict:
+    """Each summary ratio computed within each round (cases of one round ran side by side), then
+    its median and min-max over the rounds; and every training case's images/s against DARWIN's."""
+    per_key: dict[str, list[float]] = {}
+    for this in rounds_results:
+        for key, value in summary(this, preset).items():
+            per_key.setdefault(key, []).append(value)
+        by = {r["case"]: r for r in this if "error" not in r}
+        darwin = by.get("darwin", {}).get("images_per_s")
+        for case, r in by.items():
+            if darwin and r.get("kind") == "train":
+                per_key.setdefault(f"vs_darwin.{case}", []).append(r["images_per_s"] / darwin)
+    return {key: spread(values) for key, values in per_key.items()}
+
+
+def fmt_spread(s: dict | None, digits: int = 1, suffix: str = "") -> str:
+    if not s:
+        return "-"
+    text = f"{s['median']:.{digits}f}{suffix}"
+    if s["n"] > 1:
+        text += f" ({s['min']:.{digits}f}-{s['max']:.{digits}f})"
+    return text
+
+
+def failure_lines(results: list[dict]) -> list[str]:
+    lines = []
+    for r in results:
+        if "error" in r:
+            lines.append(f"{r['case']}: {r['error']}" + (f" (round {r['round']})" if "round" in r else ""))
+            lines += [f"    {line}" for line in r.get("stderr_tail", [])]
+    return lines
+
+
+def table(results: list[dict], preset: dict, ratios: dict | None = None) -> str:
+    """Markdown tables: medians over the rounds with (min-max) where there were several."""
+    ratios = ratios or {}
     by = {r["case"]: r for r in results}
     lines = ["| case | images/s | vs DARWIN | peak MiB | loss (step 1) | student fwd+bwd | teacher fwd | GFLOP/step |",
              "|---|---|---|---|---|---|---|---|"]
-    darwin = by.get("darwin", {}).get("images_per_s")
     for r in results:
+        if "error" in r:
+            if r.get("kind", "train") in ("train", "eval"):
+                lines.append(f"| {r['case']} | **failed**: {r['error'][:120]} | | | | | | |")
+            continue
         if r.get("kind") not in ("train", "eval"):
             continue
-        if "error" in r:
-            lines.append(f"| {r['case']} | error: {r['error']} | | | | | | |")
-            continue
+        sp = r.get("spread", {})
         p = r.get("passes", {})
         sf = p.get("student_fwd", p.get("model_fwd"))
         sb = p.get("student_bwd", p.get("model_bwd"))
         passes = f"{sf:.0f} + {sb:.0f}" if sf is not None else "-"
         teacher = f"{p['teacher_fwd']:.0f}" if "teacher_fwd" in p else "-"
-        rel = f"{r['images_per_s'] / darwin:.2f}x" if darwin and r["kind"] == "train" else "-"
+        rel = fmt_spread(ratios.get(f"vs_darwin.{r['case']}"), 2, "x") if r["kind"] == "train" else "-"
+        ips = fmt_spread(sp.get("images_per_s") or {"median": r["images_per_s"], "n": 1})
+        peak = fmt_spread(sp.get("peak_mib") or {"median": r["peak_mib"], "n": 1}, 0)
         loss = f"{r['loss_step1']:.6f}" if "loss_step1" in r else f"acc {r.get('accuracy', 0):.1f}%"
         gflop = f"{r['flops_per_step'] / 1e9:.0f}" if "flops_per_step" in r else "-"
-        lines.append(f"| {r['case']} | {r['images_per_s']:.1f} | {rel} | {r['peak_mib']:.0f} | {loss} | "
-                     f"{passes} | {teacher} | {gflop} |")
+        lines.append(f"| {r['case']} | {ips} | {rel} | {peak} | {loss} | {passes} | {teacher} | {gflop} |")
     if "onnx" in by and "error" not in by["onnx"]:
         o = by["onnx"]
+        sp = o.get("spread", {})
         lines += ["", "| ONNX student | torch eager ms | onnxruntime ms | speed-up | peak MiB torch / ORT |",
                   "|---|---|---|---|---|"]
         for bs in (1, 256):
             b = o[f"batch{bs}"]
-            lines.append(f"| batch {bs} | {b['torch_ms']:.3f} | {b['onnxruntime_ms']:.3f} | {b['speedup']:.2f}x | "
-                         f"{b['torch_peak_mib']:.0f} / {b['onnxruntime_peak_mib']:.0f} |")
+            cell = lambda key, digits, suffix="": fmt_spread(  # noqa: E731
+                sp.get(f"batch{bs}.{key}") or {"median": b[key], "n": 1}, digits, suffix)
+            lines.append(f"| batch {bs} | {cell('torch_ms', 3)} | {cell('onnxruntime_ms', 3)} | "
+                         f"{cell('speedup', 2, 'x')} | {b['torch_peak_mib']:.0f} / {b['onnxruntime_peak_mib']:.0f} |")
+    if "matmul" in by and "error" not in by["matmul"]:
+        m = by["matmul"]
+        tf = fmt_spread(m.get("spread", {}).get("tflops") or {"median": m["tflops"], "n": 1}, 3)
+        lines += ["", f"measured {m['dtype']} matmul throughput: {tf} TFLOP/s"]
     return "\n".join(lines)
 
 
@@ -453,8 +597,10 @@ def main(argv=None) -> None:
     p.add_argument("--cases", nargs="+", help="subset of cases (default: all)")
     p.add_argument("--student", help="trained student for evaluation/ONNX (default: models/student.pt if present)")
     p.add_argument("--out", help="JSON file (default: benchmarks/results-cpu.json or -gpu.json)")
+    p.add_argument("--rounds", type=int, default=3,
+                   help="interleaved rounds of all cases (A B C, A B C, ...); medians and min-max (default 3)")
     p.add_argument("--case", help=argparse.SUPPRESS)
-    p.add_argument("--case-timeout", type=int, default=1800, help=argparse.SUPPRESS)
+    p.add_argument("--case-timeout", type=int, default=1800, help="seconds before a case is stopped")
     args = p.parse_args(argv)
     if args.case:
         # the pass counter's backward hooks warn when a module's input needs no gradient: expected
@@ -471,22 +617,26 @@ def main(argv=None) -> None:
                "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None}
     print(f"benchmark, preset {args.preset} ({preset['student']} student, {preset['teacher']} teacher, "
           f"batch {preset['batch']}, n = {preset['steps']}) on {machine}", flush=True)
-    results = []
-    for case in cases:
-        r = run_in_subprocess(case, args)
-        results.append(r)
-        brief = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()
-                 if k in ("images_per_s", "peak_mib", "loss_step1", "tflops", "error", "wall_s")}
-        print(f"  {case}: {brief}", flush=True)
-    report = {"preset": args.preset, "settings": preset, "machine": machine, "results": results,
-              "summary": summary(results, preset)}
+    rounds_results = run_rounds(cases, max(args.rounds, 1), lambda case: run_in_subprocess(case, args))
+    results = [aggregate(case, [r for this in rounds_results for r in this if r["case"] == case]) for case in cases]
+    ratios = ratio_spreads(rounds_results, preset)
+    report = {"preset": args.preset, "settings": preset, "machine": machine, "rounds": args.rounds,
+              "results": results, "summary": {k: v["median"] for k, v in ratios.items() if "." not in k},
+              "summary_spread": ratios, "per_round": rounds_results}
     out = Path(args.out or f"benchmarks/results-{'gpu' if machine['gpu'] else 'cpu'}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print()
-    print(table(results, preset))
+    print(table(results, preset, ratios))
     print()
-    print(json.dumps(report["summary"], indent=2))
+    print("summary over rounds: median (min-max)")
+    for key, value in ratios.items():
+        if "." not in key:
+            print(f"  {key}: {fmt_spread(value, 3)}")
+    failures = failure_lines(results)
+    if failures:
+        print("\nfailed cases (the others ran):")
+        print("\n".join(failures))
     print(f"written to {out}")
 
 

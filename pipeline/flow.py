@@ -9,6 +9,10 @@ the caching; Prefect owns the order, the logs (every line of the stage's output)
 Only transient failures are retried (a killed process, a held DVC lock, a locked database): a bad
 input or a bug fails the same way twice and is not retried.
 
+One flow at a time per workspace: a second one refuses with one line naming the first (or waits
+for it, ``--wait-lock SECONDS``), before it touches params.yaml, dvc.lock, the MLflow store or the
+registry.
+
 All stage runs of one flow run nest in MLflow under one parent run, tagged with the git commit
 and the Prefect flow run. The last task registers the exported ONNX student (pipeline/registry.py).
 """
@@ -42,6 +46,65 @@ TRANSIENT_PATTERNS = [
     r"Unable to acquire lock", r"is busy, it is being blocked by", r"database is locked", r"Connection (refused|reset)",
     r"Temporary failure in name resolution", r"CUDA error: (launch failure|unspecified)",
 ]
+
+
+DVC_LOCK_HELD = re.compile(r"Unable to acquire lock|is busy, it is being blocked by")
+
+
+class WorkspaceBusy(RuntimeError):
+    """Another flow holds this workspace (params.yaml, dvc.lock, the MLflow store, the registry)."""
+
+
+_HELD: dict[str, int] = {}
+
+
+@contextlib.contextmanager
+def workspace_lock(root: Path, wait_s: float = 0.0):
+    """One flow at a time in a workspace: an exclusive lock on ``.dvc/tmp/robustkd-flow.lock``,
+    held for the whole flow. DVC's own lock covers one ``dvc repro`` only, and a flow runs one per
+    stage: between two of them a second flow could swap params.yaml or reproduce stages under the
+    first one. A second flow waits up to ``wait_s`` seconds, then refuses with one line naming the
+    holder. Re-entrant within a process (``main`` takes it before the Prefect flow does)."""
+    import fcntl
+
+    path = Path(root).resolve() / ".dvc" / "tmp" / "robustkd-flow.lock"
+    key = str(path)
+    if _HELD.get(key):
+        _HELD[key] += 1
+        try:
+            yield
+        finally:
+            _HELD[key] -= 1
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fh = open(path, "a+")
+    deadline = time.monotonic() + wait_s
+    try:
+        while True:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    fh.seek(0)
+                    holder = fh.read().strip() or "a process"
+                    waited = f"waited {wait_s:g} s; " if wait_s else ""
+                    raise WorkspaceBusy(f"another flow is running in {Path(root).resolve()} ({holder}); {waited}"
+                                        f"this one did not start (--wait-lock SECONDS waits for it)") from None
+                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.01)))
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"flow pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
+        fh.flush()
+        _HELD[key] = 1
+        try:
+            yield
+        finally:
+            _HELD.pop(key, None)
+            fh.truncate(0)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    finally:
+        fh.close()
 
 
 class StageFailed(RuntimeError):
@@ -93,7 +156,12 @@ def dvc_executable() -> str:
 @task(retries=2, retry_delay_seconds=10, retry_condition_fn=retry_only_transient, task_run_name="{stage}")
 def run_stage(stage: str, root: str, env: dict[str, str]) -> dict:
     """``dvc repro --single-item STAGE``, streaming its output into the Prefect log."""
-    logger = get_run_logger()
+    return repro_stage(stage, root, env, get_run_logger().info)
+
+
+def repro_stage(stage: str, root: str, env: dict[str, str], log) -> dict:
+    """``dvc repro --single-item STAGE`` with each output line passed to ``log``; a failure is a
+    :class:`StageFailed` (DVC's lock held by another DVC process: one line saying so, transient)."""
     start = time.perf_counter()
     proc = subprocess.Popen([dvc_executable(), "repro", "--single-item", stage], cwd=root, env=stage_env(env),
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
@@ -102,12 +170,15 @@ def run_stage(stage: str, root: str, env: dict[str, str]) -> dict:
     for line in proc.stdout:
         line = line.rstrip()
         if line:
-            logger.info(line)
+            log(line)
             tail.append(line)
             ran |= line.startswith("Running stage")
     rc = proc.wait()
     if rc != 0:
         text = "\n".join(tail)
+        if DVC_LOCK_HELD.search(text):
+            text = (f"the DVC lock of {root} is held by another DVC process (a flow or a `dvc repro` in this "
+                    f"workspace); DVC said: {next(x for x in tail if DVC_LOCK_HELD.search(x)).strip()[:200]}")
         raise StageFailed(stage, rc, is_transient_output(text), text)
     return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - start, 1)}
 
@@ -173,11 +244,12 @@ def download_if_needed(root: Path) -> None:
 
 @flow(name="robustkd-pipeline", log_prints=True)
 def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = None, register_model: bool = True,
-                      project_dir: str = ".") -> dict:
+                      project_dir: str = ".", wait_lock_s: float = 0.0) -> dict:
     """Run the DVC pipeline stage by stage (and the method comparison when ``methods`` is given),
-    then register the ONNX student. ``preset``: a file of params/ copied to params.yaml first."""
+    then register the ONNX student. ``preset``: a file of params/ copied to params.yaml first.
+    One flow at a time per workspace (:func:`workspace_lock`)."""
     root = Path(project_dir).resolve()
-    with params_for_this_run(root, run_params(root, preset, methods)):
+    with workspace_lock(root, wait_lock_s), params_for_this_run(root, run_params(root, preset, methods)):
         if preset:
             download_if_needed(root)
         return run_pipeline(root, preset, methods, register_model)
@@ -225,11 +297,14 @@ def main(argv=None) -> None:
     p.add_argument("--methods", nargs="+", help="also run the comparison of these methods")
     p.add_argument("--no-register", action="store_true", help="do not register the ONNX student")
     p.add_argument("--project-dir", default=".")
+    p.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
+                   help="when another flow runs in this workspace: wait this long for it (default: refuse at once)")
     args = p.parse_args(argv)
     try:
-        robustkd_pipeline(preset=args.preset, methods=args.methods, register_model=not args.no_register,
-                          project_dir=args.project_dir)
-    except (StageFailed, ValueError) as exc:
+        with workspace_lock(Path(args.project_dir), args.wait_lock):  # refused before Prefect starts
+            robustkd_pipeline(preset=args.preset, methods=args.methods, register_model=not args.no_register,
+                              project_dir=args.project_dir, wait_lock_s=args.wait_lock)
+    except (StageFailed, WorkspaceBusy, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

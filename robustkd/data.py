@@ -96,12 +96,20 @@ def load_image_folder(root: str | os.PathLike, per_class: int | None = None) -> 
     root = Path(root)
     if not root.is_dir():
         raise InputError(f"image folder {root} does not exist or is not a directory")
-    folder = ImageFolder(str(root))
+    try:
+        folder = ImageFolder(str(root))
+    except (FileNotFoundError, OSError) as exc:  # no class folders, a class folder without images
+        raise InputError(f"image folder {root}: expected one folder per class holding images "
+                         f"(.png, .jpg, ...); {str(exc).splitlines()[0]}") from None
     samples = first_k_per_class(folder.samples, per_class) if per_class else folder.samples
     images = np.empty((len(samples), *IMAGE_SHAPE_HWC), dtype=np.uint8)
     for i, (path, _) in enumerate(samples):
-        with Image.open(path) as img:
-            arr = np.asarray(img.convert("RGB"))
+        try:
+            with Image.open(path) as img:
+                arr = np.asarray(img.convert("RGB"))
+        except (OSError, ValueError) as exc:  # truncated or not an image (PIL.UnidentifiedImageError)
+            raise InputError(f"{path}: expected a 32 x 32 RGB image, found a file that cannot be decoded "
+                             f"({type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''})") from None
         if arr.shape != IMAGE_SHAPE_HWC:
             raise InputError(f"{path}: expected a 32 x 32 RGB image, found shape {arr.shape}")
         images[i] = arr

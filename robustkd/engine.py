@@ -23,9 +23,9 @@ import torch.nn as nn
 
 from .data import TrainBatches
 from .distributed import average_gradients, average_scalars, wrap_ddp
-from .errors import InputError
+from .errors import InputError, NonFiniteLoss
 from .methods.registry import Objective
-from .utils import atomic_torch_save, autocast, make_generator, progress, select_device
+from .utils import atomic_torch_save, autocast, load_error_reason, make_generator, progress, select_device
 
 Callback = Callable[[int, dict], None]
 
@@ -190,10 +190,24 @@ class Trainer:
     def _set_aside(self, reason: str, old_fingerprint: str) -> None:
         """Keep a checkpoint of another run as ``state.pt.stale-<its fingerprint>`` and say why."""
         stale = self.ckpt_path.with_name(f"{self.ckpt_path.name}.stale-{old_fingerprint}")
+        n = 1
+        while stale.exists():  # never overwrite one set aside before
+            stale = self.ckpt_path.with_name(f"{self.ckpt_path.name}.stale-{old_fingerprint}.{n}")
+            n += 1
         if self.is_main:
             os.replace(self.ckpt_path, stale)
         self.log(f"checkpoint {self.ckpt_path} is not of this run ({reason}); starting fresh, "
                  f"the old checkpoint kept as {stale.name}")
+
+    def _remove_unfinished_writes(self) -> None:
+        """Temporary files of a checkpoint write that a kill interrupted (robustkd.utils.atomic_path
+        renames only complete files over state.pt): removed, with one line."""
+        leftovers = sorted(self.ckpt_path.parent.glob(f".{self.ckpt_path.name}.*.tmp"))
+        if leftovers and self.is_main:
+            for path in leftovers:
+                path.unlink(missing_ok=True)
+            self.log(f"removed {len(leftovers)} unfinished checkpoint write(s) of a killed run "
+                     f"({', '.join(p.name for p in leftovers)}); {self.ckpt_path.name} itself is complete")
 
     def _save_state(self, epoch: int) -> None:
         if self.ckpt_path is None or not self.is_main:
@@ -217,12 +231,21 @@ class Trainer:
         """Load the last checkpoint if it belongs to this run's settings; True if resumed."""
         if self._resumed:
             return True
-        if self.ckpt_path is None or not self.ckpt_path.exists():
+        if self.ckpt_path is None:
+            return False
+        self._remove_unfinished_writes()
+        if not self.ckpt_path.exists():
             return False
         try:
             state = torch.load(self.ckpt_path, map_location="cpu", weights_only=True)
-        except Exception as exc:  # noqa: BLE001
-            self._set_aside(f"unreadable: {exc}", "unreadable")
+        except Exception as exc:  # noqa: BLE001 - truncated, corrupt, pickled code, not torch
+            self._set_aside(f"unreadable: {load_error_reason(exc, self.ckpt_path)}", "unreadable")
+            return False
+        needed = {"fingerprint", "epoch", "model", "optimizer", "scheduler", "rng_torch", "history"}
+        if not isinstance(state, dict) or not needed <= set(state):
+            found = f"keys {sorted(map(str, state))[:8]}" if isinstance(state, dict) else type(state).__name__
+            self._set_aside(f"not a training checkpoint of this project: expected keys {sorted(needed)}, "
+                            f"found {found}", "foreign")
             return False
         old = str(state.get("fingerprint"))
         if old != self.fingerprint:
@@ -285,6 +308,15 @@ class Trainer:
         self.model.eval()
         return self.history
 
+    def _non_finite_message(self, epoch: int, index: int, loss, parts: dict) -> str:
+        kept = "no checkpoint is kept (checkpointing is off)"
+        if self.ckpt_path is not None:
+            kept = (f"the last good checkpoint {self.ckpt_path} (after epoch {epoch}) is kept, a rerun resumes "
+                    f"from it" if epoch > 0 and self.ckpt_path.exists() else "no epoch had finished: no checkpoint")
+        values = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
+        return (f"the training loss is {loss.item()} at epoch {epoch + 1}, batch {index + 1} of "
+                f"{len(self.batches)} ({values}); training stopped, {kept}")
+
     def _train_epoch(self, epoch: int) -> dict:
         seed = self.run_cfg.seed
         torch.manual_seed(seed * 1_000_003 + epoch)
@@ -295,15 +327,14 @@ class Trainer:
         start = time.perf_counter()
         amp = lambda: autocast(self.device, self.run_cfg.bf16)  # noqa: E731
         batches = self.batches.epoch(seed, epoch)
-        for batch in progress(batches, total=len(self.batches), desc=f"epoch {epoch + 1}",
-                              every_s=self.run_cfg.progress_every_s):
+        for index, batch in enumerate(progress(batches, total=len(self.batches), desc=f"epoch {epoch + 1}",
+                                               every_s=self.run_cfg.progress_every_s)):
             if self.run_cfg.channels_last:
                 batch.x = batch.x.contiguous(memory_format=torch.channels_last)
             loss, parts = self.objective(self.model, self.teacher, batch, epoch=epoch,
                                          generator=attack_gen, autocast=amp)
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"epoch {epoch + 1}: loss became {loss.item()} (parts "
-                                         f"{ {k: float(v) for k, v in parts.items()} })")
+                raise NonFiniteLoss(self._non_finite_message(epoch, index, loss, parts))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(self.objective.parameters())   # DDP averages only the model's

@@ -12,6 +12,8 @@ from typing import Iterable, Iterator, TypeVar
 
 import torch
 
+from .errors import OutputError
+
 T = TypeVar("T")
 
 
@@ -45,24 +47,61 @@ def autocast(device: torch.device, bf16: bool):
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
 
-    A killed process leaves the previous file intact (rename is atomic on POSIX).
+    A killed process leaves the previous file intact (rename is atomic on POSIX). A failed write
+    (full disk, no permission) raises :class:`~robustkd.errors.OutputError` naming the file and the
+    cause, and also leaves the previous file as it was.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp_path = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        os.close(fd)
+        tmp_path = Path(tmp)
         yield tmp_path
         os.replace(tmp_path, path)
+    except OutputError:
+        raise
+    except OSError as exc:
+        kept = "the previous file is kept as it was" if path.exists() else "nothing was written"
+        raise OutputError(exc.errno, f"cannot write {path}: {exc.strerror or exc} ({kept})") from exc
     finally:
-        if tmp_path.exists():
+        if tmp_path is not None and tmp_path.exists():
             tmp_path.unlink()
 
 
 def atomic_torch_save(obj, path: str | os.PathLike) -> None:
+    """torch.save through a Python file, so a full disk is an OSError (ENOSPC) naming the cause,
+    not the zip writer's 'unexpected pos' RuntimeError."""
     with atomic_path(path) as tmp:
-        torch.save(obj, tmp)
+        with open(tmp, "wb") as fh:
+            torch.save(obj, fh)
+
+
+def load_error_reason(exc: BaseException, path: str | os.PathLike | None = None) -> str:
+    """One line on why ``torch.load(path, weights_only=True)`` failed: pickled code refused, a
+    truncated or corrupt archive, or a file that is not a torch file at all."""
+    import pickle
+    import re
+
+    text = str(exc)
+    try:
+        with open(path, "rb") if path is not None else contextlib.nullcontext() as fh:
+            zip_file = fh is not None and fh.read(4) == b"PK\x03\x04"
+    except OSError:
+        zip_file = False
+    if isinstance(exc, pickle.UnpicklingError):
+        found = re.search(r"(?:Unsupported global: GLOBAL|unsupported GLOBAL) (\S+)", text)
+        if found:
+            return (f"it holds pickled code or objects ({found.group(1)}), refused by "
+                    f"torch.load(weights_only=True), which runs no code from a file")
+        detail = re.search(r"WeightsUnpickler error:\s*(.+)", text)
+        return f"not a torch checkpoint ({detail.group(1).strip() if detail else 'not a pickle of tensors'})"
+    if zip_file or "zip archive" in text or "central directory" in text or isinstance(exc, EOFError):
+        return "truncated or corrupt (not a complete torch zip archive)"
+    if isinstance(exc, OSError) and exc.strerror:
+        return f"cannot be read ({exc.strerror})"
+    return "not a torch checkpoint (neither a torch zip archive nor a pickle of tensors)"
 
 
 def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from robustkd.data import ImageSet, load_npz, to_chw_tensor
-from robustkd.errors import InputError
+from robustkd.errors import InputError, NonFiniteLoss, OutputError
 from robustkd.utils import atomic_path, select_device
 
 from .params import Params, load_params
@@ -43,7 +43,9 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
         stage: str, sections: tuple[str, ...] = ()):
     """Run a stage main inside its MLflow stage run (``args.tracker``; see stages/tracking.py).
 
-    Bad input prints one clear line and exits 2 (no traceback). Only rank 0 of a distributed
+    Bad input prints one clear line and exits 2 (no traceback); so do a failed write (full disk,
+    no permission: the previous outputs are kept) and a NaN/inf training loss (epoch and batch
+    named, the last good checkpoint kept), with exit 1. Only rank 0 of a distributed
     run (``RANK`` set by torchrun) records anything.
     """
 
@@ -63,6 +65,9 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
+        except (OutputError, NonFiniteLoss) as exc:
+            print(f"error: {exc.strerror if isinstance(exc, OutputError) else exc}", file=sys.stderr)
+            raise SystemExit(1) from None
     return entry
 
 

@@ -176,7 +176,9 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     try:
         raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
-        raise InputError(f"{path}: not valid YAML: {exc}") from None
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        raise InputError(f"{path}: not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if not raw:  # an empty file would silently mean "all defaults" (the full data set)
         raise InputError(f"{path}: the parameters file is empty; expected the sections "
                          f"{[f.name for f in dataclasses.fields(Params)]} (see params/ for complete files)")

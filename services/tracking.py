@@ -13,6 +13,10 @@ Settings (environment variables, so ``dvc repro``, the Prefect flow and a shell 
 - ``MLFLOW_EXPERIMENT_NAME``: the experiment (default ``robustkd``).
 - ``ROBUSTKD_PARENT_RUN_ID``: set by the Prefect flow; stage runs nest under that parent run.
 - ``ROBUSTKD_TRACKING=off``: no tracking at all (a :class:`NullTracker`).
+- ``ROBUSTKD_TRACKING_ATTEMPTS`` (default 3) and ``ROBUSTKD_TRACKING_TIMEOUT_S`` (default 10, the
+  bound of one request): an unreachable server or a locked store is tried that many times, with
+  waits of 1, 2, 4 ... s in between; then the stage goes on untracked and says so in one line (a
+  store lost in the middle of a run: the rest of the run untracked, the training goes on).
 
 Each run is tagged with the DVC stage (``DVC_STAGE``, set by DVC; else the stage's own name), the
 git commit of the project and the params profile.
@@ -24,6 +28,8 @@ import contextlib
 import math
 import os
 import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Iterator
 
@@ -117,31 +123,98 @@ class NullTracker:
         self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
 
+def _attempts() -> int:
+    return max(1, int(os.environ.get("ROBUSTKD_TRACKING_ATTEMPTS", "3")))
+
+
+HTTP_BOUNDS = ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")
+
+
+def bound_mlflow_requests() -> None:
+    """MLflow's own HTTP client retries 7 times with growing waits and a 120 s timeout per
+    request (minutes against a dead server): one try per request of at most
+    ``ROBUSTKD_TRACKING_TIMEOUT_S`` here, the retries are :func:`with_retries`'. Settings the user
+    made are kept."""
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", os.environ.get("ROBUSTKD_TRACKING_TIMEOUT_S", "10"))
+
+
+def short_error(exc: BaseException) -> str:
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    return f"{type(exc).__name__}: {lines[0][:200] if lines else ''}"
+
+
+# The store is away or busy (worth a retry, then going on untracked); any other error is a bug
+# or a rejected value and propagates as before.
+UNAVAILABLE = ("database is locked", "database table is locked", "unable to open database", "Connection refused",
+               "Connection reset", "Max retries exceeded", "timed out", "Temporary failure in name resolution",
+               "Name or service not known", "RemoteDisconnected", "status code 502", "status code 503",
+               "status code 504", "disk I/O error")
+
+
+def store_unavailable(exc: BaseException) -> bool:
+    text = f"{type(exc).__name__}: {exc}"
+    return isinstance(exc, (ConnectionError, TimeoutError)) or any(p in text for p in UNAVAILABLE)
+
+
+def with_retries(fn, attempts: int | None = None):
+    """``fn()``, tried ``attempts`` times with waits of 1, 2, 4 ... s while the store is
+    unavailable (:func:`store_unavailable`); the last error is raised."""
+    attempts = attempts or _attempts()
+    for k in range(attempts):
+        try:
+            return fn()
+        except Exception as exc:  # noqa: BLE001 - connection refused, timeout, database is locked, ...
+            if k == attempts - 1 or not store_unavailable(exc):
+                raise
+            time.sleep(2 ** k)
+
+
+def say_untracked(what: str, exc: BaseException) -> None:
+    print(f"tracking: {what} at {tracking_uri()} failed {_attempts()} times ({short_error(exc)}); "
+          f"the stage goes on untracked", file=sys.stderr, flush=True)
+
+
 class MlflowTracker(NullTracker):
+    """Logs to MLflow; a store lost during the run (after the retries) turns it into a
+    NullTracker for the rest of the run, with one line: the training is never stopped by it."""
+
     def __init__(self, mlflow_module, run_id: str):
         self._mlflow = mlflow_module
         self.run_id = run_id
+        self.lost: str | None = None
+
+    def _call(self, what: str, fn) -> None:
+        if self.lost:
+            return
+        try:
+            with_retries(fn)
+        except Exception as exc:  # noqa: BLE001
+            if not store_unavailable(exc):
+                raise
+            self.lost = short_error(exc)
+            say_untracked(what, exc)
 
     def log_params(self, params: dict) -> None:
         flat = flatten(params)
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow's batch limit
-            self._mlflow.log_params(dict(items[i:i + 100]))
+            self._call("logging params", lambda chunk=dict(items[i:i + 100]): self._mlflow.log_params(chunk))
 
     def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
         values = numeric_metrics(metrics, prefix)
         if values:
-            self._mlflow.log_metrics(values, step=step)
+            self._call("logging metrics", lambda: self._mlflow.log_metrics(values, step=step))
 
     def log_artifact(self, path, artifact_path: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self._mlflow.log_artifacts(str(path), artifact_path)
+            self._call("logging artifacts", lambda: self._mlflow.log_artifacts(str(path), artifact_path))
         elif path.is_file():
-            self._mlflow.log_artifact(str(path), artifact_path)
+            self._call("logging an artifact", lambda: self._mlflow.log_artifact(str(path), artifact_path))
 
     def set_tags(self, tags: dict) -> None:
-        self._mlflow.set_tags({k: str(v) for k, v in tags.items()})
+        self._call("setting tags", lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
 
 
 @contextlib.contextmanager
@@ -235,27 +308,45 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
     """An MLflow run for one stage execution (nested under ``ROBUSTKD_PARENT_RUN_ID`` when set).
 
     ``sections``: the params sections logged as the run's params (all of them when empty).
-    A failing stage ends its run as FAILED; the exception propagates unchanged.
+    A failing stage ends its run as FAILED; the exception propagates unchanged. An unreachable
+    server or a locked store (after the bounded retries of :func:`with_retries`) leaves the stage
+    untracked, with one line saying so.
     """
     if not (enabled and tracking_enabled()):
         yield NullTracker()
         return
     from dataclasses import asdict
 
-    mlflow = setup_mlflow()
     dvc_stage = os.environ.get("DVC_STAGE", stage)
     tags = {"dvc_stage": dvc_stage, "stage": stage, "git_commit": git_commit()}
     if params is not None:
         tags["profile"] = params.profile
     parent = os.environ.get("ROBUSTKD_PARENT_RUN_ID") or None
-    with keep_environment(*MLFLOW_ENV), mlflow.start_run(run_name=dvc_stage, parent_run_id=parent,
-                                                         tags=tags) as run:
+    with keep_environment(*MLFLOW_ENV, *HTTP_BOUNDS):
+        bound_mlflow_requests()
+        try:
+            mlflow = with_retries(setup_mlflow)
+            run = with_retries(lambda: mlflow.start_run(run_name=dvc_stage, parent_run_id=parent, tags=tags))
+        except Exception as exc:  # noqa: BLE001 - the store is unreachable or locked
+            if not store_unavailable(exc):
+                raise
+            say_untracked("opening the MLflow run", exc)
+            yield NullTracker()
+            return
         tracker = MlflowTracker(mlflow, run.info.run_id)
-        if params is not None:  # the typed, resolved values (defaults included, 8/255 as a number)
-            raw = asdict(params)
-            tracker.log_params({k: raw[k] for k in sections} if sections else raw)
+        status = "FAILED"
         _CURRENT.append(tracker)
         try:
+            if params is not None:  # the typed, resolved values (defaults included, 8/255 as a number)
+                raw = asdict(params)
+                tracker.log_params({k: raw[k] for k in sections} if sections else raw)
             yield tracker
+            status = "FINISHED"
         finally:
             _CURRENT.pop()
+            try:
+                tracker._call("ending the run", lambda: mlflow.MlflowClient().set_terminated(tracker.run_id, status))
+            except Exception as exc:  # noqa: BLE001 - never hides the stage's own outcome
+                print(f"tracking: ending the run failed ({short_error(exc)})", file=sys.stderr, flush=True)
+            with contextlib.suppress(Exception):  # off this process's active runs (a lost store: no matter)
+                mlflow.end_run(status=status)

@@ -1,10 +1,12 @@
-"""Data is checked where it enters: the splits' class lists agree, names and order."""
+"""Data is checked where it enters: the splits' class lists agree, names and order; params,
+image folders, .npz files and checkpoints give one clear line (tests/bad_inputs.py)."""
 
 import pytest
 
 from robustkd.data import check_same_classes
 from robustkd.errors import InputError
 
+from .bad_inputs import CASES, run_case
 from .stage_fixtures import make_image_folder, tiny_params, write_params
 
 
@@ -41,3 +43,15 @@ def test_data_root_resolves_from_dvc_temporary_workspaces_and_the_environment(tm
     assert project_dir(Path("/w/proj")) == Path("/w/proj")
     monkeypatch.setenv("ROBUSTKD_DATA_ROOT", str(tmp_path))
     assert data_root("../shared/datasets/cifar10") == tmp_path
+
+
+@pytest.mark.parametrize("case", CASES, ids=[f"{w}: {c}" for w, c, _, _ in CASES])
+def test_bad_input_gives_one_clear_line(case):
+    """Every case of the README's table "Bad input and faults: what you see" (tests/bad_inputs.py):
+    the message names the problem, user errors exit 2 from the CLIs, no traceback."""
+    where, _, expected, fn = case
+    message = run_case(fn)
+    assert expected in message, message
+    assert "Traceback" not in message and len(message.splitlines()) == 1, message
+    if message.startswith("exit"):
+        assert message.startswith("exit 2: error: "), message

@@ -1,0 +1,77 @@
+"""Two flows in one workspace: the second refuses (or waits) with one line naming the holder, before
+it touches params.yaml, dvc.lock, the MLflow store or the registry; a stage whose DVC lock is
+held by another DVC process fails with one line saying so (a transient failure, retried)."""
+
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from pipeline.flow import StageFailed, WorkspaceBusy, main, repro_stage, workspace_lock
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = str(Path(sys.executable).parent)
+
+
+def holder(code: str, cwd: Path) -> subprocess.Popen:
+    """A child process that takes a lock, prints 'held' and sleeps; stopped by the test."""
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=cwd, stdout=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(ROOT), "DVC_NO_ANALYTICS": "1"})
+    assert proc.stdout.readline().strip() == "held"
+    return proc
+
+
+def stop(proc: subprocess.Popen) -> None:
+    proc.kill()
+    proc.wait(timeout=30)
+
+
+def test_a_second_flow_in_the_workspace_refuses_with_one_line(tmp_path, capsys):
+    (tmp_path / "params.yaml").write_text("profile: mine\n")
+    first = holder(f"from pathlib import Path; import time; from pipeline.flow import workspace_lock\n"
+                   f"with workspace_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(120)",
+                   tmp_path)
+    try:
+        for extra, waited in (([], ""), (["--wait-lock", "1"], "waited 1 s; ")):
+            with pytest.raises(SystemExit) as err:
+                main(["--project-dir", str(tmp_path), "--preset", "cpu", "--no-register", *extra])
+            assert err.value.code == 1
+            out = capsys.readouterr().err.strip()
+            assert out.startswith(f"error: another flow is running in {tmp_path.resolve()} (flow pid {first.pid}, "
+                                  f"started "), out
+            assert out.endswith(f"); {waited}this one did not start (--wait-lock SECONDS waits for it)")
+            assert len(out.splitlines()) == 1
+        assert (tmp_path / "params.yaml").read_text() == "profile: mine\n"   # never swapped
+    finally:
+        stop(first)
+    with workspace_lock(tmp_path), workspace_lock(tmp_path):   # free again; re-entrant in one process
+        other = subprocess.run([sys.executable, "-c", "from pathlib import Path; from pipeline.flow import "
+                                f"workspace_lock\nwith workspace_lock(Path({str(tmp_path)!r})): pass"],
+                               cwd=ROOT, capture_output=True, text=True)
+        assert other.returncode == 1 and f"WorkspaceBusy: another flow is running in {tmp_path.resolve()} (flow pid " \
+            f"{os.getpid()}, started" in other.stderr, other.stderr[-2000:]
+
+
+def test_a_stage_whose_dvc_lock_is_held_fails_with_one_line_and_is_retried(tmp_path):
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run("git init -q && dvc init -q", shell=True, cwd=tmp_path, env=env, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  quick:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    dvc = holder("from dvc.repo import Repo; import time\nr = Repo('.'); r.lock.lock()\n"
+                 "print('held', flush=True); time.sleep(120)", tmp_path)
+    lines = []
+    try:
+        start = time.monotonic()
+        with pytest.raises(StageFailed) as err:
+            repro_stage("quick", str(tmp_path), {}, lines.append)
+        assert time.monotonic() - start < 120   # DVC gives up after a few seconds: no hang
+    finally:
+        stop(dvc)
+    assert err.value.transient
+    assert str(err.value).splitlines()[1].startswith(
+        f"the DVC lock of {tmp_path} is held by another DVC process (a flow or a `dvc repro` in this "
+        f"workspace); DVC said: ERROR: Unable to acquire lock")
+    assert len(str(err.value).splitlines()) == 2
+    assert repro_stage("quick", str(tmp_path), {}, lines.append)["ran"]   # the lock is free again
