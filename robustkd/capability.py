@@ -7,7 +7,11 @@ advertises AMX/bf16 instructions the hypervisor does not grant, oneDNN's bf16 co
 with SIGILL; a broken compiler toolchain can abort inside torch.compile. A probe that dies takes
 only the child down; the parent names the setting, the device and the cause (the signal's name
 or the exception's last line) in one line, or, where the user asked for ``auto``, falls back and
-says so. Results are cached per process (one probe per setting and device).
+says so. Results are cached per process (one probe per setting and device), and passing results
+also on disk (``$ROBUSTKD_PROBE_CACHE``, default ``~/.cache/robustkd/probes.json``; ``0``
+disables it), keyed by the setting, the device's name, the CPU's model and flags, the torch and
+CUDA versions and the Python executable: a DVC stage does not pay a probe that an earlier process
+on the same machine and software passed. Failures are never cached (a fixed system recovers).
 
 Test hook: ``ROBUSTKD_PROBE_FAULT="bf16=SIGILL,compile=error"`` makes the child of the named
 setting kill itself with that signal (or raise, for ``error``) instead of probing, so the
@@ -29,6 +33,7 @@ from .errors import InputError
 SETTINGS = ("bf16", "channels_last", "compile")
 FAULT_ENV = "ROBUSTKD_PROBE_FAULT"
 TIMEOUT_ENV = "ROBUSTKD_PROBE_TIMEOUT_S"
+CACHE_ENV = "ROBUSTKD_PROBE_CACHE"
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune-no-cudagraphs")
 
 _CACHE: dict[tuple[str, str, str], "ProbeResult"] = {}
@@ -99,6 +104,65 @@ def _cause(proc: subprocess.CompletedProcess) -> str:
     return f"exit status {proc.returncode}: {last[:300]}"
 
 
+def _machine_key(setting: str, device: torch.device, mode: str) -> str:
+    import hashlib
+    import platform
+
+    cpu = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = "".join(ln for ln in f if ln.startswith(("model name", "flags")))[:8192]
+    except OSError:
+        cpu = platform.processor()
+    parts = [setting, mode, device_name(device), torch.__version__, str(torch.version.cuda), sys.executable,
+             platform.machine(), hashlib.sha256(cpu.encode()).hexdigest()]
+    if device.type == "cuda" and torch.cuda.is_available():
+        parts.append(str(torch.cuda.get_device_capability(device)))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:24]
+
+
+def _disk_cache_path():
+    from pathlib import Path
+
+    where = os.environ.get(CACHE_ENV, "")
+    if where == "0" or os.environ.get(FAULT_ENV):   # disabled, or a test injects faults
+        return None
+    return Path(where) if where else Path.home() / ".cache" / "robustkd" / "probes.json"
+
+
+def _disk_read(key: str) -> bool:
+    import json
+
+    path = _disk_cache_path()
+    try:
+        return bool(path and json.loads(path.read_text()).get(key) is True)
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _disk_write(key: str) -> None:
+    import json
+    import tempfile
+
+    path = _disk_cache_path()
+    if path is None:
+        return
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            known = json.loads(path.read_text())
+            known = known if isinstance(known, dict) else {}
+        except (OSError, ValueError):
+            known = {}
+        known[key] = True
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".probes.", suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(known, f)
+        os.replace(tmp, path)
+    except OSError:
+        pass   # a read-only home: probe again next time
+
+
 def probe(setting: str, device: torch.device, mode: str = "default", timeout_s: float | None = None) -> ProbeResult:
     """Run the probe of ``setting`` on ``device`` in a child process (cached per process)."""
     import time
@@ -107,6 +171,10 @@ def probe(setting: str, device: torch.device, mode: str = "default", timeout_s: 
         raise ValueError(f"unknown setting {setting!r}; expected one of {SETTINGS}")
     key = (setting, str(device), mode if setting == "compile" else "")
     if key in _CACHE:
+        return _CACHE[key]
+    disk_key = _machine_key(setting, device, key[2])
+    if _disk_read(disk_key):
+        _CACHE[key] = ProbeResult(setting, str(device), True, "", 0.0)
         return _CACHE[key]
     timeout_s = timeout_s or float(os.environ.get(TIMEOUT_ENV, "600"))
     cmd = [sys.executable, "-m", "robustkd.capability", setting, str(device), mode]
@@ -121,6 +189,8 @@ def probe(setting: str, device: torch.device, mode: str = "default", timeout_s: 
         ok, cause = False, f"no answer within {timeout_s:.0f} s ({TIMEOUT_ENV})"
     result = ProbeResult(setting, str(device), ok, cause, time.perf_counter() - start)
     _CACHE[key] = result
+    if ok:
+        _disk_write(disk_key)
     return result
 
 

@@ -19,7 +19,8 @@ CPU = torch.device("cpu")
 
 
 @pytest.fixture(autouse=True)
-def fresh_cache():
+def fresh_cache(monkeypatch, tmp_path):
+    monkeypatch.setenv(capability.CACHE_ENV, str(tmp_path / "probes.json"))
     capability.clear_cache()
     yield
     capability.clear_cache()
@@ -49,6 +50,19 @@ def test_probe_passes_and_is_cached_per_process(monkeypatch):
     assert first.ok, first.cause
     monkeypatch.setenv(FAULT_ENV, "channels_last=SIGILL")   # a new child would now die
     assert probe("channels_last", CPU) is first
+
+
+def test_a_passing_probe_is_remembered_on_disk_a_failing_one_not(monkeypatch, tmp_path):
+    calls = []
+    real_run = capability.subprocess.run
+    monkeypatch.setattr(capability.subprocess, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    assert probe("channels_last", CPU).ok and len(calls) == 1
+    capability.clear_cache()                                  # as a new process would start
+    assert probe("channels_last", CPU).ok and len(calls) == 1  # from disk: no child
+    assert (tmp_path / "probes.json").is_file()
+    monkeypatch.setenv(capability.CACHE_ENV, "0")
+    capability.clear_cache()
+    assert probe("channels_last", CPU).ok and len(calls) == 2  # cache off: probed again
 
 
 def test_auto_on_cpu_is_fp32_eager_without_probing(monkeypatch):
