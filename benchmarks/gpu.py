@@ -91,7 +91,10 @@ def _flops_per_step(method: str, student, teacher, batch: int, device, steps: in
     counter = PassCounter({"model": model} if method == "trades" else {"student": student, "teacher": teacher},
                           small)
     counter.enabled = True
+    import warnings
+
     try:
+        warnings.filterwarnings("ignore", message="Full backward hook is firing")
         loss, _ = obj(model.train(), teacher, _batch(small, device, False), generator=make_generator(0, device))
         loss.backward()
     finally:
@@ -172,7 +175,7 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
     elapsed = time.perf_counter() - t0
     out = {"method": method, "batch": batch, "images_per_s": timed_steps * batch / elapsed,
            "step_s": elapsed / timed_steps, "warmup_s": warm_s, "fast_path": fast.describe(),
-           "fast_path_notes": fast.notes, "loss_step1": float(first), "loss_last": float(last),
+           "fast_path_notes": fast.notes, "loss_step1": float(first.detach()), "loss_last": float(last.detach()),
            "flops_per_step": flops}
     if device.type == "cuda":
         out["peak_gib"] = torch.cuda.max_memory_allocated() / 2**30
