@@ -11,11 +11,12 @@ order of importance (a time budget, ``--budget-s``, skips what does not fit and 
 - ``darwin_default``: DARWIN as training runs it now, the fast path chosen by ``run.precision:
   auto``, ``run.channels_last: auto``, ``run.compile: auto`` (robustkd.capability: bf16 autocast
   with losses in float32, channels_last, compiled student where the probes pass);
-- ``darwin_fp32_eager``: the former defaults; ``darwin_bf16_cl_eager``: bf16 + channels_last
-  without compile; ``darwin_reduce_overhead``: the fast path with CUDA graphs
-  (``run.compile_mode: reduce-overhead``); ``darwin_fast_b512``: the fast path at batch 512;
+- ``darwin_fp32_eager``: the former defaults;
 - ``methods``: every student method of the registry and the TRADES teacher on the fast path,
-  in one process (one compiled student, re-initialised per method), for the full-run hours.
+  in one process (one compiled student, re-initialised per method), for the full-run hours;
+- ``darwin_bf16_cl_eager``: bf16 + channels_last without compile; ``darwin_reduce_overhead``:
+  the fast path with CUDA graphs (``run.compile_mode: reduce-overhead``); ``darwin_fast_b512``:
+  the fast path at batch 512.
 
 Each group runs in its own process (a crash is reported as a failed case, with the signal's
 name, and the others still run). FLOPs per step are counted from the passes of one eager step
@@ -51,7 +52,9 @@ DARWIN_CASES = [
     ("darwin_reduce_overhead", "auto", "auto", "auto", "reduce-overhead", 1),
     ("darwin_fast_b512", "auto", "auto", "auto", "default", 4),
 ]
-GROUPS = ["matmul"] + [c[0] for c in DARWIN_CASES] + ["methods"]
+# In order of importance: the run stops starting cases when --budget-s is spent.
+GROUPS = ["matmul", "darwin_default", "darwin_fp32_eager", "methods", "darwin_bf16_cl_eager",
+          "darwin_reduce_overhead", "darwin_fast_b512"]
 
 
 def _sync(device):
@@ -330,6 +333,7 @@ def main(argv=None) -> None:
                      if k in ("images_per_s", "tflops", "peak_gib", "warmup_s", "error", "wall_s", "fast_path")}
             print(f"  {r['case']}: {brief}", flush=True)
     text, summary = summarise(results, preset)
+    summary["wall_s"] = args.budget_s - (deadline - time.perf_counter())
     report = {"preset": args.preset, "settings": preset, "machine": machine, "results": results, "summary": summary}
     out = Path(args.out or "benchmarks/results-gpu-fastpath.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
