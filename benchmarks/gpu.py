@@ -157,7 +157,11 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
     amp = lambda: autocast(device, fast.bf16)  # noqa: E731
     model.train()
 
+    graphs = fast.compile and fast.compile_mode == "reduce-overhead" and device.type == "cuda"
+
     def step(i):
+        if graphs:   # CUDA graph trees: one generation per training step, as the Trainer does
+            torch.compiler.cudagraph_mark_step_begin()
         loss, _ = obj(run_model, teacher, data, generator=make_generator(i, device), autocast=amp)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -312,9 +312,12 @@ class Trainer:
         amp = lambda: autocast(self.device, self.fast.bf16)  # noqa: E731
         check_every = 1 if self.device.type != "cuda" else max(1, self.run_cfg.nonfinite_check_every)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)   # first non-finite batch
+        graphs = self.fast.compile and self.fast.compile_mode == "reduce-overhead" and self.device.type == "cuda"
         batches = self.batches.epoch(seed, epoch)
         for batch in progress(batches, total=len(self.batches), desc=f"epoch {epoch + 1}",
                               every_s=self.run_cfg.progress_every_s):
+            if graphs:   # CUDA graph trees: one generation per training step
+                torch.compiler.cudagraph_mark_step_begin()
             if self.fast.channels_last:
                 batch.x = batch.x.contiguous(memory_format=torch.channels_last)
                 if batch.x_pair is not None:
