@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS=1
 export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: setup run test preset compare benchmark clean mlflow-ui prefect-server schedule serve
+.PHONY: setup run test preset compare benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
 
 setup: $(VENV)/.installed
 
@@ -50,6 +50,10 @@ compare: setup
 # Speed and memory, side by side in one run (benchmarks/bench.py): table + benchmarks/results.json
 benchmark: setup
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
+
+# The fast path on one GPU in < 5 min (benchmarks/gpu.py): paper preset, per-method full-run hours
+benchmark-gpu: setup
+	$(PY) -m benchmarks.gpu $(BENCH_ARGS)
 
 clean:
 	rm -rf data models metrics reports checkpoints

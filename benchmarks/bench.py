@@ -599,9 +599,18 @@ def main(argv=None) -> None:
     p.add_argument("--out", help="JSON file (default: benchmarks/results-cpu.json or -gpu.json)")
     p.add_argument("--rounds", type=int, default=3,
                    help="interleaved rounds of all cases (A B C, A B C, ...); medians and min-max (default 3)")
+    p.add_argument("--gpu", action="store_true",
+                   help="the GPU benchmark of the fast path instead (benchmarks/gpu.py; make benchmark-gpu)")
     p.add_argument("--case", help=argparse.SUPPRESS)
     p.add_argument("--case-timeout", type=int, default=1800, help="seconds before a case is stopped")
-    args = p.parse_args(argv)
+    args, rest = p.parse_known_args(argv)
+    if args.gpu:   # its own options (--timed-steps, --groups, --budget-s) pass through
+        from benchmarks import gpu
+
+        return gpu.main(["--preset", "paper" if args.preset == "cpu" else args.preset, "--device",
+                         "cuda" if args.device == "auto" else args.device, *rest])
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.case:
         # the pass counter's backward hooks warn when a module's input needs no gradient: expected
         warnings.filterwarnings("ignore", message="Full backward hook is firing")

@@ -422,18 +422,28 @@ class TrainBatches:
         return pair
 
     def _gather(self, src, idx, aug):
-        """Images and labels of (pool, index) pairs, in the given order, augmented on the device."""
-        real = (src == 0).to(self.device)
-        x_u8 = torch.empty((len(idx), *self.real_images.shape[1:]), dtype=torch.uint8, device=self.device)
-        y = torch.empty(len(idx), dtype=torch.long, device=self.device)
-        idx_dev = idx.to(self.device)
-        if real.any():
-            x_u8[real] = self.real_images[idx_dev[real]]
-            y[real] = self.real_labels[idx_dev[real]]
-        if (~real).any():
-            gen_idx = idx[~real.cpu()]
-            x_u8[~real] = self.generated.gather(gen_idx).to(self.device)
-            y[~real] = self.generated.labels[gen_idx].to(self.device)
+        """Images and labels of (pool, index) pairs, in the given order, augmented on the device.
+
+        Which rows are real is decided on the CPU (``src``, ``idx`` are CPU tensors) and rows are
+        placed by integer positions: no boolean-mask indexing of device tensors, which would wait
+        for the GPU (a host synchronisation per batch)."""
+        dev = self.device
+        real = src == 0
+        if bool(real.all()):
+            idx_dev = idx.to(dev)
+            x_u8, y = self.real_images[idx_dev], self.real_labels[idx_dev].long()
+        else:
+            x_u8 = torch.empty((len(idx), *self.real_images.shape[1:]), dtype=torch.uint8, device=dev)
+            y = torch.empty(len(idx), dtype=torch.long, device=dev)
+            rpos, gpos = real.nonzero().squeeze(1), (~real).nonzero().squeeze(1)
+            if len(rpos):
+                rows = idx[rpos].to(dev)
+                x_u8[rpos.to(dev)] = self.real_images[rows]
+                y[rpos.to(dev)] = self.real_labels[rows]
+            if len(gpos):
+                gen_idx = idx[gpos]
+                x_u8[gpos.to(dev)] = self.generated.gather(gen_idx).to(dev)
+                y[gpos.to(dev)] = self.generated.labels[gen_idx].to(dev)
         x = to_float(x_u8)
         if aug is not None:
             x = apply_crop_flip(x, aug)

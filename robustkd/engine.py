@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
+from .capability import FastPath, device_name, resolve_fast_path
 from .data import TrainBatches
 from .distributed import average_gradients, average_scalars, wrap_ddp
 from .errors import InputError, NonFiniteLoss
@@ -60,12 +61,18 @@ class RunConfig:
 
     seed: int = 0
     device: str = "auto"
-    bf16: bool = False            # bf16 autocast (CUDA; CPU works but is slow)
-    channels_last: bool = False
+    # The fast path (robustkd.capability): each setting 'auto' (on for CUDA devices whose probe
+    # passes, off elsewhere) or explicit (probed too; a failing probe stops the run in one line).
+    precision: str = "fp32"       # auto | fp32 | bf16 (autocast; the losses stay in float32)
+    channels_last: bool | str = False
+    compile: bool | str = False   # torch.compile the trained model (attacks and loss run compiled)
+    compile_mode: str = "default"  # default | reduce-overhead (CUDA graphs) | max-autotune-no-cudagraphs
     checkpoint_dir: str = ""      # empty: no checkpoint, no resume
     sync_bn: bool = False         # distributed runs: SyncBatchNorm (GPU only) instead of per-rank BN
-    compile: bool = False         # torch.compile the trained model (attacks and loss run compiled)
     progress_every_s: float = 30.0
+    # Non-finite loss check: on CUDA the flag stays on the device and is read every this many
+    # steps and at the end of the epoch (no host synchronisation per step); every step on CPU.
+    nonfinite_check_every: int = 50
 
 
 def lr_factor(schedule: str, epoch_float: float, total_epochs: int, milestones, gamma: float,
@@ -158,6 +165,8 @@ class Trainer:
         self.is_main = is_main
         self.log = log if is_main else (lambda *_: None)
         objective.check_run(self.device, run.sync_bn)
+        self.fast: FastPath = resolve_fast_path(self.device, run.precision, run.channels_last, run.compile,
+                                                run.compile_mode)
         self.optimizer, self.scheduler = build_optimizer(model, optim, len(batches), objective.parameters())
         self.inputs = self.resume_inputs(inputs or {})
         self.fingerprint = fingerprint(self.inputs)
@@ -179,8 +188,9 @@ class Trainer:
                       "options": getattr(model, "options", {})},
             "method": {"name": self.objective.name, "settings": asdict(self.objective.config)},
             "optimiser": asdict(self.optim_cfg),
-            "numerics": {"bf16": run.bf16, "channels_last": run.channels_last, "compile": run.compile,
-                         "sync_bn": run.sync_bn, "world_size": self.batches.world_size},
+            "numerics": {"bf16": self.fast.bf16, "channels_last": self.fast.channels_last,
+                         "compile": self.fast.compile, "sync_bn": run.sync_bn,
+                         "world_size": self.batches.world_size},
             "seed": run.seed,
             "teacher weights": state_hash(self.teacher) if self.teacher is not None else "none",
             **given,
@@ -224,6 +234,7 @@ class Trainer:
             "rng_cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
             "history": json.dumps(self.history),
             "objective": self.objective.state_dict(),   # a method's heads and memory bank
+            "fast_path": json.dumps(self.fast.record()),  # which numerics trained it
         }
         atomic_torch_save(state, self.ckpt_path)
 
@@ -280,7 +291,10 @@ class Trainer:
             self.teacher.to(self.device).eval()
             for p in self.teacher.parameters():
                 p.requires_grad_(False)
-        if self.run_cfg.channels_last:
+        for note in self.fast.notes:
+            self.log(note)
+        self.log(f"fast path on {device_name(self.device)}: {self.fast.describe()}")
+        if self.fast.channels_last:
             self.model.to(memory_format=torch.channels_last)
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
@@ -288,8 +302,9 @@ class Trainer:
         # Under torchrun: DistributedDataParallel (gradients averaged over ranks). The attacks
         # unwrap it, so only the loss's forwards go through DDP.
         self.model = wrap_ddp(self.model, self.device, self.run_cfg.sync_bn)
-        if self.run_cfg.compile:
-            self.model = torch.compile(self.model)
+        if self.fast.compile:
+            mode = self.fast.compile_mode
+            self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
         for epoch in range(self.start_epoch, self.optim_cfg.epochs):
             metrics = self._train_epoch(epoch)
             if self.evaluate is not None and self.is_main:
@@ -314,42 +329,65 @@ class Trainer:
             kept = (f"the last good checkpoint {self.ckpt_path} (after epoch {epoch}) is kept, a rerun resumes "
                     f"from it" if epoch > 0 and self.ckpt_path.exists() else "no epoch had finished: no checkpoint")
         values = ", ".join(f"{k}={float(v):.4g}" for k, v in parts.items())
-        return (f"the training loss is {loss.item()} at epoch {epoch + 1}, batch {index + 1} of "
-                f"{len(self.batches)} ({values}); training stopped, {kept}")
+        value = f"{float(loss.detach())} " if loss is not None else "NaN or inf "
+        detail = f" ({values})" if values else ""
+        return (f"the training loss is {value}at epoch {epoch + 1}, batch {index + 1} of "
+                f"{len(self.batches)}{detail}; training stopped, {kept}")
 
     def _train_epoch(self, epoch: int) -> dict:
         seed = self.run_cfg.seed
         torch.manual_seed(seed * 1_000_003 + epoch)
         attack_gen = make_generator(seed * 7_919 + epoch, self.device)
         self.model.train()
-        sums: dict[str, float] = {}
+        # Metrics are summed on the device and read once per epoch: no host synchronisation per step.
+        sums: dict[str, torch.Tensor | float] = {}
         count, images = 0, 0
         start = time.perf_counter()
-        amp = lambda: autocast(self.device, self.run_cfg.bf16)  # noqa: E731
+        amp = lambda: autocast(self.device, self.fast.bf16)  # noqa: E731
+        check_every = 1 if self.device.type != "cuda" else max(1, self.run_cfg.nonfinite_check_every)
+        first_bad = torch.full((), -1, dtype=torch.long, device=self.device)   # first non-finite batch
+        graphs = self.fast.compile and self.fast.compile_mode == "reduce-overhead" and self.device.type == "cuda"
         batches = self.batches.epoch(seed, epoch)
-        for index, batch in enumerate(progress(batches, total=len(self.batches), desc=f"epoch {epoch + 1}",
-                                               every_s=self.run_cfg.progress_every_s)):
-            if self.run_cfg.channels_last:
+        for batch in progress(batches, total=len(self.batches), desc=f"epoch {epoch + 1}",
+                              every_s=self.run_cfg.progress_every_s):
+            if graphs:   # CUDA graph trees: one generation per training step
+                torch.compiler.cudagraph_mark_step_begin()
+            if self.fast.channels_last:
                 batch.x = batch.x.contiguous(memory_format=torch.channels_last)
+                if batch.x_pair is not None:
+                    batch.x_pair = batch.x_pair.contiguous(memory_format=torch.channels_last)
             loss, parts = self.objective(self.model, self.teacher, batch, epoch=epoch,
                                          generator=attack_gen, autocast=amp)
-            if not torch.isfinite(loss):
-                raise NonFiniteLoss(self._non_finite_message(epoch, index, loss, parts))
+            bad = ~torch.isfinite(loss.detach())
+            first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, count), first_bad)
+            if check_every == 1 or (count + 1) % check_every == 0:
+                self._check_finite(epoch, first_bad, loss if check_every == 1 else None, parts)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(self.objective.parameters())   # DDP averages only the model's
             self.optimizer.step()
             self.scheduler.step()
-            sums["loss"] = sums.get("loss", 0.0) + loss.item()
+            sums["loss"] = sums.get("loss", 0.0) + loss.detach()
             for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + float(v)
+                sums[k] = sums.get(k, 0.0) + (v.detach() if isinstance(v, torch.Tensor) else float(v))
             count += 1
             images += len(batch.x)
+        self._check_finite(epoch, first_bad, None, {})
         elapsed = time.perf_counter() - start
         out = {"epoch": epoch + 1}
         # mean over ranks of each rank's mean (equal shards: the global batch's mean)
-        out.update(average_scalars({k: v / max(count, 1) for k, v in sums.items()}))
+        out.update(average_scalars({k: float(v) / max(count, 1) for k, v in sums.items()}))
         world = self.batches.world_size
         out.update({"lr": self.optimizer.param_groups[0]["lr"], "epoch_time_s": elapsed,
                     "images_per_s": images * world / max(elapsed, 1e-9)})
         return out
+
+    def _check_finite(self, epoch: int, first_bad: torch.Tensor, loss, parts: dict) -> None:
+        """Stop with the epoch and batch named when a loss was NaN or inf (one host read).
+
+        On GPUs the check reads the device flag every ``run.nonfinite_check_every`` steps (a host
+        synchronisation per step would cost throughput); the batch named is still the first bad one.
+        """
+        index = int(first_bad)
+        if index >= 0:
+            raise NonFiniteLoss(self._non_finite_message(epoch, index, loss, parts))

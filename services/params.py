@@ -114,10 +114,15 @@ class ExportParams:
 class RunParams:
     seed: int = 0
     device: str = "auto"                   # auto: CUDA when present
-    bf16: bool = False
-    channels_last: bool = False
+    # The fast path (robustkd.capability, README "The fast path"): 'auto' turns bf16 autocast,
+    # channels_last and the compiled student on for CUDA devices whose capability probe passes and
+    # leaves them off elsewhere; explicit values are probed too (a failing probe stops the stage
+    # with one line naming the setting, the device and the cause).
+    precision: Literal["auto", "fp32", "bf16"] = "auto"   # bf16: autocast, the losses in float32
+    channels_last: bool | Literal["auto"] = "auto"
     threads: int = 0                       # torch CPU threads (0: torch's default)
-    compile: bool = False                  # torch.compile the trained model (make benchmark measures it)
+    compile: bool | Literal["auto"] = "auto"   # torch.compile the trained model
+    compile_mode: Literal["default", "reduce-overhead", "max-autotune-no-cudagraphs"] = "default"
     # Distributed (torchrun): train_teacher, distill and evaluate are launched with
     # `torchrun --nproc_per_node` when nproc_per_node > 1 (stages/launch.py).
     nproc_per_node: int = 1                # processes per machine (GPUs per machine on GPU nodes)
@@ -182,12 +187,28 @@ def load_params(path: str | os.PathLike = "params.yaml") -> Params:
     if not raw:  # an empty file would silently mean "all defaults" (the full data set)
         raise InputError(f"{path}: the parameters file is empty; expected the sections "
                          f"{[f.name for f in dataclasses.fields(Params)]} (see params/ for complete files)")
+    check_renamed(raw, str(path))
     params = from_dict(Params, raw, str(path))
     from .param_checks import check_params
 
     validate_methods(params, str(path))
     check_params(params, str(path))
     return params
+
+
+RENAMED = {("run", "bf16"): "run.bf16 was replaced by run.precision (auto | fp32 | bf16): write "
+                             "`precision: bf16` for bf16: true, `precision: fp32` for bf16: false, or "
+                             "`precision: auto` (bf16 on GPUs whose probe passes)"}
+
+
+def check_renamed(raw, where: str) -> None:
+    """Keys of older parameter files: a message saying what replaced them, not 'unknown key'."""
+    if not isinstance(raw, dict):
+        return
+    for (section, key), message in RENAMED.items():
+        block = raw.get(section)
+        if isinstance(block, dict) and key in block:
+            raise InputError(f"{where}: {message} (found {section}.{key}: {block[key]!r})")
 
 
 def validate_methods(params: Params, where: str) -> None:

@@ -45,15 +45,17 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
                            with_partners=objective.needs_partners, partner_labels=partner_labels,
                            rank=rank, world_size=world_size)
     history = HistoryWriter(history_csv, metrics_json)  # numbers only: DVC compares them
-    run_cfg = RunConfig(seed=params.run.seed, device=str(device), bf16=params.run.bf16,
-                        channels_last=params.run.channels_last, checkpoint_dir=str(checkpoint_dir),
-                        sync_bn=params.run.sync_bn, compile=params.run.compile)
+    run_cfg = RunConfig(seed=params.run.seed, device=str(device), precision=params.run.precision,
+                        channels_last=params.run.channels_last, compile=params.run.compile,
+                        compile_mode=params.run.compile_mode, checkpoint_dir=str(checkpoint_dir),
+                        sync_bn=params.run.sync_bn)
     trainer = Trainer(model, objective, batches, optim, run_cfg, teacher=teacher,
                       evaluate=heldout_monitor(heldout, device, monitor_steps, eps, step, params.run.seed),
                       callbacks=[history, *extra_callbacks], is_main=rank == 0,
                       inputs={"data": data_hash(train, heldout, generated, fraction, partner_labels)})
     if rank == 0:  # the text of the run beside its metrics, and the hashes resume compares
-        write_json({"method": objective.name, "model": getattr(model, "arch", ""), "inputs": trainer.inputs},
+        write_json({"method": objective.name, "model": getattr(model, "arch", ""), "inputs": trainer.inputs,
+                    "fast_path": trainer.fast.record(), "fast_path_notes": trainer.fast.notes},
                    info_path(metrics_json))
         tracker = tracking.current()
         tracker.log_params({"method": {"name": objective.name, **asdict(objective.config)}})

@@ -202,7 +202,7 @@ def test_every_params_key_read_is_declared(address, cmd, files, params):
 
 def test_the_reader_finds_what_a_stage_reads():
     got = read_by_stage("python -m stages.launch distill --method rslad --name x")
-    assert {"distill.student.arch", "distill.settings.rslad", "ddpm.fraction", "run.seed", "run.bf16",
+    assert {"distill.student.arch", "distill.settings.rslad", "ddpm.fraction", "run.seed", "run.precision",
             "data.source", "run.nproc_per_node"} <= got
     assert "distill.method" not in got and "distill.settings" not in got
     assert {"data.root", "data.source", "data.test_per_class"} <= read_by_stage("python -m stages.prepare_data")

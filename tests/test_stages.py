@@ -315,3 +315,28 @@ def test_stages_under_torchrun_write_once_and_match_the_single_process_evaluatio
     assert sharded["processes"] == 2
     for key in ("natural", "pgd20", "cw", "autoattack", "per_class_accuracy"):
         assert sharded[key] == single[key], (key, sharded[key], single[key])
+
+
+def test_a_setting_that_crashes_stops_the_stage_in_one_line(workdir, tmp_path):
+    """run.precision: bf16 on a machine where bf16 kills the process (SIGILL injected into the
+    capability probe's child): the stage exits 2 with one line naming setting, device and signal."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    wd = tmp_path / "wd"
+    shutil.copytree(workdir, wd)
+    params = yaml.safe_load((wd / "params.yaml").read_text())
+    params["run"]["precision"] = "bf16"
+    (wd / "params.yaml").write_text(yaml.safe_dump(params))
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "ROBUSTKD_PROBE_FAULT": "bf16=SIGILL", "PYTHONPATH": str(root)}
+    proc = subprocess.run([sys.executable, "-m", "stages.distill"], cwd=wd, env=env, capture_output=True,
+                          text=True, timeout=900)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: run.precision: bf16 is not usable on cpu: its probe was killed by SIGILL"), last

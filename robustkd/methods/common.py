@@ -26,9 +26,11 @@ def reduce_kl(per_sample: torch.Tensor, num_classes: int, reduction: str) -> tor
 
 
 def teacher_logits(teacher: nn.Module, x: torch.Tensor, autocast) -> torch.Tensor:
-    """The teacher's float32 logits in eval mode, without gradient."""
-    with model_modes([teacher], [False]), torch.no_grad(), autocast():
-        return teacher(x).float()
+    """The teacher's float32 logits in eval mode, without gradient. Inference mode (no autograd
+    bookkeeping at all); the clone is a normal tensor, which the loss's backward may save."""
+    with model_modes([teacher], [False]), torch.inference_mode(), autocast():
+        out = teacher(x).float()
+    return out.clone()
 
 
 def check_attack(eps: float, step_size: float, steps: int, method: str) -> None:

@@ -153,10 +153,14 @@ def _student_forwards(student: nn.Module, points: list[torch.Tensor], mode: str,
 
 
 def _no_grad_forward(model: nn.Module, points: list[torch.Tensor], join: bool) -> list[torch.Tensor]:
-    """An eval-mode model's logits on several mini-batches, joined or one by one."""
-    if join:
-        return list(model(torch.cat(points)).float().split([len(p) for p in points]))
-    return [model(p).float() for p in points]
+    """An eval-mode model's logits on several mini-batches, joined or one by one, computed in
+    inference mode (the teacher is never differentiated) and returned as normal tensors."""
+    with torch.inference_mode():
+        if join:
+            outs = list(model(torch.cat(points)).float().split([len(p) for p in points]))
+        else:
+            outs = [model(p).float() for p in points]
+    return [o.clone() for o in outs]
 
 
 def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torch.Tensor,
