@@ -161,7 +161,7 @@ def test_onnx_server_answers_on_localhost_and_stops(flow_run):
         code, out = _post(f"{base}/predict", png, "image/png")
         assert code == 200 and len(out["predictions"]) == 1
         code, out = _post(f"{base}/predict", json.dumps({"instances": [[1, 2]]}).encode(), "application/json")
-        assert code == 400 and "shape" in out["error"]
+        assert code == 422 and "wrong shape" in out["error"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
