@@ -273,7 +273,7 @@ def students_table(model_name: str) -> str:
     if versions:  # search results leave aliases empty: take them from the registered model
         for alias, version in client.get_registered_model(model_name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-    header = (["version", "aliases", "method", "student", "teacher", "dataset"] + [l for _, l in ATTACK_COLUMNS]
+    header = (["version", "aliases", "method", "student", "teacher", "dataset"] + [label for _, label in ATTACK_COLUMNS]
               + ["flagged"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in versions:
