@@ -127,7 +127,7 @@ def training_run(client, checkpoint: Path | None, parent_run_id: str | None = No
     if checkpoint is not None and Path(checkpoint).is_file():
         filters.append(f"tags.checkpoint_sha256 = '{sha256_file(checkpoint)}' and tags.stage = 'distill'")
     if parent_run_id:
-        filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.stage = 'distill'")
+        filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.dvc_stage = 'distill'")
     experiments = [e.experiment_id for e in client.search_experiments()]
     for f in filters:
         runs = mlflow.search_runs(experiment_ids=experiments, filter_string=f, order_by=["start_time DESC"],
