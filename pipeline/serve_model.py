@@ -7,7 +7,7 @@
 - ``POST /predict`` with ``Content-Type: application/json`` and ``{"instances": [...]}``
   (N x 3 x 32 x 32 floats in [0, 1]), or an image file as the body (``image/png``, ``image/jpeg``,
   any size, resized to 32 x 32) -> {"predictions": [{"class", "class_index", "probability"}, ...]}
-- ``GET  /docs``, ``/openapi.json``: the OpenAPI description.
+- ``GET  /openapi.json``: the OpenAPI description (``/docs``: Swagger UI, scripts from a CDN).
 
 Errors are JSON ``{"error": "..."}``: 400 malformed JSON or unreadable image, 413 body over
 ``--max-body-mb``, 415 other content types, 422 a body of the wrong shape, a NaN or a value
