@@ -18,15 +18,17 @@ export DVC_NO_ANALYTICS=1
 export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: setup run test preset compare benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
+.PHONY: setup run test lint lock preset compare benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
+LINT_PATHS := robustkd stages services pipeline
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+# requirements.lock pins every package (make lock); the install takes exactly those versions.
+$(VENV)/.installed: pyproject.toml requirements.lock
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null
 	$(PY) -m pip install -q --disable-pip-version-check uv
-	$(VENV)/bin/uv pip install -q --python $(PY) $(UV_FLAGS) -e ".[pipeline,dev]"
+	$(VENV)/bin/uv pip install -q --python $(PY) $(UV_FLAGS) -c requirements.lock -e ".[pipeline,dev]"
 	$(PY) -m robustkd.tvfix
 	touch $@
 
@@ -36,8 +38,23 @@ run: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc metrics show metrics/evaluate/teacher.json metrics/evaluate/student.json metrics/evaluate/reference.json
 	$(PY) -m pipeline.registry list
 
-test: setup
+test: setup lint
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+
+$(VENV)/bin/uv:
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null
+	$(PY) -m pip install -q --disable-pip-version-check uv
+
+lint: setup
+	$(VENV)/bin/ruff check $(LINT_PATHS)
+
+# Re-pin requirements.lock after changing pyproject.toml's dependencies (Python 3.11, Linux). Local
+# version tags (+cpu) are dropped so that the CUDA or CPU build of the same torch satisfies the pin.
+lock: $(VENV)/bin/uv
+	$(VENV)/bin/uv pip compile -q pyproject.toml --extra pipeline --extra dev --python-version 3.11 \
+	  $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) --custom-compile-command "make lock" -o requirements.lock
+	sed -i -E 's/^(torch(vision)?==[0-9.]+)\+[a-z0-9.]+/\1/' requirements.lock
 
 # Switch params.yaml to a preset of params/ (cpu, cifar10-resnet18, ...): `make preset PRESET=...`
 preset: setup

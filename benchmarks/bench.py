@@ -277,7 +277,6 @@ def estimate_flops(counts: dict, student, teacher, method: str, batch: int, devi
 
 
 def eval_case(case: str, preset: dict, device, student_path: str | None) -> dict:
-    import torch
 
     from robustkd.evaluation import EvalConfig, run_attack
 

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import signal
 import subprocess
@@ -83,7 +82,6 @@ def _batch(n: int, device, channels_last: bool):
 
 def _flops_per_step(method: str, student, teacher, batch: int, device, steps: int) -> float | None:
     """FLOPs of one step from the passes of one eager fp32 step on a small batch."""
-    import torch
 
     from benchmarks.bench import PassCounter, estimate_flops
     from robustkd.utils import make_generator

@@ -198,15 +198,17 @@ def preset_params(root: Path, preset: str) -> dict:
     return load_preset(root, preset)
 
 
-def run_params(root: Path, preset: str | None, methods: list[str] | None) -> bytes | None:
+def run_params(root: Path, preset: str | None, methods: list[str] | None, seed: int | None = None) -> bytes | None:
     """The params of this flow run as YAML text, validated; None when params.yaml is used as is."""
-    if not preset and not methods:
+    if not preset and not methods and seed is None:
         return None
     raw = preset_params(root, preset) if preset else yaml.safe_load((root / "params.yaml").read_text())
     if methods:
         if not isinstance(raw.get("compare"), dict):
             raise ValueError(f"{root / 'params.yaml'}: no 'compare:' section to set the methods of")
         raw["compare"]["methods"] = list(methods)
+    if seed is not None:
+        raw.setdefault("run", {})["seed"] = int(seed)
     text = yaml.safe_dump(raw, sort_keys=False).encode()
     with tempfile.TemporaryDirectory() as tmp:  # validated before it is ever in place
         (Path(tmp) / "params.yaml").write_bytes(text)
@@ -243,19 +245,62 @@ def download_if_needed(root: Path) -> None:
 
 
 @flow(name="robustkd-pipeline", log_prints=True)
-def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = None, register_model: bool = True,
-                      project_dir: str = ".", wait_lock_s: float = 0.0) -> dict:
+def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = None, seed: int | None = None,
+                      register_model: bool = True, project_dir: str = ".", wait_lock_s: float = 0.0) -> dict:
     """Run the DVC pipeline stage by stage (and the method comparison when ``methods`` is given),
-    then register the ONNX student. ``preset``: a file of params/ copied to params.yaml first.
-    One flow at a time per workspace (:func:`workspace_lock`)."""
+    then register the ONNX student. The result links the run's MLflow parent run.
+
+    Args:
+        preset: A preset of params/ (cpu, cifar10-resnet18, ...) used for this run instead of
+            params.yaml, which is left as it is. Empty: params.yaml as it is.
+        methods: Distillation methods to compare on the same teacher and test images after the main
+            pipeline (the comparison pipeline, compare/dvc.yaml), e.g. darwin, rslad, ard. Empty:
+            no comparison.
+        seed: run.seed for this run (initial weights, data order, attacks' random starts). Empty:
+            the seed of params.yaml or the preset.
+        register_model: Register the exported ONNX student in the MLflow model registry; the
+            champion alias moves only to a version at least as robust under AutoAttack.
+        project_dir: The project checkout the stages run in (its DVC cache, params and MLflow store).
+        wait_lock_s: One flow at a time per workspace: when another flow runs there, wait this many
+            seconds for it, then refuse with a message naming it (0: refuse at once).
+    """
     root = Path(project_dir).resolve()
-    with workspace_lock(root, wait_lock_s), params_for_this_run(root, run_params(root, preset, methods)):
+    with workspace_lock(root, wait_lock_s), params_for_this_run(root, run_params(root, preset, methods, seed)):
         if preset:
             download_if_needed(root)
-        return run_pipeline(root, preset, methods, register_model)
+        summary = run_pipeline(root, preset, methods, register_model, seed)
+    link_mlflow_run(summary)
+    return summary
 
 
-def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, register_model: bool) -> dict:
+def mlflow_run_url(run_id: str, experiment_id: str, tracking: str | None = None) -> str:
+    """The MLflow UI's page of a run: on the tracking server when runs go to one, else on the
+    UI of ``make mlflow-ui`` (``ROBUSTKD_MLFLOW_UI``, default http://127.0.0.1:5000)."""
+    tracking = tracking or tracking_uri()
+    base = tracking if tracking.startswith(("http://", "https://")) else \
+        os.environ.get("ROBUSTKD_MLFLOW_UI", "http://127.0.0.1:5000")
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
+def link_mlflow_run(summary: dict) -> None:
+    """Prefect artifacts of the flow run: a link to its MLflow parent run and a summary table
+    (shown in the flow run's Artifacts tab and returned in the result)."""
+    if not summary.get("parent_run_id"):
+        return
+    from prefect.artifacts import create_link_artifact, create_markdown_artifact
+
+    url = summary["mlflow_run_url"]
+    create_link_artifact(link=url, link_text=f"MLflow run {summary['parent_run_id']}", key="mlflow-parent-run",
+                         description="The MLflow parent run of this flow run: every stage's run nests under it.")
+    rows = "\n".join(f"| {r['stage']} | {'ran' if r['ran'] else 'up to date'} |" for r in summary["stages"])
+    registered = summary.get("registered") or {}
+    create_markdown_artifact(key="pipeline-summary", description="Stages and registry of this flow run", markdown=(
+        f"MLflow parent run: [{summary['parent_run_id']}]({url})\n\n| stage | outcome |\n|---|---|\n{rows}\n\n"
+        f"Registry: {registered.get('version', '-')} ({registered.get('alias', '-')}: {registered.get('reason', '-')})"))
+
+
+def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, register_model: bool,
+                 seed: int | None = None) -> dict:
     params = load_params(root / "params.yaml")
     stages = main_stages(root) + (compare_stages(methods, params.compare.seeds) if methods else [])
     env = {"MLFLOW_TRACKING_URI": tracking_uri(root)}
@@ -274,7 +319,7 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
         parent_id = parent.info.run_id
         env["ROBUSTKD_PARENT_RUN_ID"] = parent_id
         for key, value in {"preset": preset or "-", "methods": ",".join(methods or []) or "-",
-                           "stages": ",".join(stages)}.items():
+                           "seed": params.run.seed, "stages": ",".join(stages)}.items():
             client.log_param(parent_id, key, value)
     status = "FAILED"
     try:
@@ -285,7 +330,9 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
     finally:
         if parent_id is not None:
             client.set_terminated(parent_id, status=status)
-    summary = {"parent_run_id": parent_id, "stages": results, "registered": registered}
+    summary = {"parent_run_id": parent_id, "stages": results, "registered": registered,
+               "mlflow_run_url": mlflow_run_url(parent_id, experiment.experiment_id, env["MLFLOW_TRACKING_URI"])
+               if parent_id is not None else None}
     print(f"stages run: {[r['stage'] for r in results if r['ran']]}; up to date: "
           f"{[r['stage'] for r in results if not r['ran']]}; registry: {registered}")
     return summary
@@ -295,6 +342,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", help="run with params/PRESET.yaml (params.yaml is left as it is)")
     p.add_argument("--methods", nargs="+", help="also run the comparison of these methods")
+    p.add_argument("--seed", type=int, help="run.seed for this run (params.yaml is left as it is)")
     p.add_argument("--no-register", action="store_true", help="do not register the ONNX student")
     p.add_argument("--project-dir", default=".")
     p.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
@@ -302,8 +350,9 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     try:
         with workspace_lock(Path(args.project_dir), args.wait_lock):  # refused before Prefect starts
-            robustkd_pipeline(preset=args.preset, methods=args.methods, register_model=not args.no_register,
-                              project_dir=args.project_dir, wait_lock_s=args.wait_lock)
+            robustkd_pipeline(preset=args.preset, methods=args.methods, seed=args.seed,
+                              register_model=not args.no_register, project_dir=args.project_dir,
+                              wait_lock_s=args.wait_lock)
     except (StageFailed, WorkspaceBusy, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None

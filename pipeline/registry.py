@@ -1,8 +1,11 @@
 """The MLflow model registry of ONNX students: register, promote, compare.
 
 ``python -m pipeline.registry register`` registers ``models/student.onnx`` (MLflow's ONNX flavour)
-with tags for method, student, teacher, dataset, each attack's accuracy and its 95% Wilson interval,
-the evaluated subset's hash and whether the evaluation was flagged, then decides its alias:
+with a signature (float32 N x 3 x 32 x 32 in [0, 1] -> logits) and an input example, a description
+(method, teacher, data, evaluation with 95% intervals, a link to the distill stage's training run)
+and tags for method, student, teacher, dataset, each attack's accuracy and its 95% Wilson interval,
+the evaluated subset's hash, whether the evaluation was flagged and the training run's id, then
+decides its alias:
 
 - a new version is ranked only against a champion evaluated on the same dataset, AutoAttack
   images (their SHA-256) and threat model (tag ``comparison_group``); against a champion of another
@@ -177,14 +180,87 @@ def find_registered(client, model_name: str, sha: str):
     return next((v for v in versions if v.tags.get("onnx_sha256") == sha), None)
 
 
+def input_example(n: int = 2, seed: int = 0):
+    """What the registered model takes: N x 3 x 32 x 32 float32 RGB in [0, 1] (not normalised; the
+    graph normalises). Batch 2, not 1, so nothing reads the example as fixing the batch size."""
+    import numpy as np
+
+    return np.random.default_rng(seed).random((n, 3, 32, 32), dtype=np.float32)
+
+
+def model_signature(onnx_path: Path):
+    """The MLflow signature of the ONNX student: a float32 tensor (-1, 3, 32, 32) in, the logits
+    (-1, classes) out (from the file's own output shape)."""
+    import numpy as np
+    import onnxruntime as ort
+    from mlflow.models import ModelSignature
+    from mlflow.types import Schema, TensorSpec
+
+    session = ort.InferenceSession(str(onnx_path), providers=["CPUExecutionProvider"])
+    classes = session.run(None, {session.get_inputs()[0].name: input_example(1)})[0].shape[1]
+    return ModelSignature(inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, 3, 32, 32))]),
+                          outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, classes))]))
+
+
+def training_run(client, checkpoint: Path | None, parent_run_id: str | None = None):
+    """The MLflow run of the distill stage that wrote ``checkpoint`` (its ``checkpoint_sha256``
+    tag; the newest when several wrote the same bytes), else the distill run under
+    ``parent_run_id``; None when neither is found."""
+    import mlflow
+
+    filters = []
+    if checkpoint is not None and Path(checkpoint).is_file():
+        filters.append(f"tags.checkpoint_sha256 = '{sha256_file(checkpoint)}' and tags.stage = 'distill'")
+    if parent_run_id:
+        filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.dvc_stage = 'distill'")
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    for f in filters:
+        runs = mlflow.search_runs(experiment_ids=experiments, filter_string=f, order_by=["start_time DESC"],
+                                  max_results=1, output_format="list")
+        if runs:
+            return runs[0]
+    return None
+
+
+def version_description(metrics: dict, tags: dict, train_run=None) -> str:
+    """The registered version's description (Markdown, shown by the MLflow UI): method, teacher,
+    data, evaluation with 95% intervals, the training run and the input format."""
+    lines = [f"Student `{tags.get('student')}` distilled with **{tags.get('method')}** from a "
+             f"`{tags.get('teacher')}` teacher on {tags.get('dataset')} (profile {tags.get('profile', '-')}).", ""]
+    records = metrics.get("accuracy") or {}
+    shown = [(k, label) for k, label in ATTACK_COLUMNS if metrics.get(k) is not None]
+    if shown:
+        eps = metrics.get("eps_255")
+        lines += [f"Evaluation on {tags.get('eval_images', '-')} test images ({tags.get('eval_subset', '-')}, "
+                  f"images sha256 `{str(tags.get('eval_images_sha256', '-'))[:16]}`)"
+                  + (f", L-inf eps {eps:g}/255" if eps is not None else "")
+                  + ("; FLAGGED by the evaluation checks" if str(tags.get("eval_flagged")) in ("1", "True") else "")
+                  + ":", "", "| attack | accuracy (%) | 95% Wilson interval |", "|---|---|---|"]
+        for k, label in shown:
+            rec = records.get(k)
+            ci = f"[{rec['ci95_low']:.1f}, {rec['ci95_high']:.1f}]" if rec else "-"
+            lines.append(f"| {label} | {float(metrics[k]):.2f} | {ci} |")
+        lines.append("")
+    if train_run is not None:
+        lines += [f"Training run: [{train_run.info.run_name or 'distill'} ({train_run.info.run_id})]"
+                  f"(#/experiments/{train_run.info.experiment_id}/runs/{train_run.info.run_id}).", ""]
+    lines.append("Input: float32 N x 3 x 32 x 32, RGB in [0, 1], not normalised. Output: logits N x classes; "
+                 "the class names are in the ONNX metadata (`classes`).")
+    return "\n".join(lines)
+
+
 def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, natural_tolerance: float,
                   parent_run_id: str | None = None, log=print, promotion: str = "point_estimate",
-                  alpha: float = 0.05, per_image: Path | None = None) -> tuple[str, Decision | None]:
+                  alpha: float = 0.05, per_image: Path | None = None, checkpoint: Path | None = None,
+                  ) -> tuple[str, Decision | None]:
     """Register ``onnx_path`` (unless already registered); returns (version, decision or None).
 
-    The new version is ranked only against a champion of its comparison group (same dataset,
-    AutoAttack images and threat model); ``per_image``: its per-image evaluation outcomes, kept with
-    the version for the McNemar test of later versions against it.
+    ``metrics``: {attack: percent}, optionally "accuracy" (counts and intervals as in
+    metrics/evaluate/student.json) and "eps_255". The new version is ranked only against a champion
+    of its comparison group (same dataset, AutoAttack images and threat model); ``per_image``: its
+    per-image evaluation outcomes, kept with the version for the McNemar test of later versions
+    against it; ``checkpoint``: the torch checkpoint the ONNX file was exported from, to link the
+    version to its training run.
     """
     import mlflow
     import onnx
@@ -200,20 +276,34 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
                     **{k: f"{metrics[k]:.2f}" for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None},
                     "onnx_sha256": sha}
     version_tags[GROUP_TAG] = comparison_group(version_tags)
+    train_run = training_run(client, checkpoint, parent_run_id)
+    if train_run is not None:
+        version_tags.update(training_run_id=train_run.info.run_id)
     with keep_environment(*MLFLOW_ENV), mlflow.start_run(
             run_name="register", parent_run_id=parent_run_id,
-            tags={"stage": "register", "git_commit": tags.get("git_commit", "")}):
+            tags={"stage": "register", "git_commit": tags.get("git_commit", ""),
+                  **({"training_run_id": train_run.info.run_id} if train_run is not None else {})}):
         mlflow.log_metrics({k: float(metrics[k]) for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None})
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student",
                                      registered_model_name=model_name,
                                      onnx_execution_providers=["CPUExecutionProvider"],
                                      pip_requirements=["onnx==1.23.2", "onnxruntime==1.32.0"],
+                                     signature=model_signature(onnx_path), input_example=input_example(),
                                      save_as_external_data=False)
         if per_image is not None and Path(per_image).is_file():
             mlflow.log_artifact(str(per_image), artifact_path=Path(PER_IMAGE_ARTIFACT).parent.as_posix())
     version = str(info.registered_model_version)
     for k, v in version_tags.items():
         client.set_model_version_tag(model_name, version, k, v)
+    client.update_model_version(model_name, version, description=version_description(metrics, tags, train_run))
+    if not client.get_registered_model(model_name).description:
+        client.update_registered_model(model_name, description=(
+            "Adversarially robust distilled CIFAR students (ONNX, onnxruntime), registered by the robustkd "
+            "pipeline. Alias `champion`: the version served; it moves only to a version at least as robust "
+            "under AutoAttack and within `registry.natural_tolerance` of its natural accuracy; otherwise "
+            "`challenger`. Versions are ranked only within their comparison group (dataset, AutoAttack "
+            "images, threat model): `champion-<group>` / `challenger-<group>` for other groups. Each "
+            "version's description has its method, teacher, data and evaluation."))
     decision = rank_version(client, model_name, version, version_tags, metrics, natural_tolerance, promotion,
                             alpha, per_image)
     log(f"{model_name} version {version} -> {decision.alias}: {decision.reason}")
@@ -289,7 +379,8 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
             "autoattack_images_sha256": aa_subset.get("images_sha256"),
             "threat_model": f"{threat.get('norm', 'Linf')} eps={threat.get('eps_255', metrics.get('eps_255'))}/255",
             "eval_flagged": metrics.get("flagged", 0), **interval_tags(metrics), "git_commit": git_commit(root)}
-    return {k: metrics.get(k) for k, _ in ATTACK_COLUMNS}, tags
+    return {**{k: metrics.get(k) for k, _ in ATTACK_COLUMNS}, "accuracy": metrics.get("accuracy") or {},
+            "eps_255": metrics.get("eps_255")}, tags
 
 
 def register_workspace(root: Path = Path("."), parent_run_id: str | None = None, log=print):
@@ -300,7 +391,8 @@ def register_workspace(root: Path = Path("."), parent_run_id: str | None = None,
     return register_onnx(root / "models/student.onnx", metrics, tags, params.registry.model_name,
                          params.registry.natural_tolerance, parent_run_id=parent_run_id, log=log,
                          promotion=params.registry.promotion, alpha=params.registry.alpha,
-                         per_image=per_image_path(root / "metrics/evaluate/student.json"))
+                         per_image=per_image_path(root / "metrics/evaluate/student.json"),
+                         checkpoint=root / "models/student.pt")
 
 
 def _shown(tags: dict, key: str) -> str:
@@ -320,7 +412,7 @@ def students_table(model_name: str) -> str:
         for alias, version in client.get_registered_model(model_name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
     header = (["version", "aliases", "method", "student", "teacher", "dataset", "group"]
-              + [l for _, l in ATTACK_COLUMNS] + ["AA images", "McNemar p vs champion", "flagged"])
+              + [label for _, label in ATTACK_COLUMNS] + ["AA images", "McNemar p vs champion", "flagged"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in versions:
         t = v.tags

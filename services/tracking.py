@@ -119,6 +119,9 @@ class NullTracker:
     def set_tags(self, tags: dict) -> None:
         pass
 
+    def log_imageset(self, data, path, split: str, context: str, tags: dict | None = None) -> None:
+        """Record a prepared image set as an input of the run (``mlflow.log_input``)."""
+
     def epoch_callback(self, epoch: int, metrics: dict) -> None:
         self.log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step=epoch)
 
@@ -215,6 +218,27 @@ class MlflowTracker(NullTracker):
 
     def set_tags(self, tags: dict) -> None:
         self._call("setting tags", lambda: self._mlflow.set_tags({k: str(v) for k, v in tags.items()}))
+
+    def log_imageset(self, data, path, split: str, context: str, tags: dict | None = None) -> None:
+        """``mlflow.log_input`` of a prepared image set (data/prepared/<split>.npz), named after
+        its split: its digest is the first 16 hex digits of the data card's sha256
+        (metrics/data_card.json, the same hash of images and labels), so every stage that reads
+        the same images logs the same dataset; the full hash and the image count are input tags;
+        ``context``: training, validation or testing (MLflow's "Datasets used" of the run)."""
+        import warnings
+
+        from mlflow.data.dataset_source_registry import resolve_dataset_source
+        from mlflow.data.meta_dataset import MetaDataset
+
+        from services.common import imageset_sha256
+
+        sha = imageset_sha256(data)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")   # "can be interpreted in multiple ways": a local file either way
+            source = resolve_dataset_source(str(Path(path).resolve()))
+        self._mlflow.log_input(MetaDataset(source=source, name=split, digest=sha[:16]), context=context,
+                               tags={"sha256": sha, "num_images": str(len(data)),
+                                     **{k: str(v) for k, v in (tags or {}).items()}})
 
 
 @contextlib.contextmanager

@@ -46,6 +46,9 @@ def main(args) -> None:
     cfg = params.distill
     train = load_imageset(PREPARED / "train.npz")
     heldout = load_imageset(PREPARED / "heldout.npz")
+    if dist_info.is_main:
+        args.tracker.log_imageset(train, PREPARED / "train.npz", "train", "training")
+        args.tracker.log_imageset(heldout, PREPARED / "heldout.npz", "heldout", "validation")
     teacher = load_checkpoint(MODELS / "teacher.pt").to(device)
     generated = load_generated()
     torch.manual_seed(params.run.seed)
@@ -77,8 +80,11 @@ def main(args) -> None:
     save_checkpoint(student, model_path, method=method, teacher_arch=teacher.arch,
                     dataset=params.data.source, epochs=len(history), optimiser=optim_how,
                     reconstruction=objective.method.reconstruction)
+    import hashlib
     args.tracker.set_tags({"method": method, "student": cfg.student.arch, "teacher": teacher.arch,
-                           "optimiser": optim_how, "reconstruction": str(objective.method.reconstruction)})
+                           "optimiser": optim_how, "reconstruction": str(objective.method.reconstruction),
+                           # how the registry finds the training run of a registered student
+                           "checkpoint_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest()})
     for path in (metrics_dir / f"{name}_train.json", metrics_dir / f"{name}_history.csv", model_path):
         args.tracker.log_artifact(path)
     print(f"{method} student {cfg.student.arch} -> {model_path}: {history[-1]}")

@@ -58,6 +58,8 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     rank 0 writes the gathered results."""
     rank, world = (dist_info.rank, dist_info.world_size) if dist_info else (0, 1)
     test = load_imageset(PREPARED / "test.npz")
+    if rank == 0:
+        tracker.log_imageset(test, PREPARED / "test.npz", "test", "testing")
     k = params.evaluate.per_class
     indices = stratified_first_k(test.labels, k, test.num_classes) if k is not None else torch.arange(len(test))
     test = test.subset(indices)

@@ -49,8 +49,8 @@ def main(args) -> None:
         xb = torch.rand(bs, 3, 32, 32)
         xn = xb.numpy()
         with torch.no_grad():
-            t_torch = median_latency_ms(lambda: model(xb), cfg.latency_repeats)
-        t_ort = median_latency_ms(lambda: session.run([OUTPUT_NAME], {INPUT_NAME: xn}), cfg.latency_repeats)
+            t_torch = median_latency_ms(lambda xb=xb: model(xb), cfg.latency_repeats)
+        t_ort = median_latency_ms(lambda xn=xn: session.run([OUTPUT_NAME], {INPUT_NAME: xn}), cfg.latency_repeats)
         latency[f"batch{bs}"] = {"torch_ms": t_torch, "onnxruntime_ms": t_ort, "speedup": t_torch / t_ort}
     report = {"opset": cfg.opset, "num_images": len(x), "max_abs_logit_diff": max_diff,
               "prediction_agreement": agreement, "latency": latency, "torch_threads": torch.get_num_threads()}

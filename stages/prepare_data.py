@@ -3,14 +3,13 @@
 
 from __future__ import annotations
 
-import hashlib
-
 import torch
 
 from robustkd.data import ImageSet, check_same_classes, load_image_folder, load_torchvision_cifar
 from robustkd.errors import InputError
 
-from services.common import METRICS, PREPARED, cli, data_root, parser, read_params, save_imageset, write_json
+from services.common import (METRICS, PREPARED, cli, data_root, imageset_sha256, parser, read_params, save_imageset,
+                             write_json)
 from services.params import DataParams
 
 
@@ -41,7 +40,7 @@ def load_split(cfg: DataParams, train: bool, per_class: int | None) -> ImageSet:
 def card(data: ImageSet) -> dict:
     return {"num_images": len(data),
             "per_class": {c: int((data.labels == i).sum()) for i, c in enumerate(data.classes)},
-            "sha256": hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()}
+            "sha256": imageset_sha256(data)}
 
 
 def main(args) -> None:
@@ -70,6 +69,9 @@ def main(args) -> None:
     args.tracker.log_metrics({f"{name}_images": len(data) for name, data in
                               [("train", train), ("heldout", heldout), ("test", test)]})
     args.tracker.log_artifact(METRICS / "data_card.json")
+    for name, data, context in [("train", train, "training"), ("heldout", heldout, "validation"), ("test", test, "testing")]:
+        args.tracker.log_imageset(data, PREPARED / f"{name}.npz", name, context,
+                                  {"source": cfg.source, "root": cfg.root})
     print(f"prepared {len(train)} train, {len(heldout)} held-out, {len(test)} test images from {cfg.root}")
 
 

@@ -1,18 +1,19 @@
-"""Stage report: a Markdown and a self-contained HTML report (plots embedded as base64 PNG, so
-it opens offline) of the run: training curves, accuracy under each attack for teacher, student
-and the non-adversarial reference, the ONNX export figures and the data card."""
+"""Stage report: a Markdown and a self-contained HTML report of the run: accuracy under each
+attack for teacher, student and the non-adversarial reference, the protocol checks, paired tests,
+training curves, the ONNX export figures and the data card. Each section is written once in
+Markdown (reports/report.md); the HTML page is rendered from a Jinja2 template
+(stages/templates/report.html.j2) with every section converted by Python-Markdown and the plots
+embedded as base64 PNG data URIs, so it opens offline."""
 
 from __future__ import annotations
 
 import base64
 import csv
-import html
 from pathlib import Path
 
 from services.common import METRICS, REPORTS, cli, parser, read_params
 from services.results import read_evaluation
-from services.tables import (TABLE_COLUMNS, accuracy_cell, checks_lines, markdown_to_html_table, paired_lines,
-                             read_json)
+from services.tables import TABLE_COLUMNS, accuracy_cell, checks_lines, paired_lines, read_json
 from robustkd.utils import atomic_path
 
 def read_csv(path: Path) -> list[dict]:
@@ -85,6 +86,97 @@ def plot_accuracy(rows: list[tuple[str, dict]], out: Path) -> Path | None:
     return out
 
 
+TEMPLATES = Path(__file__).resolve().parent / "templates"
+
+
+def markdown_html(text: str) -> str:
+    """Markdown (the report's own sections and reports/comparison.md) as HTML with Python-Markdown:
+    tables as <table> (each in a horizontally scrollable wrapper, so a wide one never widens the
+    page), lists as lists, code spans as <code>. Nested list items are indented by two spaces in
+    this project's Markdown; Python-Markdown needs four."""
+    import re
+
+    import markdown
+
+    text = re.sub(r"(?m)^  (?=[-*] )", "    ", text)
+    out = markdown.markdown(text, extensions=["tables", "sane_lists"], output_format="html")
+    # "43.00 [35.6, 54.8]" in a cell: the interval wraps as one piece, under the figure
+    out = re.sub(r"(<td[^>]*>[-\d.]+) (\[[-\d.]+, [-\d.]+\])</td>", r'\1 <span class="ci">\2</span></td>', out)
+    return out.replace("<table>", '<div class="table-wrap"><table>').replace("</table>", "</table></div>")
+
+
+def per_class_text(per_class: dict) -> str:
+    counts = set(per_class.values())
+    if len(counts) == 1:
+        return f"{counts.pop()} each ({len(per_class)} classes)"
+    return ", ".join(f"{k} {v}" for k, v in per_class.items())
+
+
+def build_sections(params, evals, paths, histories, card, export, ddpm, comparison, figures) -> list[dict]:
+    """The report's sections, each {"id", "title", "markdown", "figures": [(alt, path, caption)]}."""
+    sections = [{"id": "accuracy", "title": "Accuracy under attack", "markdown": accuracy_table(evals),
+                 "figures": [("accuracy", figures["accuracy"], "Accuracy (%) per attack with 95% Wilson intervals")]
+                 if figures.get("accuracy") else []}]
+    if evals:
+        sections.append({"id": "checks", "title": "Evaluation checks", "markdown": "\n".join(checks_lines(evals))})
+    paired = paired_lines(paths, [("student", "teacher"), ("student", "reference")])
+    if paired:
+        sections.append({"id": "paired", "title": "Paired comparisons (same images)", "markdown": "\n".join(paired)})
+    if figures.get("curves"):
+        sections.append({"id": "curves", "title": "Training curves", "markdown": "",
+                         "figures": [("curves", figures["curves"], "Training loss and held-out accuracy per epoch")]})
+    if comparison.exists():
+        sections.append({"id": "comparison", "title": "Method comparison", "markdown": comparison.read_text()})
+    if export:
+        lines = ["| measure | value |", "|---|---|",
+                 f"| max \\|logit difference\\| torch vs onnxruntime | {export['max_abs_logit_diff']:.2e} |",
+                 f"| prediction agreement | {100 * export['prediction_agreement']:.2f}% of {export['num_images']} images |"]
+        if export.get("opset"):
+            lines.append(f"| ONNX opset | {export['opset']} |")
+        lines += ["", "| batch | torch (ms) | onnxruntime (ms) | speed-up |", "|---|---|---|---|"]
+        lines += [f"| {k.removeprefix('batch')} | {v['torch_ms']:.2f} | {v['onnxruntime_ms']:.2f} | {v['speedup']:.2f}x |"
+                  for k, v in export["latency"].items()]
+        sections.append({"id": "onnx", "title": "ONNX export", "markdown": "\n".join(lines)})
+    if ddpm:
+        sections.append({"id": "generated", "title": "Generated data", "markdown": "\n".join([
+            "| source | images | fraction per batch |", "|---|---|---|",
+            f"| {ddpm['source']} | {ddpm['num_images']} | {params.ddpm.fraction} |"])})
+    if card:
+        lines = [f"Source: {card.get('source')} (`{card.get('root')}`).", "",
+                 "| split | images | per class | sha256 (first 16) |", "|---|---|---|---|"]
+        lines += [f"| {split} | {card[split]['num_images']} | {per_class_text(card[split]['per_class'])} | "
+                  f"`{card[split]['sha256'][:16]}` |" for split in ("train", "heldout", "test") if split in card]
+        sections.append({"id": "data", "title": "Data card", "markdown": "\n".join(lines)})
+    for s in sections:
+        s.setdefault("figures", [])
+    return sections
+
+
+def render_markdown(title: str, intro: str, sections: list[dict]) -> str:
+    md = [f"# {title}", "", intro, ""]
+    for s in sections:
+        md += [f"## {s['title']}", ""]
+        if s["markdown"]:
+            md += [s["markdown"].rstrip(), ""]
+        md += [f"![{alt}]({path.name})" for alt, path, _ in s["figures"]] + ([""] if s["figures"] else [])
+    return "\n".join(md)
+
+
+def render_html(title: str, intro: str, sections: list[dict]) -> str:
+    """The HTML page from templates/report.html.j2: every section converted from its Markdown,
+    figures embedded as base64 PNG data URIs (the page needs nothing else to open)."""
+    import jinja2
+    from markupsafe import Markup
+
+    env = jinja2.Environment(loader=jinja2.FileSystemLoader(TEMPLATES), autoescape=True,
+                             undefined=jinja2.StrictUndefined, keep_trailing_newline=True)
+    view = [{"id": s["id"], "title": s["title"], "html": Markup(markdown_html(s["markdown"])),
+             "figures": [{"alt": alt, "caption": caption, "data": base64.b64encode(path.read_bytes()).decode()}
+                         for alt, path, caption in s["figures"]]} for s in sections]
+    return env.get_template("report.html.j2").render(title=title, intro_html=Markup(markdown_html(intro)),
+                                                     sections=view)
+
+
 def main(args) -> None:
     params = read_params(args)
     REPORTS.mkdir(exist_ok=True)
@@ -94,78 +186,23 @@ def main(args) -> None:
     histories = {"teacher": read_csv(METRICS / "teacher_history.csv"),
                  "student": read_csv(METRICS / "student_history.csv"),
                  "reference": read_csv(METRICS / "reference_history.csv")}
-    card = read_json(METRICS / "data_card.json") or {}
-    export = read_json(METRICS / "export.json")
-    ddpm = read_json(METRICS / "ddpm.json")
-    comparison = REPORTS / "comparison.md"
-    curves = plot_curves(histories, REPORTS / "training_curves.png")
-    bars = plot_accuracy(evals, REPORTS / "accuracy.png")
-    table = accuracy_table(evals)
+    figures = {"curves": plot_curves(histories, REPORTS / "training_curves.png"),
+               "accuracy": plot_accuracy(evals, REPORTS / "accuracy.png")}
     subset_info = evals[0][1]["info"].get("subset", {}) if evals else {}
     subset = (f"{subset_info.get('description')}, {subset_info.get('num_images')} images, "
-              f"sha256 {str(subset_info.get('images_sha256'))[:16]}") if subset_info else "-"
-    paired = paired_lines(paths, [("student", "teacher"), ("student", "reference")])
-
-    md = [f"# Robust distillation report ({params.profile} profile)", "",
-          f"Student `{params.distill.student.arch}` distilled with `{params.distill.method}` from a "
-          f"`{params.teacher.model.arch}` teacher ({params.teacher.method}). Accuracy in percent at "
-          f"eps = {params.evaluate.config.eps * 255:.0f}/255 (L-inf) on the test subset: {subset}; "
-          "[95% Wilson interval]; an image wrong without attack counts as wrong under attack.", "",
-          "## Accuracy under attack", "", table, ""]
-    if evals:
-        md += ["## Evaluation checks", ""] + checks_lines(evals) + [""]
-    if paired:
-        md += ["## Paired comparisons (same images)", ""] + paired + [""]
-    if bars:
-        md += [f"![accuracy]({bars.name})", ""]
-    if curves:
-        md += ["## Training curves", "", f"![curves]({curves.name})", ""]
-    if comparison.exists():
-        md += ["## Method comparison", "", comparison.read_text(), ""]
-    if export:
-        md += ["## ONNX export", "", f"- max |logit difference| torch vs onnxruntime: {export['max_abs_logit_diff']:.2e}",
-               f"- prediction agreement: {100 * export['prediction_agreement']:.2f}% of {export['num_images']} images"]
-        md += [f"- latency {k}: torch {v['torch_ms']:.2f} ms, onnxruntime {v['onnxruntime_ms']:.2f} ms "
-               f"({v['speedup']:.2f}x)" for k, v in export["latency"].items()]
-        md.append("")
-    if ddpm:
-        md += ["## Generated data", "", f"- source: {ddpm['source']}, images: {ddpm['num_images']}, "
-               f"fraction per batch: {params.ddpm.fraction}", ""]
-    if card:
-        md += ["## Data card", "", f"- source: {card.get('source')} ({card.get('root')})"]
-        for split in ("train", "heldout", "test"):
-            if split in card:
-                md.append(f"- {split}: {card[split]['num_images']} images, per class {card[split]['per_class']}, "
-                          f"sha256 {card[split]['sha256'][:16]}")
-        md.append("")
-    text = "\n".join(md)
+              f"sha256 `{str(subset_info.get('images_sha256'))[:16]}`") if subset_info else "-"
+    title = f"Robust distillation report ({params.profile} profile)"
+    intro = (f"Student `{params.distill.student.arch}` distilled with `{params.distill.method}` from a "
+             f"`{params.teacher.model.arch}` teacher ({params.teacher.method}). Accuracy in percent at "
+             f"eps = {params.evaluate.config.eps * 255:.0f}/255 (L-inf) on the test subset: {subset}; "
+             "[95% Wilson interval]; an image wrong without attack counts as wrong under attack.")
+    sections = build_sections(params, evals, paths, histories, read_json(METRICS / "data_card.json") or {},
+                              read_json(METRICS / "export.json"), read_json(METRICS / "ddpm.json"),
+                              REPORTS / "comparison.md", figures)
     with atomic_path(REPORTS / "report.md") as tmp:
-        tmp.write_text(text)
-
-    def img(path):
-        return f'<img alt="{path.stem}" src="data:image/png;base64,{base64.b64encode(path.read_bytes()).decode()}">'
-
-    body = [f"<h1>{html.escape(md[0][2:])}</h1>", f"<p>{html.escape(md[2])}</p>",
-            "<h2>Accuracy under attack</h2>", markdown_to_html_table(table)]
-    if evals:
-        body += ["<h2>Evaluation checks</h2>", "<pre>" + html.escape("\n".join(checks_lines(evals))) + "</pre>"]
-    if paired:
-        body += ["<h2>Paired comparisons (same images)</h2>", markdown_to_html_table("\n".join(paired))]
-    if bars:
-        body.append(img(bars))
-    if curves:
-        body += ["<h2>Training curves</h2>", img(curves)]
-    if comparison.exists():
-        body += ["<h2>Method comparison</h2>", markdown_to_html_table(comparison.read_text())]
-    rest = text.split("## ONNX export", 1)
-    if len(rest) == 2:
-        body += ["<pre>" + html.escape("## ONNX export" + rest[1]) + "</pre>"]
-    page = ("<!doctype html><html><head><meta charset='utf-8'><title>robustkd report</title><style>"
-            "body{font-family:sans-serif;max-width:960px;margin:2em auto}table{border-collapse:collapse}"
-            "td,th{border:1px solid #ccc;padding:4px 8px;text-align:right}img{max-width:100%}"
-            "</style></head><body>" + "\n".join(body) + "</body></html>")
+        tmp.write_text(render_markdown(title, intro, sections))
     with atomic_path(REPORTS / "report.html") as tmp:
-        tmp.write_text(page)
+        tmp.write_text(render_html(title, intro, sections))
     args.tracker.log_artifact(REPORTS, "reports")
     print(f"report written to {REPORTS / 'report.md'} and {REPORTS / 'report.html'}")
 

@@ -53,6 +53,8 @@ def main(args) -> None:
         return
     train = load_imageset(PREPARED / "train.npz")
     heldout = load_imageset(PREPARED / "heldout.npz")
+    args.tracker.log_imageset(train, PREPARED / "train.npz", "train", "training")
+    args.tracker.log_imageset(heldout, PREPARED / "heldout.npz", "heldout", "validation")
     torch.manual_seed(params.run.seed)  # run.seed fixes the initial weights too
     model = create_model(cfg.model.arch, train.num_classes, **cfg.model.options)
     objective = create_objective(cfg.method, cfg.settings, dataset=dataset_key(train.num_classes),

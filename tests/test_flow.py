@@ -52,6 +52,7 @@ def test_stage_runs_nest_under_the_flow_run(flow_run):
     parent_id = summary["parent_run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect_flow_run_id"]
+    assert summary["mlflow_run_url"].endswith(f"/#/experiments/{parent.info.experiment_id}/runs/{parent_id}")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert parent.data.tags["git_commit"].startswith(head)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")
@@ -172,7 +173,7 @@ def test_onnx_server_answers_on_localhost_and_stops(flow_run):
         code, out = _post(f"{base}/predict", png, "image/png")
         assert code == 200 and len(out["predictions"]) == 1
         code, out = _post(f"{base}/predict", json.dumps({"instances": [[1, 2]]}).encode(), "application/json")
-        assert code == 400 and "shape" in out["error"]
+        assert code == 422 and "wrong shape" in out["error"]
     finally:
         proc.terminate()
         proc.wait(timeout=30)
