@@ -40,12 +40,25 @@ class ModelParams:
 
 
 @dataclass
+class ZooParams:
+    """A released teacher of robustkd.teachers.ZOO, read from the RobustBench model-zoo layout
+    ``{dir}/{dataset}/Linf/{name}.pt``. dvc.yaml declares ``dir`` as a dependency of train_teacher."""
+
+    name: str = "Zhang2019Theoretically"   # the TRADES WRN-34-10 release (CIFAR-10)
+    dir: str = "teachers/zoo"
+    download: bool = True                  # fetch a missing file where a network exists
+
+
+@dataclass
 class TeacherParams:
-    source: Literal["train", "checkpoint"] = "train"
+    # train: TRADES/PGD-AT here; checkpoint: a given file (a robustkd checkpoint, or the TRADES
+    # release model_cifar_wrn.pt); zoo: a released teacher of the registry (teacher.zoo).
+    source: Literal["train", "checkpoint", "zoo"] = "train"
     # With source: checkpoint, the given teacher file. dvc.yaml declares it as a dependency of
     # train_teacher, so it always names an existing path: teachers/ (tracked, holds a README)
     # when the teacher is trained.
     checkpoint: str = "teachers"
+    zoo: ZooParams = field(default_factory=ZooParams)
     model: ModelParams = field(default_factory=lambda: ModelParams("wrn34_10"))
     method: str = "trades"                 # a teacher method of robustkd.methods
     settings: dict = field(default_factory=dict)   # the method's settings (robustkd.methods)

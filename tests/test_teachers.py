@@ -125,3 +125,72 @@ def test_the_registry_states_architecture_normalisation_and_published_accuracy()
     assert trades.mean == (0.0, 0.0, 0.0) and trades.std == (1.0, 1.0, 1.0)
     c100 = [e for e in ZOO.values() if e.dataset == "cifar100" and e.arch == "wrn34_10"]
     assert c100 and all(e.num_classes == 100 and 0 < e.autoattack < e.clean for e in c100)
+
+
+# ---------------------------------------------------------------- through the train_teacher stage
+def stage_dir(tmp_path, monkeypatch, **teacher):
+    """A project folder with prepared data of ten classes and params whose teacher is ``teacher``."""
+    import json
+
+    from robustkd.data import ImageSet
+    from services.common import save_imageset
+
+    from .stage_fixtures import CLASSES, tiny_params, write_params
+
+    data = ImageSet(torch.zeros(10, 3, 32, 32, dtype=torch.uint8), torch.arange(10), list(CLASSES))
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    save_imageset(data, tmp_path / "data/prepared/train.npz")
+    params = tiny_params(str(tmp_path))
+    params["teacher"].update(model={"arch": "wrn34_10", "options": dict(SMALL)}, **teacher)
+    write_params(tmp_path / "params.yaml", params)
+    monkeypatch.chdir(tmp_path)
+    return lambda: json.loads((tmp_path / "metrics/teacher_info.json").read_text())
+
+
+def test_the_stage_takes_the_trades_release_as_a_checkpoint(tmp_path, monkeypatch):
+    from robustkd.models import load_checkpoint
+    from stages import train_teacher
+
+    official = randomise(trades_wideresnet(**SMALL), seed=5)
+    torch.save(official.state_dict(), tmp_path / "model_cifar_wrn.pt")
+    info = stage_dir(tmp_path, monkeypatch, source="checkpoint", checkpoint=str(tmp_path / "model_cifar_wrn.pt"))
+    train_teacher.run([])
+    teacher = load_checkpoint(tmp_path / "models/teacher.pt")
+    with torch.no_grad():
+        assert max_diff(teacher(images()), official(images())) < 1e-5
+    assert info()["normalisation"] == {"mean": [0.0] * 3, "std": [1.0] * 3}
+
+
+def test_the_stage_takes_a_zoo_teacher_and_says_where_a_missing_file_goes(tmp_path, monkeypatch, capsys):
+    from robustkd.models import load_checkpoint
+    from stages import train_teacher
+
+    entry = ZooEntry("Tiny2024", "cifar10", "wrn34_10", options=SMALL, clean=12.5, autoattack=3.5,
+                     gdrive_id="abc")
+    monkeypatch.setitem(ZOO, entry.name, entry)
+    info = stage_dir(tmp_path, monkeypatch, source="zoo", zoo={"name": entry.name, "dir": "zoo", "download": False})
+    with pytest.raises(SystemExit) as err:
+        train_teacher.run([])
+    assert err.value.code == 2 and "zoo/cifar10/Linf/Tiny2024.pt does not exist" in capsys.readouterr().err
+    official = randomise(WideResNet(sub_block1=True, **SMALL), seed=6)
+    entry.path("zoo").parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in official.state_dict().items()}}, entry.path("zoo"))
+    train_teacher.run([])
+    with torch.no_grad():
+        assert max_diff(load_checkpoint("models/teacher.pt")(images()), official(images())) < 1e-5
+    assert info()["published autoattack"] == 3.5 and info()["zoo name"] == "Tiny2024"
+
+
+@pytest.mark.parametrize("zoo, model, key", [
+    ({"name": "Nope2020"}, {"arch": "wrn34_10"}, "teacher.zoo.name"),
+    ({"name": "Zhang2019Theoretically"}, {"arch": "resnet18"}, "teacher.model"),
+])
+def test_zoo_params_are_checked_when_the_file_is_read(tmp_path, zoo, model, key):
+    from services.params import load_params
+
+    from .stage_fixtures import tiny_params, write_params
+
+    params = tiny_params(str(tmp_path))
+    params["teacher"].update(source="zoo", zoo=zoo, model=model)
+    with pytest.raises(InputError, match=re.escape(key)):
+        load_params(write_params(tmp_path / "params.yaml", params))
