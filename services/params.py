@@ -26,7 +26,9 @@ class DataParams:
     """Where the images come from and how much of them the profile uses."""
 
     source: Literal["imagefolder", "cifar10", "cifar100"] = "imagefolder"
-    root: str = "../shared/datasets/cifar10"   # ImageFolder root, or torchvision download dir
+    # ImageFolder root; for cifar10/cifar100 the python archive (cifar-10-python.tar.gz,
+    # cifar-100-python.tar.gz), its extracted folder, or a folder holding either (the download dir)
+    root: str = "../shared/datasets/cifar10"
     download: bool = True                      # torchvision sources: download where a network exists
     train_per_class: int | None = None         # first k training images of each class (None: all)
     heldout_per_class: int = 0                 # the next k of each class, for per-epoch monitoring
