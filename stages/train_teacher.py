@@ -99,6 +99,7 @@ def main(args) -> None:
                     "normalisation": {"mean": model.options["mean"], "std": model.options["std"]},
                     **info, "teacher weights": state_hash(model)}, METRICS / "teacher_info.json")
         write_csv([], METRICS / "teacher_history.csv")
+        (CHECKPOINTS / "teacher").mkdir(parents=True, exist_ok=True)  # a declared output: nothing to resume
         print(f"teacher taken from {given} ({model.arch}, {info})")
         return
     train = load_imageset(PREPARED / "train.npz")

@@ -194,3 +194,31 @@ def test_zoo_params_are_checked_when_the_file_is_read(tmp_path, zoo, model, key)
     params["teacher"].update(source="zoo", zoo=zoo, model=model)
     with pytest.raises(InputError, match=re.escape(key)):
         load_params(write_params(tmp_path / "params.yaml", params))
+
+
+@pytest.mark.slow
+def test_dvc_repro_takes_the_released_trades_teacher_from_the_zoo_folder(tmp_path):
+    """The real entry (WRN-34-10, random weights in RobustBench's file format) through `dvc repro`:
+    the zoo folder is a dependency of train_teacher, so a changed file re-takes the teacher."""
+    from robustkd.models import load_checkpoint
+
+    from .stage_fixtures import project_copy, sh, tiny_params
+
+    params = tiny_params("raw")
+    params["teacher"].update(source="zoo", zoo={"name": "Zhang2019Theoretically", "dir": "teachers/zoo",
+                                                "download": False}, model={"arch": "wrn34_10", "options": {}})
+    repo = project_copy(tmp_path, params)
+    official = randomise(trades_wideresnet(), seed=7)
+    file = ZOO["Zhang2019Theoretically"].path(repo / "teachers/zoo")
+    file.parent.mkdir(parents=True)
+    torch.save({"state_dict": {f"module.{k}": v for k, v in official.state_dict().items()}}, file)
+    out = sh("dvc repro train_teacher", repo).stdout
+    assert "Running stage 'train_teacher'" in out
+    x = images(2)
+    with torch.no_grad():   # random pre-activation WRN-34: logits of size ~500; float32 rounding of the pooling
+        expected = official(x)
+        assert max_diff(load_checkpoint(repo / "models/teacher.pt")(x), expected) < 1e-6 * expected.abs().max()
+    assert "train_teacher" not in sh("dvc status train_teacher", repo).stdout
+    torch.save({"state_dict": randomise(trades_wideresnet(), seed=8).state_dict()}, file)
+    status = sh("dvc status train_teacher", repo).stdout
+    assert "train_teacher" in status and "teachers/zoo" in status, status
