@@ -134,3 +134,4 @@ def check_params(params, path: str) -> None:
     check_export(path, params.export)
     positive(path, "run.threads", params.run.threads, allow_zero=True)
     positive(path, "registry.natural_tolerance", params.registry.natural_tolerance, allow_zero=True)
+    positive(path, "attention.images", params.attention.images)

@@ -164,6 +164,17 @@ class RegistryParams:
 
 
 @dataclass
+class AttentionParams:
+    """Grad-CAM maps of teacher, student and reference on the same clean and PGD-20 images
+    (stages/attention.py; PGD settings of evaluate.config)."""
+
+    images: int = 4                        # the first test image of each of the first k classes
+    layers: dict = field(default_factory=dict)   # architecture -> module path (else robustkd.attention's default)
+    backend: Literal["auto", "grad-cam", "builtin"] = "auto"   # auto: the grad-cam package when installed
+    attack_model: Literal["teacher", "student", "reference"] = "student"   # whose PGD-20 images
+
+
+@dataclass
 class Params:
     profile: str = "custom"
     data: DataParams = field(default_factory=DataParams)
@@ -175,6 +186,7 @@ class Params:
     run: RunParams = field(default_factory=RunParams)
     compare: CompareParams = field(default_factory=CompareParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    attention: AttentionParams = field(default_factory=AttentionParams)
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:

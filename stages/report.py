@@ -122,6 +122,9 @@ def main(args) -> None:
         md += ["## Training curves", "", f"![curves]({curves.name})", ""]
     if comparison.exists():
         md += ["## Method comparison", "", comparison.read_text(), ""]
+    attention = REPORTS / "attention.png"
+    if attention.exists():
+        md += ["## Attention maps (Grad-CAM)", "", f"![attention]({attention.name})", ""]
     if export:
         md += ["## ONNX export", "", f"- max |logit difference| torch vs onnxruntime: {export['max_abs_logit_diff']:.2e}",
                f"- prediction agreement: {100 * export['prediction_agreement']:.2f}% of {export['num_images']} images"]
@@ -157,6 +160,8 @@ def main(args) -> None:
         body += ["<h2>Training curves</h2>", img(curves)]
     if comparison.exists():
         body += ["<h2>Method comparison</h2>", markdown_to_html_table(comparison.read_text())]
+    if attention.exists():
+        body += ["<h2>Attention maps (Grad-CAM)</h2>", img(attention)]
     rest = text.split("## ONNX export", 1)
     if len(rest) == 2:
         body += ["<pre>" + html.escape("## ONNX export" + rest[1]) + "</pre>"]

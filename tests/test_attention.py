@@ -77,3 +77,40 @@ def test_the_builtin_maps_equal_the_grad_cam_packages():
     x, y = torch.rand(4, 3, 32, 32), torch.tensor([0, 3, 5, 9])
     layer = model.get_submodule(layer_for("resnet10_w8"))
     assert (grad_cam_builtin(model, layer, x, y) - grad_cam_package(model, layer, x, y)).abs().max() < 1e-4
+
+
+def test_the_stage_draws_the_three_models_on_the_same_clean_and_pgd_images(tmp_path, monkeypatch):
+    import json
+
+    from PIL import Image
+
+    from robustkd.data import ImageSet
+    from robustkd.models import save_checkpoint
+    from services.common import save_imageset
+    from stages import attention
+
+    from .stage_fixtures import CLASSES, tiny_params, write_params
+
+    torch.manual_seed(0)
+    images = (torch.rand(20, 3, 32, 32) * 255).to(torch.uint8)
+    (tmp_path / "data/prepared").mkdir(parents=True)
+    save_imageset(ImageSet(images, torch.arange(20) % 10, list(CLASSES)), tmp_path / "data/prepared/test.npz")
+    (tmp_path / "models").mkdir()
+    for name, arch in (("teacher", "resnet10_w16"), ("student", "resnet10_w8"), ("reference", "resnet10_w8")):
+        save_checkpoint(create_model(arch), tmp_path / f"models/{name}.pt")
+    params = tiny_params(str(tmp_path))
+    params["attention"] = {"images": 3, "layers": {"resnet10_w16": "backbone.layers.2"}, "backend": "auto",
+                           "attack_model": "student"}
+    params["evaluate"]["config"]["pgd_steps"] = 2
+    write_params(tmp_path / "params.yaml", params)
+    monkeypatch.chdir(tmp_path)
+    attention.run([])
+    with Image.open(tmp_path / "reports/attention.png") as png:
+        assert png.format == "PNG" and png.size[0] > png.size[1] > 100
+    info = json.loads((tmp_path / "metrics/attention_info.json").read_text())
+    assert info["test_indices"] == [0, 1, 2] and info["labels"] == [0, 1, 2]
+    assert info["layers"]["teacher"] == "resnet10_w16: backbone.layers.2"
+    assert info["layers"]["student"] == "resnet10_w8: backbone.layers"
+    assert set(info["predictions"]) == {f"{m} {k}" for m in ("teacher", "student", "reference")
+                                        for k in ("clean", "PGD-20")}
+    assert "PGD-2 against the student" in info["attack"]
