@@ -81,7 +81,8 @@ def figure(x: torch.Tensor, x_adv: torch.Tensor, maps: dict, preds: dict, labels
 
 def main(args) -> None:
     params = read_params(args)
-    cfg, ev = params.attention, params.evaluate.config
+    cfg = params.attention
+    ev = params.evaluate.config
     device = setup_run(params)
     test = load_imageset(PREPARED / "test.npz")
     index = pick_images(test.labels, cfg.images)
