@@ -214,13 +214,14 @@ def _few(keys: list[str], limit: int = 8) -> str:
     return str(sorted(keys)[:limit]) + more
 
 
-def load_entry_file(entry: ZooEntry, path: str | os.PathLike) -> Classifier:
-    """Build ``entry``'s architecture with ``entry``'s normalisation and load ``path`` into it
-    strictly. Returns the model in eval mode."""
+def load_entry_file(entry: ZooEntry, path: str | os.PathLike,
+                    state: dict[str, torch.Tensor] | None = None) -> Classifier:
+    """Build ``entry``'s architecture with ``entry``'s normalisation and load ``path`` (or its
+    already read ``state``) into it strictly. Returns the model in eval mode."""
     if entry.key_format not in KEY_FORMATS:
         raise InputError(f"zoo entry {entry.name!r}: unknown key format {entry.key_format!r}")
     model = create_model(entry.arch, entry.num_classes, entry.mean, entry.std, **entry.options)
-    state = read_state_dict(path)
+    state = read_state_dict(path) if state is None else state
     depth = int(entry.options.get("depth", 34))
     to_project, to_file = KEY_FORMATS[entry.key_format]
     mapped, unexpected = to_project(state, depth)
@@ -230,15 +231,19 @@ def load_entry_file(entry: ZooEntry, path: str | os.PathLike) -> Classifier:
     return model.eval()
 
 
-def load_trades_release(path: str | os.PathLike, depth: int = 34, widen_factor: int = 10,
-                        num_classes: int = 10) -> Classifier:
+def load_trades_release(path: str | os.PathLike, depth: int = 34, widen_factor: int = 10) -> Classifier:
     """The official TRADES ``model_cifar_wrn.pt`` (or any plain state dict of the TRADES
-    WideResNet): [0, 1] inputs, no normalisation."""
+    WideResNet, 10 or 100 classes as its ``fc.weight`` says): [0, 1] inputs, no normalisation."""
+    state = read_state_dict(path)
+    fc = state.get("fc.weight")
+    num_classes = int(fc.shape[0]) if fc is not None and fc.dim() == 2 else 10
+    if num_classes not in (10, 100):
+        raise InputError(f"teacher file {path}: fc.weight has {num_classes} outputs; expected 10 (CIFAR-10) or 100")
     options = {} if (depth, widen_factor) == (34, 10) else {"depth": depth, "widen_factor": widen_factor}
     entry = ZooEntry(TRADES_RELEASE.name, "cifar100" if num_classes == 100 else "cifar10", "wrn34_10",
                      options=options, clean=TRADES_RELEASE.clean, autoattack=TRADES_RELEASE.autoattack,
                      eps=TRADES_RELEASE.eps, source=TRADES_RELEASE.source)
-    return load_entry_file(entry, path)
+    return load_entry_file(entry, path, state)
 
 
 # ---------------------------------------------------------------- the zoo directory

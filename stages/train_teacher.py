@@ -43,17 +43,9 @@ def load_given(cfg):
     unknown = set(opts) - {"depth", "widen_factor"}
     if unknown:
         raise InputError(f"{where}: teacher.model.options {sorted(unknown)} unknown to wrn34_10")
-    model = load_trades_release(cfg.checkpoint, int(opts.get("depth", 34)), int(opts.get("widen_factor", 10)),
-                                num_classes=_file_classes(cfg.checkpoint))
+    model = load_trades_release(cfg.checkpoint, int(opts.get("depth", 34)), int(opts.get("widen_factor", 10)))
     model.options = {**{k: v for k, v in model.options.items() if k in ("num_classes", "mean", "std")}, **opts}
     return model, where, {"format": "TRADES release (plain WideResNet state dict, no normalisation)"}
-
-
-def _file_classes(path) -> int:
-    from robustkd.teachers import read_state_dict
-
-    fc = read_state_dict(path).get("fc.weight")
-    return int(fc.shape[0]) if fc is not None else 10
 
 
 def given_teacher(path: str, cfg, classes: list[str]):

@@ -74,7 +74,9 @@ def test_the_file_is_read_without_pickle(tmp_path):
     (lambda s: s.pop("block2.layer.0.convShortcut.weight"), ["missing keys ['block2.layer.0.convShortcut.weight']"]),
     (lambda s: s.update({"block3.layer.1.conv1.weight": torch.zeros(1)}),
      ["unexpected keys ['block3.layer.1.conv1.weight']"]),
-    (lambda s: s.update({"fc.weight": torch.zeros(100, 128)}), ["fc.weight: file (100, 128), model (10, 128)"]),
+    (lambda s: s.update({"block1.layer.0.conv1.weight": torch.zeros(32, 16, 1, 1)}),
+     ["block1.layer.0.conv1.weight: file (32, 16, 1, 1), model (32, 16, 3, 3)"]),
+    (lambda s: s.update({"fc.weight": torch.zeros(7, 128)}), ["fc.weight has 7 outputs"]),
 ])
 def test_every_key_is_used_or_explicitly_dropped(tmp_path, edit, words):
     state = randomise(trades_wideresnet(**SMALL)).state_dict()
