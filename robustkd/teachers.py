@@ -272,7 +272,12 @@ def download(entry: ZooEntry, root: str | os.PathLike, timeout: float = 60.0) ->
             with open(tmp, "wb") as fh:
                 while chunk := response.read(1 << 20):
                     fh.write(chunk)
-            read_state_dict(tmp)  # an HTML page (quota, consent) is not a checkpoint
+            try:
+                read_state_dict(tmp)
+            except InputError:  # an HTML page (download quota, consent) is not a checkpoint
+                raise InputError(f"the download of zoo teacher {entry.name!r} from {url} is not a torch "
+                                 "checkpoint (a Google Drive quota or consent page?). "
+                                 + missing_file_message(entry, root)) from None
     except (urllib.error.URLError, OSError, TimeoutError) as exc:
         raise InputError(f"cannot download zoo teacher {entry.name!r} from {url}: {exc}. "
                          + missing_file_message(entry, root)) from None

@@ -19,7 +19,8 @@ from robustkd.data import to_float
 from robustkd.models import load_checkpoint
 from robustkd.utils import atomic_path, make_generator
 
-from services.common import METRICS, MODELS, PREPARED, REPORTS, cli, load_imageset, parser, read_params, setup_run, write_json
+from services.common import (METRICS, MODELS, PREPARED, REPORTS, cli, load_imageset, parser, read_params,
+                             setup_run, write_json)
 
 MODEL_NAMES = ("teacher", "student", "reference")
 
@@ -102,8 +103,9 @@ def main(args) -> None:
     REPORTS.mkdir(exist_ok=True)
     out = figure(x.cpu(), x_adv.cpu(), maps, preds, y.tolist(), test.classes, layers, REPORTS / "attention.png")
     info = {"backend": sorted(backends), "layers": {n: f"{models[n].arch}: {layers[n]}" for n in MODEL_NAMES},
-            "test_indices": index, "labels": y.tolist(), "attack": f"PGD-{ev.pgd_steps} against the {cfg.attack_model}, "
-            f"eps {ev.eps:.5f}, step {ev.pgd_step_size:.5f}, seed {ev.seed}",
+            "test_indices": index, "labels": y.tolist(),
+            "attack": f"PGD-{ev.pgd_steps} against the {cfg.attack_model}, eps {ev.eps:.5f}, "
+                      f"step {ev.pgd_step_size:.5f}, seed {ev.seed}",
             "predictions": {f"{n} {k}": p for (n, k), p in preds.items()}}
     write_json(info, METRICS / "attention_info.json")
     args.tracker.log_artifact(out)

@@ -42,7 +42,8 @@ def test_the_map_lights_the_cells_that_raise_the_target_logit():
     assert grad_cam_builtin(model, layer, x, torch.tensor([2])).abs().max() == 0
 
 
-@pytest.mark.parametrize("arch, options, grid", [("resnet10_w8", {}, 4), ("wrn34_10", {"depth": 10, "widen_factor": 1}, 8),
+@pytest.mark.parametrize("arch, options, grid", [("resnet10_w8", {}, 4),
+                                                 ("wrn34_10", {"depth": 10, "widen_factor": 1}, 8),
                                                  ("mobilenetv2", {"width_mult": 0.25}, 4)])
 def test_each_family_has_a_layer_and_maps_in_the_unit_range(arch, options, grid):
     torch.manual_seed(0)
