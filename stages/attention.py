@@ -2,8 +2,8 @@
 the same clean and PGD-20 images (robustkd/attention.py), as a figure for the report and MLflow.
 
 The PGD-20 images are crafted once, against ``attention.attack_model`` (the student by default),
-with the evaluation's eps, steps and step size, and shown to all three models; the class mapped is
-the true one. The layer of each architecture is ``attention.layers[arch]`` or the family default.
+with the evaluation's eps, steps and step size (the random start seeded by ``run.seed``), and
+shown to all three models; the class mapped is the true one. The layer of each architecture is ``attention.layers[arch]`` or the family default.
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def main(args) -> None:
     y = test.labels[index].to(device)
     models = {name: load_checkpoint(MODELS / f"{name}.pt").to(device).eval() for name in MODEL_NAMES}
     x_adv = pgd_ce(models[cfg.attack_model], x, y, eps=ev.eps, alpha=ev.pgd_step_size, steps=ev.pgd_steps,
-                   generator=make_generator(ev.seed, device))
+                   generator=make_generator(params.run.seed, device))
     layers = {name: layer_for(m.arch, cfg.layers) for name, m in models.items()}
     maps, preds, backends = {}, {}, set()
     for name, model in models.items():
@@ -105,7 +105,7 @@ def main(args) -> None:
     info = {"backend": sorted(backends), "layers": {n: f"{models[n].arch}: {layers[n]}" for n in MODEL_NAMES},
             "test_indices": index, "labels": y.tolist(),
             "attack": f"PGD-{ev.pgd_steps} against the {cfg.attack_model}, eps {ev.eps:.5f}, "
-                      f"step {ev.pgd_step_size:.5f}, seed {ev.seed}",
+                      f"step {ev.pgd_step_size:.5f}, seed {params.run.seed} (run.seed)",
             "predictions": {f"{n} {k}": p for (n, k), p in preds.items()}}
     write_json(info, METRICS / "attention_info.json")
     args.tracker.log_artifact(out)
