@@ -3,7 +3,8 @@ the same clean and PGD-20 images (robustkd/attention.py), as a figure for the re
 
 The PGD-20 images are crafted once, against ``attention.attack_model`` (the student by default),
 with the evaluation's eps, steps and step size (the random start seeded by ``run.seed``), and
-shown to all three models; the class mapped is the true one. The layer of each architecture is ``attention.layers[arch]`` or the family default.
+shown to all three models; the class mapped is the true one. The layer of each architecture is
+``attention.layers[arch]`` or the family default.
 """
 
 from __future__ import annotations
