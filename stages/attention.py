@@ -49,14 +49,14 @@ def overlay(image: np.ndarray, cam: np.ndarray) -> np.ndarray:
 
 
 def figure(x: torch.Tensor, x_adv: torch.Tensor, maps: dict, preds: dict, labels: list[int],
-           classes: list[str], layers: dict, out: Path) -> Path:
+           classes: list[str], layers: dict, attack: str, out: Path) -> Path:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    kinds = (("clean", x), ("PGD-20", x_adv))
-    cols = [(kind, None) for kind, _ in kinds[:1]] + [("clean", m) for m in MODEL_NAMES] + \
-        [("PGD-20", None)] + [("PGD-20", m) for m in MODEL_NAMES]
+    kinds = (("clean", x), (attack, x_adv))
+    cols = ([("clean", None)] + [("clean", m) for m in MODEL_NAMES]
+            + [(attack, None)] + [(attack, m) for m in MODEL_NAMES])
     n = len(labels)
     fig, axes = plt.subplots(n, len(cols), figsize=(1.5 * len(cols), 1.6 * n + 0.6), squeeze=False)
     for i in range(n):
@@ -67,13 +67,15 @@ def figure(x: torch.Tensor, x_adv: torch.Tensor, maps: dict, preds: dict, labels
                 ax.imshow(image)
                 ax.set_title(f"{kind}\n{classes[labels[i]]}" if i == 0 else classes[labels[i]], fontsize=7)
             else:
-                ax.imshow(overlay(image, maps[name, kind][i].numpy()))
+                cam = maps[name, kind][i].numpy()
+                ax.imshow(overlay(image, cam))
                 pred = preds[name, kind][i]
                 title = f"{name}\n{layers[name].removeprefix('backbone.')}\n" if i == 0 else ""
-                ax.set_title(f"{title}pred {classes[pred]}", fontsize=7,
+                zero = " (map 0)" if cam.max() == 0 else ""   # nothing at the layer raises the true class
+                ax.set_title(f"{title}pred {classes[pred]}{zero}", fontsize=7,
                              color="green" if pred == labels[i] else "red")
             ax.axis("off")
-    fig.suptitle("Grad-CAM of the true class: clean (left) and PGD-20 images (right)", fontsize=9)
+    fig.suptitle(f"Grad-CAM of the true class: clean (left) and {attack} images (right)", fontsize=9)
     fig.tight_layout()
     with atomic_path(out) as tmp:
         fig.savefig(tmp, dpi=110, format="png")
@@ -94,18 +96,20 @@ def main(args) -> None:
     x_adv = pgd_ce(models[cfg.attack_model], x, y, eps=ev.eps, alpha=ev.pgd_step_size, steps=ev.pgd_steps,
                    generator=make_generator(params.run.seed, device))
     layers = {name: layer_for(m.arch, cfg.layers) for name, m in models.items()}
+    attack = f"PGD-{ev.pgd_steps}"
     maps, preds, backends = {}, {}, set()
     for name, model in models.items():
-        for kind, images in (("clean", x), ("PGD-20", x_adv)):
+        for kind, images in (("clean", x), (attack, x_adv)):
             maps[name, kind], backend = grad_cam(model, layers[name], images, y, cfg.backend)
             backends.add(backend)
             with torch.no_grad():
                 preds[name, kind] = model(images).argmax(1).tolist()
     REPORTS.mkdir(exist_ok=True)
-    out = figure(x.cpu(), x_adv.cpu(), maps, preds, y.tolist(), test.classes, layers, REPORTS / "attention.png")
+    out = figure(x.cpu(), x_adv.cpu(), maps, preds, y.tolist(), test.classes, layers, attack,
+                 REPORTS / "attention.png")
     info = {"backend": sorted(backends), "layers": {n: f"{models[n].arch}: {layers[n]}" for n in MODEL_NAMES},
             "test_indices": index, "labels": y.tolist(),
-            "attack": f"PGD-{ev.pgd_steps} against the {cfg.attack_model}, eps {ev.eps:.5f}, "
+            "attack": f"{attack} against the {cfg.attack_model}, eps {ev.eps:.5f}, "
                       f"step {ev.pgd_step_size:.5f}, seed {params.run.seed} (run.seed)",
             "predictions": {f"{n} {k}": p for (n, k), p in preds.items()}}
     write_json(info, METRICS / "attention_info.json")

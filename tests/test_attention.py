@@ -113,5 +113,5 @@ def test_the_stage_draws_the_three_models_on_the_same_clean_and_pgd_images(tmp_p
     assert info["layers"]["teacher"] == "resnet10_w16: backbone.layers.2"
     assert info["layers"]["student"] == "resnet10_w8: backbone.layers"
     assert set(info["predictions"]) == {f"{m} {k}" for m in ("teacher", "student", "reference")
-                                        for k in ("clean", "PGD-20")}
+                                        for k in ("clean", "PGD-2")}
     assert "PGD-2 against the student" in info["attack"]
