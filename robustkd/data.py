@@ -138,18 +138,111 @@ def first_k_per_class(samples: list[tuple[str, int]], k: int) -> list[tuple[str,
     return out
 
 
-def load_torchvision_cifar(name: str, root: str | os.PathLike, train: bool, download: bool = True
-                           ) -> ImageSet:
-    """CIFAR-10/100 in torchvision's format, downloaded to ``root`` where a network exists."""
+# The python versions of CIFAR (https://www.cs.toronto.edu/~kriz/cifar.html): archive and folder names.
+CIFAR_LAYOUT = {"cifar10": ("cifar-10-python.tar.gz", "cifar-10-batches-py"),
+                "cifar100": ("cifar-100-python.tar.gz", "cifar-100-python")}
+
+
+def cifar_class(name: str, checksums: dict | None = None):
+    """torchvision's dataset class for ``name``; ``checksums`` (``train_list``, ``test_list``,
+    ``meta`` in torchvision's format) replace the published md5 sums (tests build small archives)."""
     from torchvision import datasets
 
     cls = {"cifar10": datasets.CIFAR10, "cifar100": datasets.CIFAR100}.get(name)
     if cls is None:
         raise InputError(f"unknown torchvision dataset {name!r}; expected 'cifar10' or 'cifar100'")
+    return type(cls.__name__, (cls,), dict(checksums)) if checksums else cls
+
+
+def locate_cifar(name: str, root: str | os.PathLike) -> tuple[str, Path] | tuple[None, None]:
+    """A local copy of CIFAR under ``root``: ("folder", base) when ``base/<batches folder>`` exists
+    (``root`` itself may be that folder), ("archive", file) for the ``.tar.gz`` (``root`` itself, or
+    inside ``root``); (None, None) when there is none."""
+    archive, folder = CIFAR_LAYOUT[name]
+    root = Path(root)
+    if root.is_file():
+        return "archive", root
+    if root.name == folder and root.is_dir():
+        return "folder", root.parent
+    if (root / folder).is_dir():
+        return "folder", root
+    if (root / archive).is_file():
+        return "archive", root / archive
+    return None, None
+
+
+def check_cifar_files(cls, base: Path) -> None:
+    """Every batch and the meta file present with torchvision's md5 sums, before torchvision reads
+    them: one error naming the file, the expected and the found sum."""
+    from torchvision.datasets.utils import calculate_md5
+
+    for filename, md5 in cls.train_list + cls.test_list + [[cls.meta["filename"], cls.meta["md5"]]]:
+        path = base / cls.base_folder / filename
+        if not path.is_file():
+            raise InputError(f"{path} does not exist: expected the {cls.base_folder} folder of "
+                             f"{cls.filename} with its files {[f for f, _ in cls.train_list + cls.test_list]}")
+        found = calculate_md5(str(path))
+        if found != md5:
+            raise InputError(f"{path}: md5 {found}, expected {md5} (torchvision's sum for {cls.filename}): "
+                             "a corrupted or different file")
+
+
+def extract_cifar(archive: Path, folder: str, into: Path) -> None:
+    """The archive's ``folder/`` members (regular files only, no absolute or parent paths) into ``into``."""
+    import shutil
+    import tarfile
+
     try:
-        ds = cls(str(root), train=train, download=download)
+        with tarfile.open(archive, "r:gz") as tar:
+            members = [m for m in tar.getmembers() if m.isfile() and m.name.startswith(folder + "/")
+                       and ".." not in Path(m.name).parts]
+            if not members:
+                raise InputError(f"{archive}: no files under {folder}/ in the archive; expected the python "
+                                 f"version of CIFAR ({CIFAR_LAYOUT})")
+            for m in members:
+                dest = into / m.name
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with tar.extractfile(m) as src, open(dest, "wb") as dst:
+                    shutil.copyfileobj(src, dst)
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise InputError(f"{archive}: not a readable .tar.gz archive: {exc}") from None
+
+
+def load_torchvision_cifar(name: str, root: str | os.PathLike, train: bool, download: bool = True,
+                           checksums: dict | None = None) -> ImageSet:
+    """CIFAR-10/100 in torchvision's format from a local copy at ``root`` (the python archive
+    ``cifar-10-python.tar.gz`` / ``cifar-100-python.tar.gz``, its extracted folder, or a folder
+    holding either), else downloaded to ``root`` where ``download`` and a network exist. An
+    archive is extracted into a temporary folder, never next to it; files are checked against
+    torchvision's md5 sums first."""
+    import tempfile
+
+    cls = cifar_class(name, checksums)
+    archive, folder = CIFAR_LAYOUT[name]
+    kind, where = locate_cifar(name, root)
+    if kind == "archive":
+        with tempfile.TemporaryDirectory(prefix="robustkd-cifar-") as tmp:
+            extract_cifar(where, folder, Path(tmp))
+            return _read_cifar(cls, name, Path(tmp), train, f"{where}")
+    if kind == "folder":
+        return _read_cifar(cls, name, where, train, f"{where / folder}")
+    if not download:
+        raise InputError(f"no local copy of {name} at {root}: expected the archive {archive} or its extracted "
+                         f"folder {folder}/ (data.root may name either, or a folder holding one); or set "
+                         "data.download: true where a network exists")
+    try:
+        cls(str(root), train=train, download=True)
     except Exception as exc:  # noqa: BLE001 - report any download or format failure as bad input
-        raise InputError(f"cannot load {name} from {root} (download={download}): {exc}") from None
+        raise InputError(f"cannot download {name} to {root}: {exc}") from None
+    return _read_cifar(cls, name, Path(root), train, f"{root}")
+
+
+def _read_cifar(cls, name: str, base: Path, train: bool, source: str) -> ImageSet:
+    check_cifar_files(cls, base)
+    try:
+        ds = cls(str(base), train=train, download=False)
+    except Exception as exc:  # noqa: BLE001 - a malformed batch file is bad input
+        raise InputError(f"cannot read {name} from {source}: {exc}") from None
     return ImageSet(to_chw_tensor(ds.data), torch.as_tensor(ds.targets, dtype=torch.int64), list(ds.classes))
 
 

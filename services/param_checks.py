@@ -66,6 +66,23 @@ def check_teacher(path: str, teacher) -> None:
     if teacher.source == "checkpoint" and not Path(teacher.checkpoint).is_file():
         fail(path, "teacher.checkpoint", "an existing checkpoint file (teacher.source is checkpoint)",
              teacher.checkpoint)
+    if teacher.source == "zoo":
+        check_zoo_teacher(path, teacher)
+
+
+def check_zoo_teacher(path: str, teacher) -> None:
+    """A known zoo name, and teacher.model naming the entry's architecture (the report and the
+    stages describe the teacher by it). The file itself is checked by the stage: it may still be
+    downloaded there."""
+    from robustkd.teachers import ZOO
+
+    entry = ZOO.get(teacher.zoo.name)
+    if entry is None:
+        fail(path, "teacher.zoo.name", f"one of {sorted(ZOO)}", teacher.zoo.name)
+    if teacher.model.arch != entry.arch or dict(teacher.model.options) != dict(entry.options):
+        fail(path, "teacher.model", f"the architecture of zoo teacher {entry.name!r}: "
+             f"{{arch: {entry.arch}, options: {dict(entry.options)}}}",
+             f"{{arch: {teacher.model.arch}, options: {dict(teacher.model.options)}}}")
 
 
 def check_data(path: str, data) -> None:
@@ -124,3 +141,4 @@ def check_params(params, path: str) -> None:
     positive(path, "registry.natural_tolerance", params.registry.natural_tolerance, allow_zero=True)
     if not 0 < params.registry.alpha < 1:
         fail(path, "registry.alpha", "a significance level in (0, 1)", params.registry.alpha)
+    positive(path, "attention.images", params.attention.images)

@@ -26,7 +26,9 @@ class DataParams:
     """Where the images come from and how much of them the profile uses."""
 
     source: Literal["imagefolder", "cifar10", "cifar100"] = "imagefolder"
-    root: str = "../shared/datasets/cifar10"   # ImageFolder root, or torchvision download dir
+    # ImageFolder root; for cifar10/cifar100 the python archive (cifar-10-python.tar.gz,
+    # cifar-100-python.tar.gz), its extracted folder, or a folder holding either (the download dir)
+    root: str = "../shared/datasets/cifar10"
     download: bool = True                      # torchvision sources: download where a network exists
     train_per_class: int | None = None         # first k training images of each class (None: all)
     heldout_per_class: int = 0                 # the next k of each class, for per-epoch monitoring
@@ -40,12 +42,25 @@ class ModelParams:
 
 
 @dataclass
+class ZooParams:
+    """A released teacher of robustkd.teachers.ZOO, read from the RobustBench model-zoo layout
+    ``{dir}/{dataset}/Linf/{name}.pt``. dvc.yaml declares ``dir`` as a dependency of train_teacher."""
+
+    name: str = "Zhang2019Theoretically"   # the TRADES WRN-34-10 release (CIFAR-10)
+    dir: str = "teachers/zoo"
+    download: bool = True                  # fetch a missing file where a network exists
+
+
+@dataclass
 class TeacherParams:
-    source: Literal["train", "checkpoint"] = "train"
+    # train: TRADES/PGD-AT here; checkpoint: a given file (a robustkd checkpoint, or the TRADES
+    # release model_cifar_wrn.pt); zoo: a released teacher of the registry (teacher.zoo).
+    source: Literal["train", "checkpoint", "zoo"] = "train"
     # With source: checkpoint, the given teacher file. dvc.yaml declares it as a dependency of
     # train_teacher, so it always names an existing path: teachers/ (tracked, holds a README)
     # when the teacher is trained.
     checkpoint: str = "teachers"
+    zoo: ZooParams = field(default_factory=ZooParams)
     model: ModelParams = field(default_factory=lambda: ModelParams("wrn34_10"))
     method: str = "trades"                 # a teacher method of robustkd.methods
     settings: dict = field(default_factory=dict)   # the method's settings (robustkd.methods)
@@ -161,6 +176,17 @@ class RegistryParams:
 
 
 @dataclass
+class AttentionParams:
+    """Grad-CAM maps of teacher, student and reference on the same clean and PGD-20 images
+    (stages/attention.py; PGD settings of evaluate.config)."""
+
+    images: int = 4                        # the first test image of each of the first k classes
+    layers: dict = field(default_factory=dict)   # architecture -> module path (else robustkd.attention's default)
+    backend: Literal["auto", "grad-cam", "builtin"] = "auto"   # auto: the grad-cam package when installed
+    attack_model: Literal["teacher", "student", "reference"] = "student"   # whose PGD-20 images
+
+
+@dataclass
 class Params:
     profile: str = "custom"
     data: DataParams = field(default_factory=DataParams)
@@ -172,6 +198,7 @@ class Params:
     run: RunParams = field(default_factory=RunParams)
     compare: CompareParams = field(default_factory=CompareParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
+    attention: AttentionParams = field(default_factory=AttentionParams)
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> Params:

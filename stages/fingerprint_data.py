@@ -30,6 +30,10 @@ def fingerprint(root: Path) -> dict:
     if not root.exists():   # a torchvision source that prepare_data will download
         return {"files": 0, "bytes": 0, "sha256": "absent"}
     digest, files, total = hashlib.sha256(), 0, 0
+    if root.is_file():      # a CIFAR archive named directly by data.root
+        st = root.stat()
+        digest.update(f"{root.name}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return {"files": 1, "bytes": st.st_size, "sha256": digest.hexdigest()}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames.sort()
         for name in sorted(filenames):

@@ -127,6 +127,11 @@ def build_sections(params, evals, paths, histories, card, export, ddpm, comparis
                          "figures": [("curves", figures["curves"], "Training loss and held-out accuracy per epoch")]})
     if comparison.exists():
         sections.append({"id": "comparison", "title": "Method comparison", "markdown": comparison.read_text()})
+    attention = comparison.parent / "attention.png"   # stages/attention.py (the attention stage)
+    if attention.exists():
+        sections.append({"id": "attention", "title": "Attention maps (Grad-CAM)",
+                         "markdown": "Grad-CAM of the teacher and the student on clean and PGD-20 images.",
+                         "figures": [("attention", attention, "Grad-CAM maps, clean and adversarial")]})
     if export:
         lines = ["| measure | value |", "|---|---|",
                  f"| max \\|logit difference\\| torch vs onnxruntime | {export['max_abs_logit_diff']:.2e} |",

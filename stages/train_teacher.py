@@ -1,5 +1,10 @@
 """Stage train_teacher: adversarially train the teacher (TRADES; PGD-AT as an option), or take
-a given checkpoint with ``teacher.source: checkpoint``. Resumes after a kill."""
+a given checkpoint (``teacher.source: checkpoint``: a robustkd checkpoint or the TRADES release
+``model_cifar_wrn.pt``) or a released teacher of the model zoo (``teacher.source: zoo``,
+robustkd/teachers.py). Resumes after a kill.
+
+    python -m stages.train_teacher --download-only   # fetch the zoo teacher's file (needs a network)
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from robustkd.engine import state_hash
 from robustkd.errors import InputError
 from robustkd.methods import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
+from robustkd.teachers import download, is_robustkd_checkpoint, load_trades_release, load_zoo_teacher, zoo_entry
 
 from services.common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
                      setup_distributed, write_csv, write_json)
@@ -16,40 +22,77 @@ from services.params import dataset_key
 from services.training import run_training
 
 
+def load_given(cfg):
+    """(model, where, description) of ``teacher.source: checkpoint`` or ``zoo``."""
+    if cfg.source == "zoo":
+        entry = zoo_entry(cfg.zoo.name)
+        model = load_zoo_teacher(entry, cfg.zoo.dir, allow_download=cfg.zoo.download)
+        info = {"zoo name": entry.name, "file": str(entry.path(cfg.zoo.dir)), "dataset": entry.dataset,
+                "published clean": entry.clean, "published autoattack": entry.autoattack,
+                "published eps": entry.eps, "figures from": entry.source}
+        return model, f"teacher.zoo {entry.name} ({entry.path(cfg.zoo.dir)})", info
+    where = f"teacher.checkpoint {cfg.checkpoint}"
+    if is_robustkd_checkpoint(cfg.checkpoint):
+        return load_checkpoint(cfg.checkpoint, expect_arch=cfg.model.arch), where, {"format": "robustkd"}
+    # Not a robustkd checkpoint: the TRADES release format (a plain state dict of TRADES'
+    # models/wideresnet.py WideResNet, [0, 1] inputs, no normalisation), into teacher.model.
+    if cfg.model.arch != "wrn34_10":
+        raise InputError(f"{where}: not a robustkd checkpoint, so read as the TRADES release (a WideResNet "
+                         f"state dict), but teacher.model.arch is {cfg.model.arch!r}; expected wrn34_10")
+    opts = dict(cfg.model.options)
+    unknown = set(opts) - {"depth", "widen_factor"}
+    if unknown:
+        raise InputError(f"{where}: teacher.model.options {sorted(unknown)} unknown to wrn34_10")
+    model = load_trades_release(cfg.checkpoint, int(opts.get("depth", 34)), int(opts.get("widen_factor", 10)))
+    model.options = {**{k: v for k, v in model.options.items() if k in ("num_classes", "mean", "std")}, **opts}
+    return model, where, {"format": "TRADES release (plain WideResNet state dict, no normalisation)"}
+
+
 def given_teacher(path: str, cfg, classes: list[str]):
-    """``teacher.checkpoint``, checked before anything is written: the architecture and options of
-    ``teacher.model``, one output per class of the prepared data, [0, 1] pixel input (the models'
-    convention: normalisation inside, so mean and std are fractions of a pixel's range)."""
-    model = load_checkpoint(cfg.checkpoint, expect_arch=cfg.model.arch)
-    where = f"{path}: teacher.checkpoint {cfg.checkpoint}"
+    """The given teacher (``teacher.checkpoint`` or ``teacher.zoo``), checked before anything is
+    written: the architecture and options of ``teacher.model``, one output per class of the
+    prepared data, [0, 1] pixel input (the models' convention: normalisation inside, so mean and
+    std are fractions of a pixel's range; a model trained on raw [0, 1] pixels has mean 0, std 1)."""
+    return _given_teacher(path, cfg, classes)[0]
+
+
+def _given_teacher(path: str, cfg, classes: list[str]):
+    model, where, info = load_given(cfg)
+    where = f"{path}: {where}"
     opts = dict(model.options)
     given = {k: v for k, v in opts.items() if k not in ("num_classes", "mean", "std")}
     if given != dict(cfg.model.options):
         raise InputError(f"{where}: model options {given}, teacher.model.options says {cfg.model.options}")
     if opts["num_classes"] != len(classes):
         raise InputError(f"{where}: {opts['num_classes']} outputs, the prepared data has {len(classes)} classes")
-    stats = list(opts["mean"]) + list(opts["std"])
-    if not all(0 < float(v) <= 1 for v in stats):
-        raise InputError(f"{where}: expected [0, 1] pixel input (normalisation mean and std in (0, 1]), "
+    if not (all(0 <= float(v) <= 1 for v in opts["mean"]) and all(0 < float(v) <= 1 for v in opts["std"])):
+        raise InputError(f"{where}: expected [0, 1] pixel input (normalisation mean in [0, 1], std in (0, 1]), "
                          f"found mean {opts['mean']} std {opts['std']}")
-    return model
+    return model, info
 
 
 def main(args) -> None:
     params = read_params(args)
     cfg = params.teacher
+    if args.download_only:
+        entry = zoo_entry(cfg.zoo.name)
+        print(f"zoo teacher {entry.name}: {download(entry, cfg.zoo.dir)}")
+        return
     dist_info, device = setup_distributed(params)
     MODELS.mkdir(exist_ok=True)
-    if cfg.source == "checkpoint":
+    if cfg.source in ("checkpoint", "zoo"):
         if not dist_info.is_main:
             return
-        model = given_teacher(args.params, cfg, load_imageset(PREPARED / "train.npz").classes)
-        save_checkpoint(model, MODELS / "teacher.pt", source=cfg.checkpoint)
+        model, info = _given_teacher(args.params, cfg, load_imageset(PREPARED / "train.npz").classes)
+        given = info.get("file", cfg.checkpoint)
+        save_checkpoint(model, MODELS / "teacher.pt", source=given, **{k.replace(" ", "_"): v for k, v in info.items()})
         write_json({}, METRICS / "teacher_train.json")  # nothing trained: no figures
-        write_json({"source": "checkpoint", "checkpoint": cfg.checkpoint, "model": model.arch,
-                    "teacher weights": state_hash(model)}, METRICS / "teacher_info.json")
+        write_json({"source": cfg.source, "checkpoint": given, "model": model.arch,
+                    "normalisation": {"mean": model.options["mean"], "std": model.options["std"]},
+                    **info, "teacher weights": state_hash(model)}, METRICS / "teacher_info.json")
         write_csv([], METRICS / "teacher_history.csv")
-        print(f"teacher taken from {cfg.checkpoint} ({model.arch})")
+        (CHECKPOINTS / "teacher").mkdir(parents=True, exist_ok=True)  # a declared output: nothing to resume
+        print(f"teacher taken from {given} ({model.arch}, {info})")
         return
     train = load_imageset(PREPARED / "train.npz")
     heldout = load_imageset(PREPARED / "heldout.npz")
@@ -74,7 +117,10 @@ def main(args) -> None:
 
 
 def build_parser():
-    return parser(__doc__)
+    p = parser(__doc__)
+    p.add_argument("--download-only", action="store_true",
+                   help="only download teacher.zoo's file into teacher.zoo.dir (before the first dvc repro)")
+    return p
 
 
 run = cli(main, build_parser, "train_teacher", ("teacher", "data", "run"))

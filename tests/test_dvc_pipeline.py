@@ -28,7 +28,7 @@ def test_repro_runs_every_stage_then_reruns_only_dependants(repo):
     first = sh("dvc repro", repo)
     assert f"Running stage '{ALWAYS_RUN}'" in first.stdout
     assert ran_stages(first.stdout) == ["prepare_data", "train_teacher", "ingest_ddpm", "distill",
-                                        "distill_reference", "evaluate", "export_onnx", "report"]
+                                        "distill_reference", "evaluate", "export_onnx", "attention", "report"]
     metrics = json.loads(sh("dvc metrics show --json", repo).stdout)
     workspace = next(iter(metrics.values()))  # DVC 3 keys the workspace as ""
     student = workspace["data"]["metrics/evaluate/student.json"]["data"]

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.slow
 
 ALWAYS_RUN = ["fingerprint_data"]   # hashes the raw data every time; no MLflow run of its own
 MAIN_STAGES = ["prepare_data", "train_teacher", "ingest_ddpm", "distill", "distill_reference", "evaluate",
-               "export_onnx", "report"]
+               "export_onnx", "attention", "report"]
 
 
 @pytest.fixture(scope="module")
