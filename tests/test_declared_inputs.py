@@ -177,6 +177,8 @@ def read_by_stage(cmd: str) -> set[str]:
     if "--method" in argv:  # the method comes from the command line: its settings block only
         method = argv[argv.index("--method") + 1]
         got = {f"distill.settings.{method}" if r == "distill.settings" else r for r in got - {"distill.method"}}
+    if "--seed" in argv:  # the seed comes from the command line (the comparison's seeds)
+        got -= {"run.seed"}
     if "stages.launch" in cmd:
         got |= LAUNCH_READS
     return got
@@ -205,6 +207,7 @@ def test_the_reader_finds_what_a_stage_reads():
     assert {"distill.student.arch", "distill.settings.rslad", "ddpm.fraction", "run.seed", "run.precision",
             "data.source", "run.nproc_per_node"} <= got
     assert "distill.method" not in got and "distill.settings" not in got
+    assert "run.seed" not in read_by_stage("python -m stages.launch evaluate --seed 1 --model m.pt --out o.json")
     assert {"data.root", "data.source", "data.test_per_class"} <= read_by_stage("python -m stages.prepare_data")
 
 
