@@ -199,8 +199,8 @@ def main(args) -> None:
     params = read_params(args)
     REPORTS.mkdir(exist_ok=True)
     paths = {name: METRICS / "evaluate" / f"{name}.json" for name in ("teacher", "student", "reference")}
-    evals = [(name, read_evaluation(path)) for name, path in paths.items()]
-    evals = [(n, m) for n, m in evals if m]
+    read = [(name, read_evaluation(path)) for name, path in paths.items()]
+    evals = [(n, m) for n, m in read if m]
     histories = {"teacher": read_csv(METRICS / "teacher_history.csv"),
                  "student": read_csv(METRICS / "student_history.csv"),
                  "reference": read_csv(METRICS / "reference_history.csv")}
