@@ -23,7 +23,7 @@ IN_FLOW_ENV = "ROBUSTKD_IN_FLOW"
 
 def lock_holder(path: Path) -> str | None:
     """None when nobody holds an ``flock`` on ``path``, else the holder's description (the file's
-    text, or "a process"). Probes with a non-blocking shared-free exclusive lock, released at once."""
+    text, or "a process"). Probes with a non-blocking exclusive lock, released at once."""
     if not path.exists():
         return None
     with open(path, "a+") as fh:
