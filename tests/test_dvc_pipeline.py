@@ -103,23 +103,23 @@ def test_experiments_set_params_queue_and_compare(repo):
     sh("dvc repro", repo)
     sh("git config user.email t@t && git config user.name t && git add -A && git commit -qm baseline --allow-empty",
        repo)
-    out = sh("dvc exp run -n rep3 -S export.latency_repeats=3", repo)
+    out = sh("dvc exp run -n rep8 -S export.latency_repeats=8", repo)
     assert ran_stages(out.stdout) == ["export_onnx", "report"], out.stdout
-    sh("dvc exp run --queue -n rep4 -S export.latency_repeats=4", repo)
+    sh("dvc exp run --queue -n rep9 -S export.latency_repeats=9", repo)
     queued = sh("dvc exp run --run-all", repo)   # = `dvc queue start`, waiting for the queue to finish
-    assert "rep4" in queued.stdout + queued.stderr, queued.stdout[-3000:] + queued.stderr[-3000:]
+    assert "rep9" in queued.stdout + queued.stderr, queued.stdout[-3000:] + queued.stderr[-3000:]
 
     exps = experiments(json.loads(sh("dvc exp show --json", repo).stdout))
-    assert {"rep3", "rep4"} <= set(exps), sorted(exps)
-    for name, repeats in (("rep3", 3), ("rep4", 4)):
+    assert {"rep8", "rep9"} <= set(exps), sorted(exps)
+    for name, repeats in (("rep8", 8), ("rep9", 9)):
         student = exps[name]["metrics"]["metrics/evaluate/student.json"]["data"]
         assert {"natural", "pgd20", "cw", "autoattack"} <= set(student), (name, sorted(student))
         assert "latency" in exps[name]["metrics"]["metrics/export.json"]["data"]
         assert exps[name]["params"]["params.yaml"]["data"]["export"]["latency_repeats"] == repeats
 
-    params_diff = json.loads(sh("dvc params diff rep3 rep4 --json", repo).stdout)
-    assert params_diff["params.yaml"]["export.latency_repeats"] | {"diff": None} == {"old": 3, "new": 4, "diff": None}
-    metrics_diff = json.loads(sh("dvc metrics diff rep3 rep4 --all --json", repo).stdout)
+    params_diff = json.loads(sh("dvc params diff rep8 rep9 --json", repo).stdout)
+    assert params_diff["params.yaml"]["export.latency_repeats"] | {"diff": None} == {"old": 8, "new": 9, "diff": None}
+    metrics_diff = json.loads(sh("dvc metrics diff rep8 rep9 --all --json", repo).stdout)
     assert {"old", "new"} <= set(metrics_diff["metrics/evaluate/student.json"]["pgd20"])
     assert {"old", "new"} <= set(metrics_diff["metrics/export.json"]["latency.batch1.onnxruntime_ms"])
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
@@ -127,20 +127,20 @@ def test_experiments_set_params_queue_and_compare(repo):
         f"$ {cmd}\n{sh(cmd, repo).stdout}" for cmd in (
             "dvc exp show --no-pager --md --drop '.*' --keep 'Experiment|metrics/evaluate/student.json:"
             "(natural|pgd20|autoattack)$|latency.batch1.onnxruntime_ms|export.latency_repeats'",
-            "dvc params diff rep3 rep4", "dvc metrics diff rep3 rep4 --targets metrics/export.json")))
+            "dvc params diff rep8 rep9", "dvc metrics diff rep8 rep9 --targets metrics/export.json")))
 
 
 def test_plots_render_offline(repo):
     """`python -m pipeline.plots diff` (dvc plots diff with the offline template) between the two
     experiments: every dvc.yaml plot, no script from the network; in headless Chromium the charts draw."""
-    page = sh(f"{sys.executable} -m pipeline.plots diff rep3 rep4 -o plots_out", repo,
+    page = sh(f"{sys.executable} -m pipeline.plots diff rep8 rep9 -o plots_out", repo,
               env={"PYTHONPATH": str(repo)})
     html = (repo / "plots_out" / "index.html").read_text()
     assert not re.search(r"<script[^>]*\bsrc\s*=", html), "a script is loaded from a file or URL"
     assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", html)
     for title in ("Training loss", "Held-out PGD accuracy (%)", "Accuracy per attack (%)"):
         assert title in html, title
-    assert "rep3" in html and "rep4" in html and "offline plots:" in page.stdout
+    assert "rep8" in html and "rep9" in html and "offline plots:" in page.stdout
 
     exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
     if not exe:
