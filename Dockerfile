@@ -28,7 +28,9 @@ COPY --chown=robustkd:robustkd . .
 USER 1000
 
 # The README's setup (make setup), with the PyTorch CPU (or CUDA) index for torch.
+# mlartifacts: the MLflow server's artifact folder in docker-compose.yml (a named volume takes this owner).
 RUN make setup TORCH_INDEX=${TORCH_INDEX} \
+    && mkdir -p /home/robustkd/mlartifacts \
     && git init -q && git add -A \
     && git -c user.email=robustkd@localhost -c user.name=robustkd commit -qm image
 

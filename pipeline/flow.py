@@ -36,6 +36,7 @@ from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run as current_flow_run
 
 from services.params import load_params
+from services.workspace import FLOW_LOCK, IN_FLOW_ENV, dvc_running
 from services.tracking import DEFAULT_EXPERIMENT, git_commit, setup_mlflow, tracking_enabled, tracking_uri
 
 from . import registry
@@ -64,10 +65,11 @@ def workspace_lock(root: Path, wait_s: float = 0.0):
     held for the whole flow. DVC's own lock covers one ``dvc repro`` only, and a flow runs one per
     stage: between two of them a second flow could swap params.yaml or reproduce stages under the
     first one. A second flow waits up to ``wait_s`` seconds, then refuses with one line naming the
-    holder. Re-entrant within a process (``main`` takes it before the Prefect flow does)."""
+    holder. It does not start either while a `dvc repro` or a workspace `dvc exp run` holds DVC's lock
+    (services/workspace.py). Re-entrant within a process (``main`` takes it before the Prefect flow does)."""
     import fcntl
 
-    path = Path(root).resolve() / ".dvc" / "tmp" / "robustkd-flow.lock"
+    path = Path(root).resolve() / FLOW_LOCK
     key = str(path)
     if _HELD.get(key):
         _HELD[key] += 1
@@ -83,15 +85,22 @@ def workspace_lock(root: Path, wait_s: float = 0.0):
         while True:
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
             except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    fh.seek(0)
-                    holder = fh.read().strip() or "a process"
-                    waited = f"waited {wait_s:g} s; " if wait_s else ""
-                    raise WorkspaceBusy(f"another flow is running in {Path(root).resolve()} ({holder}); {waited}"
-                                        f"this one did not start (--wait-lock SECONDS waits for it)") from None
-                time.sleep(min(1.0, max(deadline - time.monotonic(), 0.01)))
+                fh.seek(0)
+                busy = f"another flow is running in {Path(root).resolve()} ({fh.read().strip() or 'a process'})"
+            else:
+                # a `dvc repro` or a workspace `dvc exp run` started outside any flow: its stages would
+                # interleave with the flow's and it reads params.yaml, which a flow may swap
+                dvc = dvc_running(Path(root).resolve())
+                if not dvc:
+                    break
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                busy = (f"a DVC command (`dvc repro` or `dvc exp run`) is running in {Path(root).resolve()} "
+                        f"(DVC's lock: {' '.join(dvc.split())})")
+            if time.monotonic() >= deadline:
+                waited = f"waited {wait_s:g} s; " if wait_s else ""
+                raise WorkspaceBusy(f"{busy}; {waited}this one did not start (--wait-lock SECONDS waits for it)")
+            time.sleep(min(1.0, max(deadline - time.monotonic(), 0.01)))
         fh.seek(0)
         fh.truncate()
         fh.write(f"flow pid {os.getpid()}, started {time.strftime('%Y-%m-%d %H:%M:%S')}")
@@ -143,7 +152,8 @@ def compare_stages(methods: list[str], seeds: list[int] = (0,)) -> list[str]:
 
 def stage_env(extra: dict[str, str]) -> dict[str, str]:
     """The environment of a stage: this interpreter's bin first (dvc.yaml says ``python``)."""
-    env = {**os.environ, **extra, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1"}
+    # IN_FLOW_ENV: the flow's own stages run while it holds the workspace lock (stages/fingerprint_data.py)
+    env = {**os.environ, **extra, "DVC_NO_ANALYTICS": "1", "PYTHONUNBUFFERED": "1", IN_FLOW_ENV: "1"}
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     return env
 

@@ -62,7 +62,7 @@ def _scale(cam: torch.Tensor) -> torch.Tensor:
 
 def grad_cam_builtin(model: nn.Module, layer: nn.Module, x: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
     """Grad-CAM maps (N, H, W) in [0, 1] for the logits ``targets`` (class indices), model in eval mode."""
-    store = {}
+    store: dict[str, torch.Tensor] = {}
     handle = layer.register_forward_hook(lambda _m, _i, out: store.__setitem__("a", out))
     was_training = model.training
     model.eval()

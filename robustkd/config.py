@@ -22,7 +22,7 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str) -> C:
     data = {} if data is None else data
     if not isinstance(data, dict):
         raise InputError(f"{where}: expected a mapping, found {type(data).__name__}")
-    fields = {f.name: f for f in dataclasses.fields(cls)}
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # C: any dataclass
     unknown = sorted(set(data) - set(fields))
     if unknown:
         raise InputError(f"{where}: unknown key(s) {unknown}; accepted keys: {sorted(fields)}")

@@ -202,7 +202,8 @@ def extract_cifar(archive: Path, folder: str, into: Path) -> None:
             for m in members:
                 dest = into / m.name
                 dest.parent.mkdir(parents=True, exist_ok=True)
-                with tar.extractfile(m) as src, open(dest, "wb") as dst:
+                # regular files only (above): extractfile returns a file, never None
+                with tar.extractfile(m) as src, open(dest, "wb") as dst:  # type: ignore[union-attr]
                     shutil.copyfileobj(src, dst)
     except (tarfile.TarError, OSError, EOFError) as exc:
         raise InputError(f"{archive}: not a readable .tar.gz archive: {exc}") from None
@@ -221,10 +222,12 @@ def load_torchvision_cifar(name: str, root: str | os.PathLike, train: bool, down
     archive, folder = CIFAR_LAYOUT[name]
     kind, where = locate_cifar(name, root)
     if kind == "archive":
+        assert where is not None
         with tempfile.TemporaryDirectory(prefix="robustkd-cifar-") as tmp:
             extract_cifar(where, folder, Path(tmp))
             return _read_cifar(cls, name, Path(tmp), train, f"{where}")
     if kind == "folder":
+        assert where is not None
         return _read_cifar(cls, name, where, train, f"{where / folder}")
     if not download:
         raise InputError(f"no local copy of {name} at {root}: expected the archive {archive} or its extracted "
@@ -459,7 +462,7 @@ class TrainBatches:
         self.device = device
         self.augment = augment
         self.rank, self.world_size = rank, world_size
-        self.sampler = MixedBatchSampler(len(real), len(generated) if self.generated else 0, batch_size,
+        self.sampler = MixedBatchSampler(len(real), len(self.generated) if self.generated else 0, batch_size,
                                          fraction if self.generated else 0.0, batches_per_epoch)
         self.partners_real = self.partners_gen = None
         if with_partners:

@@ -118,7 +118,8 @@ def array_hash(*arrays, chunk_rows: int = 4096) -> str:
             a = (a.view(torch.int16) if a.dtype == torch.bfloat16 else a).numpy()
         h.update(repr((tuple(a.shape), str(a.dtype))).encode())
         for i in range(0, len(a), chunk_rows):
-            h.update(memoryview(np.ascontiguousarray(a[i:i + chunk_rows])).cast("B"))
+            # numpy's stubs do not declare the buffer protocol that ndarray implements
+            h.update(memoryview(np.ascontiguousarray(a[i:i + chunk_rows])).cast("B"))  # type: ignore[arg-type]
     return h.hexdigest()[:16]
 
 
@@ -199,6 +200,7 @@ class Trainer:
 
     def _set_aside(self, reason: str, old_fingerprint: str) -> None:
         """Keep a checkpoint of another run as ``state.pt.stale-<its fingerprint>`` and say why."""
+        assert self.ckpt_path is not None   # only a run with a checkpoint folder finds one to set aside
         stale = self.ckpt_path.with_name(f"{self.ckpt_path.name}.stale-{old_fingerprint}")
         n = 1
         while stale.exists():  # never overwrite one set aside before
@@ -212,6 +214,7 @@ class Trainer:
     def _remove_unfinished_writes(self) -> None:
         """Temporary files of a checkpoint write that a kill interrupted (robustkd.utils.atomic_path
         renames only complete files over state.pt): removed, with one line."""
+        assert self.ckpt_path is not None   # called only for a run with a checkpoint folder
         leftovers = sorted(self.ckpt_path.parent.glob(f".{self.ckpt_path.name}.*.tmp"))
         if leftovers and self.is_main:
             for path in leftovers:
@@ -374,7 +377,7 @@ class Trainer:
             images += len(batch.x)
         self._check_finite(epoch, first_bad, None, {})
         elapsed = time.perf_counter() - start
-        out = {"epoch": epoch + 1}
+        out: dict[str, float] = {"epoch": epoch + 1}
         # mean over ranks of each rank's mean (equal shards: the global batch's mean)
         out.update(average_scalars({k: float(v) / max(count, 1) for k, v in sums.items()}))
         world = self.batches.world_size

@@ -9,7 +9,7 @@ unused ``sub_block1`` is left out). Width/depth options give small variants for 
 from __future__ import annotations
 
 import os
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 import torch.nn as nn
@@ -194,6 +194,11 @@ class WideResNet(nn.Module):
 class Classifier(nn.Module):
     """[0, 1] image -> logits: ``Normalize`` then the backbone. Knows how it was built."""
 
+    # Declared for type checkers: nn.Module.__getattr__ is typed ``Tensor | Module``, so submodules and
+    # attributes set outside __init__ would read as that union (backbone: see BACKBONES).
+    backbone: Any
+    checkpoint_meta: dict
+
     def __init__(self, arch: str, options: dict, backbone: nn.Module, mean, std):
         super().__init__()
         self.arch = arch
@@ -265,9 +270,9 @@ def count_parameters(model: nn.Module) -> int:
 
 def save_checkpoint(model: Classifier, path: str | os.PathLike, **meta) -> None:
     """Atomically write architecture name, options, weights and plain metadata."""
-    model = _unwrap(model)
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    atomic_torch_save({"arch": model.arch, "options": _plain(model.options),
+    bare = _unwrap(model)
+    state = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
+    atomic_torch_save({"arch": bare.arch, "options": _plain(bare.options),
                        "state_dict": state, "meta": _plain(meta)}, path)
 
 

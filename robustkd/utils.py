@@ -8,7 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, TypeVar
+from typing import Iterable, Iterator, Sized, TypeVar
 
 import torch
 
@@ -111,7 +111,7 @@ def progress(iterable: Iterable[T], total: int | None = None, desc: str = "",
     Lines (not carriage returns) so that DVC, Prefect and CI logs stay readable.
     """
     stream = stream or sys.stderr
-    total = total if total is not None else (len(iterable) if hasattr(iterable, "__len__") else None)
+    total = total if total is not None else (len(iterable) if isinstance(iterable, Sized) else None)
     start = last = time.perf_counter()
     count = 0
     for item in iterable:

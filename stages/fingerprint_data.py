@@ -7,6 +7,11 @@ dependency. This stage always runs (``always_changed``), lists the files under `
 (relative path, size and modification time) and writes their hash; ``prepare_data`` depends on
 that file, so it re-runs exactly when the raw data changes, from any workspace. It is
 deliberately not an MLflow run: it records nothing but the hash.
+
+Being the first stage of every ``dvc repro`` and ``dvc exp run``, it also refuses (exit 2, one line)
+to start a run in the project's own workspace while a Prefect flow runs there (services/workspace.py):
+such a run would rewrite params.yaml and the outputs between two stages of the flow. Queued and
+temporary experiments (``.dvc/tmp/exps/...``) have their own workspace and are not refused.
 """
 
 from __future__ import annotations
@@ -19,8 +24,9 @@ from pathlib import Path
 
 from robustkd.errors import InputError
 
-from services.common import data_root, write_json
+from services.common import data_root, project_dir, write_json
 from services.params import load_params
+from services.workspace import flow_running
 
 OUT = Path("data") / "raw_fingerprint.json"
 
@@ -48,6 +54,13 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", default="params.yaml")
     args = p.parse_args(argv)
+    here = Path.cwd().resolve()
+    holder = flow_running(here) if project_dir(here) == here else None
+    if holder:
+        print(f"error: a Prefect flow is running in {here} ({holder}); this `dvc repro`/`dvc exp run` would change "
+              "its params and outputs under it: wait for it, or run the experiment in its own workspace "
+              "(`dvc exp run --queue` then `dvc queue start`, or `dvc exp run --temp`)", file=sys.stderr)
+        return 2
     try:
         root = data_root(load_params(args.params).data.root)
         record = fingerprint(root)

@@ -38,7 +38,7 @@ def read_npz_files(cfg: DdpmParams, num_classes: int):
         images.append(img)
         labels.append(lab)
     missing = [f for f, lab in zip(cfg.files, labels) if lab is None]
-    all_labels = None if missing else np.concatenate(labels).astype(np.int64)
+    all_labels = None if missing else np.concatenate([lab for lab in labels if lab is not None]).astype(np.int64)
     return np.concatenate(images), all_labels, missing
 
 
@@ -142,6 +142,7 @@ def main(args) -> None:
         else:
             conf = np.ones(len(labels), np.float32)
             report["labelled_by"] = "file"
+    assert labels is not None   # given by the files or by the teacher above
     counts = np.bincount(labels, minlength=num_classes) if len(labels) else np.zeros(num_classes, int)
     report["num_images"] = int(len(images))
     report["per_class"] = {str(c): int(n) for c, n in enumerate(counts)}

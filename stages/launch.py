@@ -26,8 +26,8 @@ DISTRIBUTED_STAGES = ("train_teacher", "distill", "evaluate")
 
 def torchrun_command(stage: str, stage_args: list[str], run) -> list[str]:
     local = Path(sys.executable).parent / "torchrun"
-    exe = [str(local)] if local.exists() else ([shutil.which("torchrun")] if shutil.which("torchrun")
-                                               else [sys.executable, "-m", "torch.distributed.run"])
+    found = shutil.which("torchrun")
+    exe = [str(local)] if local.exists() else ([found] if found else [sys.executable, "-m", "torch.distributed.run"])
     cmd = exe + [f"--nproc_per_node={run.nproc_per_node}"]
     if run.nnodes > 1:
         cmd += [f"--nnodes={run.nnodes}", "--rdzv-backend=c10d", f"--rdzv-endpoint={run.rdzv_endpoint}",

@@ -50,8 +50,8 @@ def main(args) -> None:
         if cfg.source == "imagefolder":
             print(f"data.source is imagefolder ({cfg.root}): nothing to download")
             return
-        for train in (True, False):
-            load_torchvision_cifar(cfg.source, data_root(cfg.root), train=train, download=True)
+        for is_train in (True, False):
+            load_torchvision_cifar(cfg.source, data_root(cfg.root), train=is_train, download=True)
         print(f"{cfg.source} downloaded to {cfg.root}")
         return
     limit = None if cfg.train_per_class is None else cfg.train_per_class + cfg.heldout_per_class

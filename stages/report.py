@@ -11,7 +11,7 @@ import base64
 import csv
 from pathlib import Path
 
-from services.common import METRICS, REPORTS, cli, parser, read_params
+from services.common import METRICS, REPORTS, cli, parser, read_params, write_csv
 from services.results import read_evaluation
 from services.tables import TABLE_COLUMNS, accuracy_cell, checks_lines, paired_lines, read_json
 from robustkd.utils import atomic_path
@@ -83,6 +83,19 @@ def plot_accuracy(rows: list[tuple[str, dict]], out: Path) -> Path | None:
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     plt.close(fig)
+    return out
+
+
+def accuracy_rows(rows: list[tuple[str, dict]]) -> list[dict]:
+    """One row per model and attack (``metrics/accuracy.csv``, the data of dvc.yaml's "Accuracy per
+    attack" plot): the percentage and its 95% Wilson interval."""
+    out = []
+    for name, m in rows:
+        for key, label in TABLE_COLUMNS:
+            rec = (m.get("accuracy") or {}).get(key)
+            if rec:
+                out.append({"model": name, "attack": label, "model_attack": f"{name}: {label}",
+                            "percent": rec["percent"], "ci95_low": rec["ci95_low"], "ci95_high": rec["ci95_high"]})
     return out
 
 
@@ -186,13 +199,14 @@ def main(args) -> None:
     params = read_params(args)
     REPORTS.mkdir(exist_ok=True)
     paths = {name: METRICS / "evaluate" / f"{name}.json" for name in ("teacher", "student", "reference")}
-    evals = [(name, read_evaluation(path)) for name, path in paths.items()]
-    evals = [(n, m) for n, m in evals if m]
+    read = [(name, read_evaluation(path)) for name, path in paths.items()]
+    evals = [(n, m) for n, m in read if m]
     histories = {"teacher": read_csv(METRICS / "teacher_history.csv"),
                  "student": read_csv(METRICS / "student_history.csv"),
                  "reference": read_csv(METRICS / "reference_history.csv")}
     figures = {"curves": plot_curves(histories, REPORTS / "training_curves.png"),
                "accuracy": plot_accuracy(evals, REPORTS / "accuracy.png")}
+    write_csv(accuracy_rows(evals), METRICS / "accuracy.csv")
     subset_info = evals[0][1]["info"].get("subset", {}) if evals else {}
     subset = (f"{subset_info.get('description')}, {subset_info.get('num_images')} images, "
               f"sha256 `{str(subset_info.get('images_sha256'))[:16]}`") if subset_info else "-"

@@ -1,11 +1,16 @@
 """`dvc repro` of a tiny profile in a temporary copy of the repository, for real."""
 
 import json
+import os
 import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from .stage_fixtures import project_copy, sh
+from .stage_fixtures import ROOT, project_copy, sh
 
 pytestmark = pytest.mark.slow
 
@@ -70,3 +75,83 @@ def test_metrics_diff_after_a_commit_and_a_temporary_experiment(repo):
     out = sh("dvc exp run --temp -S export.latency_repeats=5", repo)
     assert "Ran experiment" in out.stdout + out.stderr or "Reproducing experiment" in out.stdout, out.stdout
     assert (repo / "params.yaml").read_text().count("latency_repeats: 5") == 0
+
+
+ARTIFACTS = Path(os.environ.get("ROBUSTKD_TEST_ARTIFACTS") or ROOT / "test-artifacts")
+
+
+def experiments(table) -> dict[str, dict]:
+    """name -> data of every named experiment in `dvc exp show --json` (nested lists and dicts)."""
+    found = {}
+    if isinstance(table, dict):
+        if table.get("name") and isinstance(table.get("data"), dict) and "metrics" in table["data"]:
+            found[table["name"]] = table["data"]
+        for value in table.values():
+            found.update(experiments(value))
+    elif isinstance(table, list):
+        for value in table:
+            found.update(experiments(value))
+    return found
+
+
+def test_experiments_set_params_queue_and_compare(repo):
+    """`dvc exp run -S` in the workspace and a queued `dvc exp run --queue -S` (run by the queue's
+    worker in its own workspace under .dvc/tmp/exps) on a cheap setting (the ONNX latency repeats:
+    export_onnx and report re-run): both listed by `dvc exp show` with the evaluation metrics;
+    `dvc metrics diff` and `dvc params diff` compare them."""
+    sh("git checkout -q params.yaml && dvc checkout -q", repo, check=False)
+    sh("dvc repro", repo)
+    sh("git config user.email t@t && git config user.name t && git add -A && git commit -qm baseline --allow-empty",
+       repo)
+    out = sh("dvc exp run -n rep8 -S export.latency_repeats=8", repo)
+    assert ran_stages(out.stdout) == ["export_onnx", "report"], out.stdout
+    sh("dvc exp run --queue -n rep9 -S export.latency_repeats=9", repo)
+    queued = sh("dvc exp run --run-all", repo)   # = `dvc queue start`, waiting for the queue to finish
+    assert "rep9" in queued.stdout + queued.stderr, queued.stdout[-3000:] + queued.stderr[-3000:]
+
+    exps = experiments(json.loads(sh("dvc exp show --json", repo).stdout))
+    assert {"rep8", "rep9"} <= set(exps), sorted(exps)
+    for name, repeats in (("rep8", 8), ("rep9", 9)):
+        student = exps[name]["metrics"]["metrics/evaluate/student.json"]["data"]
+        assert {"natural", "pgd20", "cw", "autoattack"} <= set(student), (name, sorted(student))
+        assert "latency" in exps[name]["metrics"]["metrics/export.json"]["data"]
+        assert exps[name]["params"]["params.yaml"]["data"]["export"]["latency_repeats"] == repeats
+
+    params_diff = json.loads(sh("dvc params diff rep8 rep9 --json", repo).stdout)
+    assert params_diff["params.yaml"]["export.latency_repeats"] | {"diff": None} == {"old": 8, "new": 9, "diff": None}
+    metrics_diff = json.loads(sh("dvc metrics diff rep8 rep9 --all --json", repo).stdout)
+    assert {"old", "new"} <= set(metrics_diff["metrics/evaluate/student.json"]["pgd20"])
+    assert {"old", "new"} <= set(metrics_diff["metrics/export.json"]["latency.batch1.onnxruntime_ms"])
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    (ARTIFACTS / "dvc_experiments.txt").write_text("\n\n".join(
+        f"$ {cmd}\n{sh(cmd, repo).stdout}" for cmd in (
+            "dvc exp show --no-pager --md --drop '.*' --keep 'Experiment|metrics/evaluate/student.json:"
+            "(natural|pgd20|autoattack)$|latency.batch1.onnxruntime_ms|export.latency_repeats'",
+            "dvc params diff rep8 rep9", "dvc metrics diff rep8 rep9 --targets metrics/export.json")))
+
+
+def test_plots_render_offline(repo):
+    """`python -m pipeline.plots diff` (dvc plots diff with the offline template) between the two
+    experiments: every dvc.yaml plot, no script from the network; in headless Chromium the charts draw."""
+    page = sh(f"{sys.executable} -m pipeline.plots diff rep8 rep9 -o plots_out", repo,
+              env={"PYTHONPATH": str(repo)})
+    html = (repo / "plots_out" / "index.html").read_text()
+    assert not re.search(r"<script[^>]*\bsrc\s*=", html), "a script is loaded from a file or URL"
+    assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", html)
+    for title in ("Training loss", "Held-out PGD accuracy (%)", "Accuracy per attack (%)"):
+        assert title in html, title
+    assert "rep8" in html and "rep9" in html and "offline plots:" in page.stdout
+
+    exe = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if not exe:
+        pytest.skip("chromium is not installed: the page's HTML was checked, not its drawing "
+                    "(tests/test_report_browser.py installs chromium with apt-get as root)")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    args = [exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--hide-scrollbars",
+            "--no-first-run", "--disable-background-networking", "--virtual-time-budget=10000",
+            "--window-size=1100,1900"]
+    url = (repo / "plots_out" / "index.html").as_uri()
+    dom = subprocess.run([*args, "--dump-dom", url], capture_output=True, text=True, timeout=180).stdout
+    # vega-embed draws each chart into a <canvas class="marks"> (or an <svg>): one per dvc.yaml plot
+    assert dom.count('class="marks"') >= 4, dom[-2000:]
+    subprocess.run([*args, f"--screenshot={ARTIFACTS / 'dvc_plots.png'}", url], capture_output=True, timeout=180)

@@ -75,3 +75,61 @@ def test_a_stage_whose_dvc_lock_is_held_fails_with_one_line_and_is_retried(tmp_p
         f"workspace); DVC said: ERROR: Unable to acquire lock")
     assert len(str(err.value).splitlines()) == 2
     assert repro_stage("quick", str(tmp_path), {}, lines.append)["ran"]   # the lock is free again
+
+
+def test_a_flow_does_not_start_under_a_running_dvc_command(tmp_path, capsys):
+    """A `dvc repro` or workspace `dvc exp run` holds DVC's repo lock for its whole run: a flow refuses
+    to start (or waits) instead of swapping params.yaml and interleaving its stages with it."""
+    env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    subprocess.run("git init -q && dvc init -q", shell=True, cwd=tmp_path, env=env, check=True)
+    (tmp_path / "params.yaml").write_text("profile: mine\n")
+    dvc = holder("from dvc.repo import Repo; import time\nr = Repo('.'); r.lock.lock()\n"
+                 "print('held', flush=True); time.sleep(120)", tmp_path)
+    try:
+        with pytest.raises(SystemExit) as err:
+            main(["--project-dir", str(tmp_path), "--preset", "cpu", "--no-register"])
+        assert err.value.code == 1
+        out = capsys.readouterr().err.strip()
+        assert out.startswith(f"error: a DVC command (`dvc repro` or `dvc exp run`) is running in "
+                              f"{tmp_path.resolve()} (DVC's lock: "), out
+        assert out.endswith("this one did not start (--wait-lock SECONDS waits for it)") and len(out.splitlines()) == 1
+        assert (tmp_path / "params.yaml").read_text() == "profile: mine\n"
+    finally:
+        stop(dvc)
+    with workspace_lock(tmp_path):   # DVC's lock released: the flow's lock is taken
+        pass
+
+
+def test_an_experiment_in_the_workspace_does_not_run_under_a_flow(tmp_path):
+    """`dvc exp run` in the workspace starts with the fingerprint_data stage: it refuses while a flow
+    holds the workspace; the flow's own stages, and queued/temporary experiments (their own copy
+    under .dvc/tmp/exps), run."""
+    from tests.stage_fixtures import make_image_folder, tiny_params, write_params
+
+    make_image_folder(tmp_path / "raw", train_per_class=1, test_per_class=1)
+    write_params(tmp_path / "params.yaml", tiny_params(str(tmp_path / "raw")))
+    queued = tmp_path / ".dvc" / "tmp" / "exps" / "run" / "abc123"
+    queued.mkdir(parents=True)
+    write_params(queued / "params.yaml", tiny_params(str(tmp_path / "raw")))
+
+    def fingerprint(cwd, **extra):
+        return subprocess.run([sys.executable, "-m", "stages.fingerprint_data"], cwd=cwd, capture_output=True,
+                              text=True, env={**os.environ, "PYTHONPATH": str(ROOT), **extra})
+
+    flow = holder(f"from pathlib import Path; import time; from pipeline.flow import workspace_lock\n"
+                  f"with workspace_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(120)",
+                  tmp_path)
+    try:
+        refused = fingerprint(tmp_path)
+        assert refused.returncode == 2, refused.stderr
+        assert refused.stderr.startswith(f"error: a Prefect flow is running in {tmp_path.resolve()} (flow pid "
+                                         f"{flow.pid}, started "), refused.stderr
+        assert "`dvc exp run --queue` then `dvc queue start`" in refused.stderr
+        assert len(refused.stderr.strip().splitlines()) == 1
+        assert not (tmp_path / "data" / "raw_fingerprint.json").exists()
+        in_flow = fingerprint(tmp_path, ROBUSTKD_IN_FLOW="1")
+        assert in_flow.returncode == 0, in_flow.stderr
+        assert fingerprint(queued).returncode == 0
+    finally:
+        stop(flow)
+    assert fingerprint(tmp_path).returncode == 0
