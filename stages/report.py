@@ -143,7 +143,7 @@ def build_sections(params, evals, paths, histories, card, export, ddpm, comparis
     attention = comparison.parent / "attention.png"   # stages/attention.py (the attention stage)
     if attention.exists():
         sections.append({"id": "attention", "title": "Attention maps (Grad-CAM)",
-                         "markdown": "Grad-CAM of the teacher and the student on clean and PGD-20 images.",
+                         "markdown": "Grad-CAM of the teacher, the student and the non-adversarial reference on the same clean and PGD-20 images (the layer per architecture: attention.layers).",
                          "figures": [("attention", attention, "Grad-CAM maps, clean and adversarial")]})
     if export:
         lines = ["| measure | value |", "|---|---|",
