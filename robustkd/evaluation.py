@@ -30,6 +30,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
@@ -121,6 +122,14 @@ class EvaluationResult:
     masking: dict[str, torch.Tensor] = field(default_factory=dict)
     autoattack_warnings: list[str] = field(default_factory=list)
     num_classes: int = 0
+    # wall-clock seconds each attack took on this process (its share of the images, in parallel
+    # across processes): images / seconds is the evaluation's throughput per attack
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    def images_per_s(self) -> dict[str, float]:
+        """Throughput of each attack: its images over its wall-clock seconds."""
+        return {name: len(self.correct[name]) / max(sec, 1e-9) for name, sec in self.seconds.items()
+                if name in self.correct}
 
     @property
     def failed(self) -> list[str]:
@@ -398,12 +407,17 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
     names = ["natural"] + [a for a in cfg.attacks if a != "natural"]
     local: dict[str, dict[str, torch.Tensor]] = {}
     messages: list[str] = []
+    seconds: dict[str, float] = {}
     for name in names:
         xs, ys = (x[positions[name]], y[positions[name]]) if name in positions else (x, y)
         starts = batch_starts(len(xs), cfg.batch_size, rank, world_size)
+        start = time.perf_counter()
         with captured_warnings() as caught:
             local[name] = measure(make_attack(name, model, cfg, device), name, xs, ys, starts, cfg, device,
                                   reference if name != "natural" else None)
+        if device_type(device) == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[name] = time.perf_counter() - start
         messages += caught
     n_mask = min(cfg.masking_images, len(x)) if cfg.checks else 0
     masking_local = _measure_masking(model, x[:n_mask], y[:n_mask], cfg, device, rank, world_size)
@@ -414,8 +428,11 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
         messages = [m for part in _all_gather(messages) for m in part]
     result = _assemble(local, masking_local, messages, cfg, _num_classes(model, x, device) if len(x) else 0,
                        positions)
+    result.seconds = seconds
+    speed = result.images_per_s()
     for name, correct in result.correct.items():
-        log(f"{name}: {percent(int(correct.sum()), len(correct))}% of {len(correct)} images")
+        log(f"{name}: {percent(int(correct.sum()), len(correct))}% of {len(correct)} images "
+            f"({speed[name]:.1f} images/s)")
     if result.worst_case is not None:
         log(f"worst case over attacks: {percent(int(result.worst_case.sum()), len(result.worst_case))}% "
             f"of {len(result.worst_case)} images")
@@ -444,6 +461,10 @@ def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size
         attack = make_attack("natural", model, cfg, device) if eps == 0 else pgd_from_x(eps, cfg.sweep_steps)
         out[sweep_key(eps)] = measure(attack, sweep_key(eps), x, y, starts, cfg, device, None)
     return out
+
+
+def device_type(device) -> str:
+    return torch.device(device).type
 
 
 def sweep_key(eps: float) -> str:

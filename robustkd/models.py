@@ -281,7 +281,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", expect_arch: st
     except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
         from .utils import load_error_reason
 
-        raise InputError(f"checkpoint {path} cannot be loaded: {load_error_reason(exc, path)}") from None
+        raise InputError(f"checkpoint {path} cannot be read: {load_error_reason(exc, path)}") from None
     missing = {"arch", "options", "state_dict"} - set(ckpt if isinstance(ckpt, dict) else {})
     if missing:
         raise InputError(f"checkpoint {path} lacks keys {sorted(missing)}: not a robustkd model checkpoint")

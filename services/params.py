@@ -113,6 +113,11 @@ class EvaluateParams:
     # AutoAttack (the expensive attack) on the first k per class of that subset (None: all of it)
     autoattack_per_class: int | None = None
     reference_attacks: list[str] = field(default_factory=lambda: ["natural", "pgd20"])
+    # torch.compile the attacked model (PGD, CW, AutoAttack's gradients); auto: on CUDA devices whose
+    # capability probe passes, eager elsewhere. The accuracy of each attack's x_adv is recomputed on
+    # an eager copy of the model (the "recomputed" check), so a compiled graph that differed shows.
+    # Evaluation stays fp32 (a reduced precision can mask gradients).
+    compile: bool | Literal["auto"] = "auto"
     config: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -23,6 +23,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from robustkd.capability import resolve_fast_path
+from robustkd.errors import InputError
 from robustkd.data import stratified_first_k, to_float
 from robustkd.evaluation import (WORST_CASE, EvaluationResult, attack_settings, check_details, evaluate_model,
                                  sha256_tensor, summarize)
@@ -65,6 +67,7 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     test = test.subset(indices)
     model = load_checkpoint(model_path).to(device)
     separate = load_checkpoint(model_path)  # loaded again: recomputes each attack's accuracy, never attacked
+    attacked = compiled_for_attacks(model, params.evaluate.compile, device, rank == 0)
     cfg = replace(params.evaluate.config, attacks=list(attacks), seed=params.run.seed)
     if rank == 0:
         print(f"evaluating {model_path} ({model.arch}) on {len(test)} test images: {attacks}"
@@ -73,7 +76,7 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     if rank == 0 and subsets:
         print(f"autoattack on the first {params.evaluate.autoattack_per_class} of each class: "
               f"{len(subsets['autoattack'])} of {len(test)} images")
-    result = evaluate_model(model, to_float(test.images), test.labels, cfg, device,
+    result = evaluate_model(attacked, to_float(test.images), test.labels, cfg, device,
                             log=print if rank == 0 else (lambda *_: None), rank=rank, world_size=world,
                             reference=separate, subsets=subsets)
     if rank != 0:
@@ -94,17 +97,39 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
             "reported": "an image wrong without attack counts as wrong under every attack",
             "checks": check_details(result), "failed_checks": result.failed,
             "autoattack_warnings": result.autoattack_warnings, "flagged": result.flagged,
+            "compiled": attacked is not model, "processes": world,
+            "speed": {name: {"images": len(result.correct[name]), "seconds": round(sec, 3),
+                             "images_per_s": round(len(result.correct[name]) / max(sec, 1e-9), 2)}
+                      for name, sec in result.seconds.items() if name in result.correct},
             "per_image": per_image_path(out_path).name}
     write_json(summary, out_path)
     write_json(info, info_path(out_path))
     save_per_image(result, indices, test.labels, per_image_path(out_path))
     tracker.log_metrics(summary, prefix=f"{model_path.stem}/")
+    tracker.log_metrics({f"images_per_s_{k}": v for k, v in result.images_per_s().items()},
+                        prefix=f"{model_path.stem}/")
     for path in (out_path, info_path(out_path), per_image_path(out_path)):
         tracker.log_artifact(path, "metrics")
     if result.flagged:
         print(f"warning: {model_path} evaluation flagged, failed checks: {', '.join(result.failed)} "
               f"(reasons in {info_path(out_path)})", file=sys.stderr)
     return result
+
+
+def compiled_for_attacks(model: torch.nn.Module, setting, device, verbose: bool) -> torch.nn.Module:
+    """The model the attacks run on: torch.compile'd where ``evaluate.compile`` (probed first,
+    robustkd/capability.py) says so, else the model itself. Evaluation stays fp32."""
+    try:
+        path = resolve_fast_path(torch.device(device), precision="fp32", channels_last=False, compile=setting)
+    except InputError as exc:   # the probe's message names run.compile: this setting is evaluate.compile
+        raise InputError(str(exc).replace("run.compile", "evaluate.compile")) from None
+    for note in path.notes:
+        print(note.replace("run.compile", "evaluate.compile"))
+    if not path.compile:
+        return model
+    if verbose:
+        print("evaluate.compile: the attacked model is compiled (torch.compile, fp32)")
+    return torch.compile(model)
 
 
 def save_per_image(result: EvaluationResult, indices: torch.Tensor, labels: torch.Tensor, path: Path) -> None:

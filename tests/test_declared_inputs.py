@@ -209,6 +209,7 @@ def test_the_reader_finds_what_a_stage_reads():
     assert {"distill.student.arch", "distill.settings.rslad", "ddpm.fraction", "run.seed", "run.precision",
             "data.source", "run.nproc_per_node"} <= got
     assert "distill.method" not in got and "distill.settings" not in got
+    assert "run.seed" not in read_by_stage("python -m stages.launch evaluate --seed 1 --model m.pt --out o.json")
     assert {"data.root", "data.source", "data.test_per_class"} <= read_by_stage("python -m stages.prepare_data")
 
 

@@ -15,7 +15,7 @@ def test_every_flow_parameter_has_a_description():
     from pipeline.flow import robustkd_pipeline
 
     props = parameter_schema(robustkd_pipeline.fn).model_dump()["properties"]
-    assert set(props) == {"preset", "methods", "seed", "register_model", "project_dir"}
+    assert set(props) == {"preset", "methods", "seed", "register_model", "project_dir", "wait_lock_s"}
     for name, prop in props.items():
         assert len(prop.get("description", "")) > 20, (name, prop)
     assert "params/" in props["preset"]["description"] and "run.seed" in props["seed"]["description"]
