@@ -112,6 +112,7 @@ class EvaluateParams:
     per_class: int | None = None           # the stratified subset "first k per class" (None: all)
     # AutoAttack (the expensive attack) on the first k per class of that subset (None: all of it)
     autoattack_per_class: int | None = None
+    max_images: int | None = None          # at most the first N images of that subset (smoke runs; None: all)
     reference_attacks: list[str] = field(default_factory=lambda: ["natural", "pgd20"])
     # torch.compile the attacked model (PGD, CW, AutoAttack's gradients); auto: on CUDA devices whose
     # capability probe passes, eager elsewhere. The accuracy of each attack's x_adv is recomputed on
