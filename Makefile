@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS=1
 export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: setup run test lint typecheck plots lock preset compare benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
+.PHONY: setup run test lint typecheck plots lock preset compare ablation smoke benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
 LINT_PATHS := robustkd stages services pipeline
 
 setup: $(VENV)/.installed
@@ -75,6 +75,11 @@ preset: setup
 
 compare: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro compare/dvc.yaml
+
+# The slides' two DARWIN ablation tables (modules; weighting): reports/ablation.md
+ablation: setup
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc repro ablation/dvc.yaml
+	cat reports/ablation.md
 
 # Speed and memory, side by side in one run (benchmarks/bench.py): table + benchmarks/results.json
 benchmark: setup

@@ -9,6 +9,7 @@ epoch k and resumed ends with the same weights as an uninterrupted run on CPU.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import math
 import os
@@ -45,11 +46,14 @@ class OptimConfig:
     milestones: list[float] = field(default_factory=list)  # epochs where lr *= gamma (piecewise)
     gamma: float = 0.1
     onecycle_warmup: float = 0.3   # fraction of training spent rising to lr (onecycle)
+    max_batches: int | None = None  # at most this many batches per epoch (None: all): the presets' smoke runs
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "lr"):
             if getattr(self, key) <= 0:
                 raise InputError(f"optimiser.{key}: expected a positive number, found {getattr(self, key)}")
+        if self.max_batches is not None and self.max_batches < 1:
+            raise InputError(f"optimiser.max_batches: expected a positive number or null, found {self.max_batches}")
         if self.schedule not in ("piecewise", "cosine", "onecycle", "constant"):
             raise InputError(f"optimiser.schedule: expected piecewise|cosine|onecycle|constant, "
                              f"found {self.schedule!r}")
@@ -168,7 +172,8 @@ class Trainer:
         objective.check_run(self.device, run.sync_bn)
         self.fast: FastPath = resolve_fast_path(self.device, run.precision, run.channels_last, run.compile,
                                                 run.compile_mode)
-        self.optimizer, self.scheduler = build_optimizer(model, optim, len(batches), objective.parameters())
+        self.iters_per_epoch = min(len(batches), optim.max_batches or len(batches))
+        self.optimizer, self.scheduler = build_optimizer(model, optim, self.iters_per_epoch, objective.parameters())
         self.inputs = self.resume_inputs(inputs or {})
         self.fingerprint = fingerprint(self.inputs)
         self.history: list[dict] = []
@@ -350,8 +355,8 @@ class Trainer:
         check_every = 1 if self.device.type != "cuda" else max(1, self.run_cfg.nonfinite_check_every)
         first_bad = torch.full((), -1, dtype=torch.long, device=self.device)   # first non-finite batch
         graphs = self.fast.compile and self.fast.compile_mode == "reduce-overhead" and self.device.type == "cuda"
-        batches = self.batches.epoch(seed, epoch)
-        for batch in progress(batches, total=len(self.batches), desc=f"epoch {epoch + 1}",
+        batches = itertools.islice(self.batches.epoch(seed, epoch), self.iters_per_epoch)
+        for batch in progress(batches, total=self.iters_per_epoch, desc=f"epoch {epoch + 1}",
                               every_s=self.run_cfg.progress_every_s):
             if graphs:   # CUDA graph trees: one generation per training step
                 torch.compiler.cudagraph_mark_step_begin()

@@ -63,7 +63,11 @@ class EvalConfig:
     cw_steps: int = 30
     cw_step_size: float = 0.003
     cw_kappa: float = 50.0
-    autoattack_version: str = "standard"
+    autoattack_version: str = "standard"   # standard | plus | rand | custom (pyautoattack)
+    # custom only: the attacks run (e.g. [apgd-ce], the cheapest: the presets' smoke runs) and the
+    # APGD iterations (100 in every published version), one restart each
+    autoattack_attacks: list[str] = field(default_factory=list)
+    autoattack_iterations: int = 100
     attacks: list[str] = field(default_factory=lambda: list(ATTACKS))
     batch_size: int = 256
     seed: int = 0
@@ -82,6 +86,15 @@ class EvalConfig:
         unknown = sorted(set(self.attacks) - set(ATTACKS))
         if unknown:
             raise InputError(f"evaluation.attacks: unknown attack(s) {unknown}; expected a subset of {list(ATTACKS)}")
+        if self.autoattack_version not in ("standard", "plus", "rand", "custom"):
+            raise InputError(f"evaluation.autoattack_version: expected standard|plus|rand|custom, "
+                             f"found {self.autoattack_version!r}")
+        if (self.autoattack_version == "custom") != bool(self.autoattack_attacks):
+            raise InputError("evaluation.autoattack_attacks: a non-empty list of AutoAttack's attacks (apgd-ce, "
+                             "apgd-t, fab-t, square, ...) with autoattack_version: custom, and only then; found "
+                             f"{list(self.autoattack_attacks)} with version {self.autoattack_version!r}")
+        if self.autoattack_iterations < 1:
+            raise InputError(f"evaluation.autoattack_iterations must be >= 1, found {self.autoattack_iterations}")
         if self.masking_images < 0 or self.unbounded_steps < 0 or self.sweep_steps < 0:
             raise InputError("evaluation: masking_images, unbounded_steps and sweep_steps must be >= 0")
         if any(e < 0 for e in self.sweep_eps) or list(self.sweep_eps) != sorted(self.sweep_eps):
@@ -235,8 +248,14 @@ def _autoattack_adversary(model, cfg: EvalConfig, device):
     except ImportError as exc:  # pragma: no cover - installed with the pipeline extra
         raise InputError("AutoAttack needs the 'pyautoattack' package (pip install pyautoattack==0.2.0)") from exc
     logging.getLogger(AUTOATTACK_LOGGER).setLevel(logging.INFO)
-    return AutoAttack(model, norm="Linf", eps=cfg.eps, version=cfg.autoattack_version, device=device,
-                      seed=cfg.seed)
+    if cfg.autoattack_version != "custom":
+        return AutoAttack(model, norm="Linf", eps=cfg.eps, version=cfg.autoattack_version, device=device,
+                          seed=cfg.seed)
+    adversary = AutoAttack(model, norm="Linf", eps=cfg.eps, version="custom", attacks=list(cfg.autoattack_attacks),
+                           device=device, seed=cfg.seed)
+    for apgd in (adversary.apgd, adversary.apgd_targeted):
+        apgd.n_iter, apgd.n_restarts = cfg.autoattack_iterations, 1
+    return adversary
 
 
 class _Collect(logging.Handler):
@@ -624,7 +643,9 @@ def attack_settings(cfg: EvalConfig) -> dict:
                   "step_size": cfg.pgd_step_size, "random_start": "uniform"},
         "cw": {"attack": "CW-inf (PGD on the margin loss)", "kappa": cfg.cw_kappa, "steps": cfg.cw_steps,
                "step_size": cfg.cw_step_size, "random_start": "uniform"},
-        "autoattack": {"attack": "AutoAttack", "package": "pyautoattack", "version": cfg.autoattack_version},
+        "autoattack": {"attack": "AutoAttack", "package": "pyautoattack", "version": cfg.autoattack_version,
+                       **({"attacks": list(cfg.autoattack_attacks), "apgd_iterations": cfg.autoattack_iterations}
+                          if cfg.autoattack_version == "custom" else {})},
     }
     out = {name: all_settings[name] for name in ATTACKS if name in cfg.attacks}
     if cfg.checks:

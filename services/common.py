@@ -56,6 +56,13 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
             params = load_params(args.params)
             if getattr(args, "method", None):  # --method: the method that runs is the one recorded
                 params = dataclasses.replace(params, distill=dataclasses.replace(params.distill, method=args.method))
+            if getattr(args, "variant", None):  # --variant: a DARWIN ablation (ablation/dvc.yaml)
+                from .params import with_ablation
+
+                if getattr(args, "method", None) not in (None, "darwin"):
+                    raise InputError(f"--variant {args.variant} is a DARWIN ablation; --method {args.method} contradicts it")
+
+                params = with_ablation(params, args.variant)
             if getattr(args, "seed", None) is not None:  # --seed (the comparison's seeds): recorded as run.seed
                 params = dataclasses.replace(params, run=dataclasses.replace(params.run, seed=args.seed))
             args.loaded_params = params

@@ -115,6 +115,7 @@ def check_evaluate(path: str, evaluate) -> None:
         positive(path, f"evaluate.config.{key}", getattr(cfg, key))
     positive(path, "evaluate.per_class", evaluate.per_class)
     positive(path, "evaluate.autoattack_per_class", evaluate.autoattack_per_class)
+    positive(path, "evaluate.max_images", evaluate.max_images)
     if None not in (evaluate.per_class, evaluate.autoattack_per_class) and \
             evaluate.autoattack_per_class > evaluate.per_class:
         raise InputError(f"{path}: evaluate.autoattack_per_class must be <= evaluate.per_class "

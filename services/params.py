@@ -112,6 +112,7 @@ class EvaluateParams:
     per_class: int | None = None           # the stratified subset "first k per class" (None: all)
     # AutoAttack (the expensive attack) on the first k per class of that subset (None: all of it)
     autoattack_per_class: int | None = None
+    max_images: int | None = None          # at most the first N images of that subset (smoke runs; None: all)
     reference_attacks: list[str] = field(default_factory=lambda: ["natural", "pgd20"])
     # torch.compile the attacked model (PGD, CW, AutoAttack's gradients); auto: on CUDA devices whose
     # capability probe passes, eager elsewhere. The accuracy of each attack's x_adv is recomputed on
@@ -169,6 +170,18 @@ class CompareParams:
 
 
 @dataclass
+class AblationParams:
+    """The slides' DARWIN ablations (ablation/dvc.yaml, `make ablation`): one distill + evaluate per
+    variant of robustkd.methods.darwin.ABLATIONS and seed, each variant a named override of
+    ``distill.settings.darwin`` (modules and weighting), then reports/ablation.md."""
+
+    variants: list[str] = field(default_factory=lambda: ["arkd", "arkd_iakd", "arkd_dbkd", "full",
+                                                         "uniform", "gamma0", "gamma1"])
+    schedule: Literal["shared", "official"] = "official"   # how the variants' optimiser is set
+    seeds: list[int] = field(default_factory=lambda: [0])
+
+
+@dataclass
 class RegistryParams:
     """The MLflow model registry entry of the exported ONNX student (pipeline/registry.py)."""
 
@@ -202,6 +215,7 @@ class Params:
     export: ExportParams = field(default_factory=ExportParams)
     run: RunParams = field(default_factory=RunParams)
     compare: CompareParams = field(default_factory=CompareParams)
+    ablation: AblationParams = field(default_factory=AblationParams)
     registry: RegistryParams = field(default_factory=RegistryParams)
     attention: AttentionParams = field(default_factory=AttentionParams)
 
@@ -256,8 +270,17 @@ def validate_methods(params: Params, where: str) -> None:
         if name not in DISTILL_METHODS:
             raise InputError(f"{where}: compare.methods names {name!r}; expected methods of {list(DISTILL_METHODS)}")
     seeds = params.compare.seeds
-    if not seeds or len(set(seeds)) != len(seeds) or any(not isinstance(s, int) or s < 0 for s in seeds):
-        raise InputError(f"{where}: compare.seeds: expected distinct integers >= 0, found {seeds!r}")
+    from robustkd.methods.darwin import ABLATIONS
+
+    for name in params.ablation.variants:
+        if name not in ABLATIONS:
+            raise InputError(f"{where}: ablation.variants names {name!r}; expected DARWIN ablations of "
+                             f"{list(ABLATIONS)} (robustkd/methods/darwin.py)")
+    for key, values in (("compare.seeds", seeds), ("ablation.seeds", params.ablation.seeds)):
+        if not values or len(set(values)) != len(values) or any(not isinstance(s, int) or s < 0 for s in values):
+            raise InputError(f"{where}: {key}: expected distinct integers >= 0, found {values!r}")
+    if not params.ablation.variants or len(set(params.ablation.variants)) != len(params.ablation.variants):
+        raise InputError(f"{where}: ablation.variants: expected distinct names, found {params.ablation.variants!r}")
     build_config(params.teacher.method, params.teacher.settings, where=f"{where}:teacher.settings")
     for name, block in params.distill.settings.items():
         if name not in DISTILL_METHODS:
@@ -302,6 +325,16 @@ def resolve_optim(params: Params, method: str, num_classes: int,
     if override:
         how += f", overridden by distill.method_optim.{method}: {sorted(override)}"
     return from_dict(OptimConfig, {**base, **override}, f"distill.method_optim.{method}"), how
+
+
+def with_ablation(params: Params, variant: str) -> Params:
+    """``params`` running DARWIN ablation ``variant``: method darwin, its settings block overridden
+    by the variant (robustkd.methods.darwin.ABLATIONS), so what is recorded is what ran."""
+    from robustkd.methods.darwin import ablation_settings
+
+    settings = {**params.distill.settings, "darwin": ablation_settings(method_settings(params, "darwin"), variant)}
+    build_config("darwin", settings["darwin"], where=f"ablation variant {variant}")
+    return dataclasses.replace(params, distill=dataclasses.replace(params.distill, method="darwin", settings=settings))
 
 
 def method_settings(params: Params, method: str) -> dict:

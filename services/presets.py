@@ -3,6 +3,11 @@ small override of another preset (its ``extends:``, default ``cpu``), merged key
 
     python -m services.presets cifar10-resnet18            # writes params.yaml (validated first)
     python -m services.presets cifar10-resnet18 --out -    # prints the merged params
+    python -m services.presets --costs                     # every preset's estimated H200-hours
+
+Selecting a preset also prints its estimated cost (services/costs.py). :func:`smoke` turns a preset
+into its smoke run (tests/test_presets.py): the preset's architectures, methods, sources and
+schedules, cut to a handful of batches on tiny data.
 """
 
 from __future__ import annotations
@@ -50,6 +55,58 @@ def load_preset(root: Path, name: str, _seen: tuple = ()) -> dict:
     return merge(load_preset(root, parent, _seen + (name,)), raw)
 
 
+# One epoch of 2 batches of 4 images at a small learning rate: a step at the official lr on 4 images
+# can blow the student's logits up to ~1e9, where ONNX Runtime's float32 rounding fails the parity check.
+SMOKE_OPTIM = {"epochs": 1, "batch_size": 4, "max_batches": 2, "lr": 0.001, "milestones": []}
+
+
+def smoke(params: dict, data_root: str) -> dict:
+    """``params`` (a merged preset) cut to a smoke run on a CPU: the same architectures, teacher
+    source, methods, generated-data recipe and schedules (official ones through
+    ``distill.method_optim``), but one epoch of 2 batches of 4 images (lr 0.001), 2-step attacks, the tiny
+    ImageFolder tree at ``data_root`` (as many classes as the preset's data: CIFAR's are read the same
+    way once prepared), evaluation on its first 2 test images with AutoAttack cut to APGD-CE with 2
+    iterations and the masking checks to one image and step, no network, on the CPU."""
+    p = merge(params, {
+        "data": {"source": "imagefolder", "root": data_root, "download": False, "train_per_class": None,
+                 "heldout_per_class": 0, "test_per_class": None},
+        "teacher": {"zoo": {"download": False}, "monitor_pgd_steps": 0, "optim": SMOKE_OPTIM},
+        "ddpm": {"num_images": 0},
+        "distill": {"optim": SMOKE_OPTIM, "official_epochs": 1, "monitor_pgd_steps": 0},
+        "evaluate": {"per_class": None, "autoattack_per_class": None, "max_images": 2,
+                     "config": {"pgd_steps": 2, "cw_steps": 2, "batch_size": 4, "autoattack_version": "custom",
+                                "autoattack_attacks": ["apgd-ce"], "autoattack_iterations": 2,
+                                "masking_images": 1, "unbounded_steps": 1, "sweep_eps": [0.0, 8 / 255],
+                                "sweep_steps": 1}},
+        "export": {"per_class": None, "latency_batch_sizes": [1], "latency_repeats": 1, "parity_atol": 1e-3},
+        "run": {"device": "cpu", "nproc_per_node": 1, "nnodes": 1, "compile": False},
+        "attention": {"images": 1},
+    })
+    if p["teacher"]["method"] != "natural":
+        p["teacher"]["settings"] = {**(p["teacher"].get("settings") or {}), "steps": 1}
+    settings = p["distill"].get("settings") or {}
+    for method in (p["distill"]["method"], p["distill"]["reference_method"]):
+        if method != "natural_kd":
+            settings[method] = {**(settings.get(method) or {}), "steps": 2}
+        p["distill"].setdefault("method_optim", {})[method] = {
+            **(p["distill"]["method_optim"].get(method) or {}), **SMOKE_OPTIM}
+    p["distill"]["settings"] = settings
+    p["profile"] = f"smoke-{p.get('profile', 'custom')}"
+    return p
+
+
+def cost_line(root: Path, name: str) -> str:
+    """One line: the preset's estimated training cost on one H200 (services/costs.py)."""
+    from .costs import describe, estimate
+
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "params.yaml").write_text(yaml.safe_dump(load_preset(root, name), sort_keys=False))
+        params = load_params(Path(tmp) / "params.yaml")
+    if params.data.source not in ("cifar10", "cifar100"):
+        return f"{name}: {params.data.source} data of this machine: no GPU estimate (a CPU profile)"
+    return describe(name, estimate(params))
+
+
 def preset_text(root: Path, name: str) -> str:
     """The merged preset as YAML, validated as a params.yaml before anyone writes it."""
     text = f"# Generated from params/{name}.yaml by `python -m services.presets {name}`.\n" + \
@@ -62,11 +119,18 @@ def preset_text(root: Path, name: str) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("name", help="a preset of params/ (cpu, cifar10-resnet18, ...)")
+    p.add_argument("name", nargs="?", help="a preset of params/ (cpu, cifar10-resnet18, ...)")
+    p.add_argument("--costs", action="store_true", help="print every preset's estimated cost and exit")
     p.add_argument("--out", default="params.yaml", help="where to write ('-': standard output)")
     p.add_argument("--root", default=".", help="the project directory")
     args = p.parse_args(argv)
     root = Path(args.root)
+    if args.costs or not args.name:
+        if not args.costs:
+            p.error("name a preset, or --costs")
+        for name in preset_names(root):
+            print(cost_line(root, name))
+        return 0
     try:
         if args.name == BASE:   # the base keeps its comments: copied as it is
             text = (root / "params" / f"{BASE}.yaml").read_text()
@@ -82,6 +146,7 @@ def main(argv=None) -> int:
         with atomic_path(Path(args.out)) as tmp:
             tmp.write_text(text)
         print(f"{args.out}: preset {args.name}")
+        print("estimated cost: " + cost_line(root, args.name))
     return 0
 
 

@@ -40,7 +40,7 @@ def teacher_predictions(teacher, images_u8: torch.Tensor, device, batch: int = 5
 
 def main(args) -> None:
     params = read_params(args)
-    method = args.method or params.distill.method
+    method = params.distill.method   # --method and --variant are applied by cli (recorded as run)
     out_dir = Path(args.out_dir) if args.out_dir else None
     dist_info, device = setup_distributed(params)
     cfg = params.distill
@@ -94,6 +94,8 @@ def build_parser():
     p = parser(__doc__)
     p.add_argument("--seed", type=int, help="override run.seed (the comparison pipeline's seeds); recorded as run.seed")
     p.add_argument("--method", help="override distill.method (e.g. for the comparison pipeline)")
+    p.add_argument("--variant", help="a DARWIN ablation of robustkd.methods.darwin.ABLATIONS: method darwin, "
+                   "distill.settings.darwin overridden by the variant (the ablation pipeline)")
     p.add_argument("--name", help="model name (default: 'student', or the method with --out-dir)")
     p.add_argument("--out-dir", help="write model, history and checkpoint here instead of models/")
     p.add_argument("--schedule", choices=["shared", "official"],

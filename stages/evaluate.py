@@ -38,7 +38,8 @@ from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, pars
 def subset_identity(params, indices: torch.Tensor, images: torch.Tensor, k: int | None = None) -> dict:
     """What was evaluated, exactly: two runs on the same images have the same two hashes."""
     return {"dataset": params.data.source, "split": "test", "per_class": k, "num_images": int(len(indices)),
-            "description": f"first {k} per class" if k is not None else "full test set",
+            "description": (f"first {k} per class" if k is not None else "full test set")
+            + (f", its first {params.evaluate.max_images}" if params.evaluate.max_images else ""),
             "indices_of": str(PREPARED / "test.npz"),
             "indices_sha256": sha256_tensor(indices.to(torch.int64)),
             "images_sha256": sha256_tensor(images)}
@@ -64,6 +65,7 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
         tracker.log_imageset(test, PREPARED / "test.npz", "test", "testing")
     k = params.evaluate.per_class
     indices = stratified_first_k(test.labels, k, test.num_classes) if k is not None else torch.arange(len(test))
+    indices = indices[:params.evaluate.max_images]    # None: all
     test = test.subset(indices)
     model = load_checkpoint(model_path).to(device)
     separate = load_checkpoint(model_path)  # loaded again: recomputes each attack's accuracy, never attacked

@@ -177,8 +177,10 @@ def read_by_stage(cmd: str) -> set[str]:
     if "--method" in argv:  # the method comes from the command line: its settings block only
         method = argv[argv.index("--method") + 1]
         got = {f"distill.settings.{method}" if r == "distill.settings" else r for r in got - {"distill.method"}}
-    if "--seed" in argv:  # the seed comes from the command line (the comparison's seeds)
+    if "--seed" in argv:  # the seed comes from the command line (the comparison's and ablation's seeds)
         got -= {"run.seed"}
+    if "--variant" in argv:  # a DARWIN ablation: method darwin, its settings block overridden
+        got = {"distill.settings.darwin" if r == "distill.settings" else r for r in got - {"distill.method"}}
     if "stages.launch" in cmd:
         got |= LAUNCH_READS
     return got

@@ -52,3 +52,25 @@ def test_checkpoint_of_other_settings_is_not_resumed(tmp_path):
     from robustkd.engine import fingerprint
     other.fingerprint = fingerprint("changed")
     assert not other.try_resume()
+
+
+def test_max_batches_cuts_each_epoch_and_the_schedule_follows():
+    """optim.max_batches (the presets' smoke runs): each epoch stops after that many batches, and
+    the learning-rate schedule counts those batches, so the cosine still ends at zero."""
+    import pytest
+
+    from robustkd.errors import InputError
+
+    g = torch.Generator().manual_seed(0)
+    data = ImageSet(torch.randint(0, 256, (48, 3, 32, 32), dtype=torch.uint8, generator=g),
+                    torch.arange(48) % 4, list("abcd"))
+    torch.manual_seed(1)
+    trainer = Trainer(create_model("resnet10_w8", num_classes=4), create_objective("natural"),
+                      TrainBatches(data, 8, torch.device("cpu")),
+                      OptimConfig(epochs=2, batch_size=8, lr=0.05, schedule="cosine", max_batches=2),
+                      RunConfig(seed=0, device="cpu"))
+    history = trainer.fit()
+    assert trainer.iters_per_epoch == 2 and [h["epoch"] for h in history] == [1, 2]
+    assert trainer.scheduler.last_epoch == 4 and trainer.optimizer.param_groups[0]["lr"] < 1e-12
+    with pytest.raises(InputError, match="max_batches"):
+        OptimConfig(max_batches=0)

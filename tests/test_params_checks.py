@@ -122,3 +122,19 @@ def test_every_preset_merges_over_its_base_and_validates(tmp_path):
     (tmp_path / "params/bad.yaml").write_text("extends: cpu\ndistill: {optim: {epochs: 0}}\n")
     with pytest.raises(InputError, match="epochs"):
         preset_text(tmp_path, "bad")
+
+
+def test_autoattack_custom_and_the_evaluation_cap_are_checked(tmp_path):
+    from services.params import load_params
+
+    from .stage_fixtures import tiny_params, write_params
+
+    for edit, words in (({"config": {"autoattack_version": "custom"}}, "autoattack_attacks"),
+                        ({"config": {"autoattack_attacks": ["apgd-ce"]}}, "autoattack_attacks"),
+                        ({"config": {"autoattack_version": "fast"}}, "autoattack_version"),
+                        ({"max_images": 0}, "evaluate.max_images")):
+        params = tiny_params("raw")
+        params["evaluate"] = {**params["evaluate"], **{k: v for k, v in edit.items() if k != "config"}}
+        params["evaluate"]["config"].update(edit.get("config", {}))
+        with pytest.raises(InputError, match=words):
+            load_params(write_params(tmp_path / "params.yaml", params))

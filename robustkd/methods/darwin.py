@@ -239,8 +239,6 @@ def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torc
     return loss, {"arkd": arkd.detach(), "iakd": iakd.detach(), "dbkd": dbkd.detach()}
 
 
-
-
 def check_run(cfg: DarwinConfig, device: torch.device, sync_bn: bool) -> None:
     """Refuse what would silently change the method: the joint forward keeps per-point batch
     norm by grouping ``BatchNorm2d`` layers, which ``SyncBatchNorm`` layers are not."""
@@ -248,6 +246,52 @@ def check_run(cfg: DarwinConfig, device: torch.device, sync_bn: bool) -> None:
         raise InputError("run.sync_bn: true cannot keep DARWIN's per-point batch norm in the joint "
                          f"forward (batching {cfg.batching!r} on {device.type}): set the method's "
                          "batching: split (per-point forwards through SyncBatchNorm) or run.sync_bn: false")
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One row of the slides' two DARWIN ablation tables: a named override of the DARWIN settings.
+
+    Every variant sets all four fields the tables vary (modules and weighting), so a row means the
+    same whatever ``distill.settings.darwin`` says about them; the other settings (eps, steps,
+    beta, lambdas, margin, ...) are the user's."""
+
+    name: str
+    tables: tuple[str, ...]        # "modules" (Impact of each module), "weighting" (Diverse weighting strategies)
+    label: str                     # the row's name in the weighting table
+    settings: dict
+
+    @property
+    def modules(self) -> tuple[bool, bool, bool]:
+        """(ARKD, IAKD, DBKD) switched on: the module table's check marks."""
+        return True, bool(self.settings["use_iakd"]), bool(self.settings["use_dbkd"])
+
+
+def _ablation(name, tables, label, use_iakd=True, use_dbkd=True, weighting="adaptive", gamma=0.5):
+    return Ablation(name, tables, label, {"use_iakd": use_iakd, "use_dbkd": use_dbkd,
+                                          "weighting": weighting, "gamma": gamma})
+
+
+# The slides' ablations (docs/methods.md, "DARWIN ablations"): modules ARKD; ARKD+IAKD; ARKD+DBKD;
+# all three, each with the default adaptive weighting (gamma 0.5); weighting uniform (w = 1),
+# gamma = 0 (w = i/n), gamma = 1 (the adaptive term alone), gamma = 0.5, each with all three
+# modules. "full" is both tables' shared row (all modules, gamma 0.5): trained once.
+ABLATIONS: dict[str, Ablation] = {a.name: a for a in (
+    _ablation("arkd", ("modules",), "ARKD", use_iakd=False, use_dbkd=False),
+    _ablation("arkd_iakd", ("modules",), "ARKD + IAKD", use_dbkd=False),
+    _ablation("arkd_dbkd", ("modules",), "ARKD + DBKD", use_iakd=False),
+    _ablation("full", ("modules", "weighting"), "gamma = 0.5"),
+    _ablation("uniform", ("weighting",), "uniform", weighting="uniform"),
+    _ablation("gamma0", ("weighting",), "gamma = 0", gamma=0.0),
+    _ablation("gamma1", ("weighting",), "gamma = 1", gamma=1.0),
+)}
+
+
+def ablation_settings(base: dict, name: str) -> dict:
+    """``base`` (a ``distill.settings.darwin`` block) with ablation ``name``'s overrides."""
+    if name not in ABLATIONS:
+        raise InputError(f"unknown DARWIN ablation {name!r}; expected one of {list(ABLATIONS)}")
+    return {**(base or {}), **ABLATIONS[name].settings}
 
 
 def darwin_objective(model, teacher, batch, cfg: DarwinConfig, step):
