@@ -18,7 +18,7 @@ export DVC_NO_ANALYTICS=1
 export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: setup run test lint typecheck plots lock preset compare ablation smoke benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
+.PHONY: setup run test lint typecheck plots lock preset compare ablation benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
 LINT_PATHS := robustkd stages services pipeline
 
 setup: $(VENV)/.installed
