@@ -71,13 +71,14 @@ def mcnemar_vs_full(params, runs: dict[str, dict], variant: str) -> str:
         if a is None or b is None or "autoattack" not in a or "autoattack" not in b \
                 or not same_images(a, b, "autoattack"):
             return "-"
-        only_a, only_b = discordant_pairs(a["autoattack"], b["autoattack"])
+        only_a, only_b = discordant_pairs(a["autoattack"].tolist(), b["autoattack"].tolist())
         ps.append(f"{mcnemar_exact_counts(only_a, only_b):.3g} ({only_a}/{only_b})")
     return ", ".join(ps)
 
 
 def tables(params, runs: dict[str, dict]) -> tuple[str, dict]:
-    text, numbers = [], {}
+    text: list[str] = []
+    numbers: dict[str, dict] = {}
     flagged = lambda v: any(runs[run_name(v, s)].get("flagged") for s in params.ablation.seeds)  # noqa: E731
     for table in ("modules", "weighting"):
         rows = [v for v in params.ablation.variants if table in ABLATIONS[v].tables]

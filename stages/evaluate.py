@@ -17,6 +17,7 @@ stage then exits 1, after every model's results are written.
 from __future__ import annotations
 
 import sys
+from typing import cast
 from dataclasses import asdict, replace
 from pathlib import Path
 
@@ -131,7 +132,7 @@ def compiled_for_attacks(model: torch.nn.Module, setting, device, verbose: bool)
         return model
     if verbose:
         print("evaluate.compile: the attacked model is compiled (torch.compile, fp32)")
-    return torch.compile(model)
+    return cast(torch.nn.Module, torch.compile(model))   # an OptimizedModule: a Module
 
 
 def save_per_image(result: EvaluationResult, indices: torch.Tensor, labels: torch.Tensor, path: Path) -> None:
