@@ -1,5 +1,6 @@
 """Stage fingerprint_data: a hash of the raw data that ``prepare_data`` reads, in
-``data/raw_fingerprint.json``.
+``data/raw_fingerprint.json``, and of the generated-data files that ``ingest_ddpm`` reads
+(``ddpm.files`` or the diffusers folder), in ``data/ddpm_fingerprint.json``.
 
 The raw data may live outside the project (the default ``../shared/datasets/cifar10``), where
 DVC's temporary experiment workspaces (``dvc exp run --temp`` / ``--queue``) cannot see it as a
@@ -29,6 +30,7 @@ from services.params import load_params
 from services.workspace import flow_running
 
 OUT = Path("data") / "raw_fingerprint.json"
+GENERATED_OUT = Path("data") / "ddpm_fingerprint.json"
 
 
 def fingerprint(root: Path) -> dict:
@@ -50,6 +52,18 @@ def fingerprint(root: Path) -> dict:
     return {"files": files, "bytes": total, "sha256": digest.hexdigest()}
 
 
+def generated_fingerprint(source: str, files: list[str], model_dir: str) -> dict:
+    """The same kind of hash of what ``ingest_ddpm`` reads: each file of ``ddpm.files``
+    (``source: npz``) or the local diffusers pipeline folder (``source: diffusers``). ``ddpm.files``
+    is a list of paths in params.yaml, which DVC cannot declare one by one as dependencies; hashing
+    them here makes ``ingest_ddpm`` re-run when a file's content is replaced under the same name."""
+    if source == "npz":
+        return {"source": "npz", "files": {str(f): fingerprint(Path(f)) for f in files}}
+    if source == "diffusers":
+        return {"source": "diffusers", "model_dir": fingerprint(Path(model_dir))}
+    return {"source": source}
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--params", default="params.yaml")
@@ -62,12 +76,15 @@ def main(argv=None) -> int:
               "(`dvc exp run --queue` then `dvc queue start`, or `dvc exp run --temp`)", file=sys.stderr)
         return 2
     try:
-        root = data_root(load_params(args.params).data.root)
+        params = load_params(args.params)
+        root = data_root(params.data.root)
         record = fingerprint(root)
+        generated = generated_fingerprint(params.ddpm.source, params.ddpm.files, params.ddpm.diffusers.model_dir)
     except InputError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     write_json(record, OUT)   # the data alone: the same hash from any workspace
+    write_json(generated, GENERATED_OUT)
     print(f"{root}: {record['files']} files, sha256 {record['sha256'][:16]}")
     return 0
 

@@ -90,3 +90,21 @@ def test_the_fingerprint_sees_an_archive_named_directly(tmp_path):
     assert first["files"] == 1 and first["bytes"] == path.stat().st_size
     path.write_bytes(path.read_bytes() + b"\0")
     assert fingerprint(path)["sha256"] != first["sha256"]
+
+
+def test_the_generated_data_fingerprint_sees_a_replaced_file(tmp_path):
+    """ingest_ddpm depends on data/ddpm_fingerprint.json: a file of ddpm.files replaced under the
+    same name changes the hash, so DVC re-runs the ingestion."""
+    import os
+    from stages.fingerprint_data import generated_fingerprint
+
+    path = tmp_path / "1m.npz"
+    np.savez(path, image=np.zeros((2, 32, 32, 3), np.uint8), label=np.zeros(2, np.int64))
+    first = generated_fingerprint("npz", [str(path)], "")
+    np.savez(path, image=np.ones((3, 32, 32, 3), np.uint8), label=np.zeros(3, np.int64))
+    os.utime(path, ns=(1, 1))
+    second = generated_fingerprint("npz", [str(path)], "")
+    assert first["files"][str(path)]["sha256"] != second["files"][str(path)]["sha256"]
+    assert generated_fingerprint("none", [], "") == {"source": "none"}
+    absent = str(tmp_path / "absent.npz")
+    assert generated_fingerprint("npz", [absent], "")["files"][absent]["sha256"] == "absent"
