@@ -65,7 +65,9 @@ class ViT(nn.Module):
     @property
     def fc(self) -> nn.Module:
         """The classifier layer (``Classifier.feature_dim`` reads its ``in_features``)."""
-        return self.vit.head
+        head = self.vit.head
+        assert isinstance(head, nn.Module)
+        return head
 
     def forward(self, x):
         return self.head(self.features(x))
@@ -105,8 +107,9 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     if not isinstance(ckpt, dict):
         raise InputError(f"weights file {path}: expected a state dict, found {type(ckpt).__name__}")
     for key in ("model", "state_dict", "model_state_dict"):
-        if isinstance(ckpt.get(key), dict):
-            ckpt = ckpt[key]
+        inner = ckpt.get(key)
+        if isinstance(inner, dict):
+            ckpt = inner
             break
     state = {}
     for key, value in ckpt.items():

@@ -152,7 +152,7 @@ def attention_gates(model: torch.nn.Module, drop_rate: float, generator: torch.G
     if not blocks:
         raise InputError(f"at_prm: ard (attention random dropping) gates transformer blocks, and "
                          f"{type(model).__name__} has none (a ViT teacher: vit_b_4, deit_s_4); or set ard: false")
-    handles = [b.attn.register_forward_hook(hook) for b in blocks]
+    handles = [b.get_submodule("attn").register_forward_hook(hook) for b in blocks]
     try:
         yield len(blocks)
     finally:
