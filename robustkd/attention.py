@@ -13,10 +13,15 @@ Two backends that compute the same map:
   centres, as OpenCV's ``cv2.resize`` default.
 
 The layer is a setting per architecture (a module path of :class:`robustkd.models.Classifier`);
-:data:`DEFAULT_LAYERS` gives the last convolutional stage of each family.
+:data:`DEFAULT_LAYERS` gives the last convolutional stage of each family. For the ViTs the layer is
+the last block's ``norm1`` (pytorch-grad-cam's ViT example, ``usage_examples/vit_example.py``):
+its (N, 1 + H*W, D) tokens become an (N, D, H, W) map, the CLS token dropped
+(:func:`tokens_to_grid`, the example's ``reshape_transform``; passed to the package too).
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn as nn
@@ -29,7 +34,20 @@ DEFAULT_LAYERS = {
     "resnet": "backbone.layers",        # output of the last residual block (4 x 4 for CIFAR ResNets)
     "mobilenetv2": "backbone.layers",   # output of the last inverted-residual block (4 x 4)
     "wrn": "backbone.blocks",           # output of the last wide block (8 x 8)
+    "vit_": "backbone.vit.blocks.-1.norm1",    # last block's first LayerNorm: 8 x 8 patch tokens
+    "deit_": "backbone.vit.blocks.-1.norm1",
 }
+
+
+def tokens_to_grid(tokens: torch.Tensor) -> torch.Tensor:
+    """(N, prefix + H*W, D) transformer tokens -> (N, D, H, W), the prefix (CLS) tokens dropped;
+    4-d activations pass unchanged."""
+    if tokens.dim() != 3:
+        return tokens
+    n, t, d = tokens.shape
+    side = math.isqrt(t - 1)
+    grid = tokens[:, t - side * side:]
+    return grid.reshape(n, side, side, d).permute(0, 3, 1, 2)
 
 
 def layer_for(arch: str, overrides: dict | None = None) -> str:
@@ -44,9 +62,17 @@ def layer_for(arch: str, overrides: dict | None = None) -> str:
 
 
 def find_layer(model: nn.Module, path: str) -> nn.Module:
+    """``model.get_submodule(path)``; a negative integer part indexes a sequence from its end
+    (``blocks.-1``: the last block, whatever the depth)."""
     try:
-        return model.get_submodule(path)
-    except AttributeError:
+        module = model
+        for part in path.split("."):
+            if part.lstrip("-").isdigit() and int(part) < 0:
+                module = list(module.children())[int(part)]
+            else:
+                module = module.get_submodule(part)
+        return module
+    except (AttributeError, IndexError):
         names = [n for n, _ in model.named_modules() if n and n.count(".") <= 2]
         raise InputError(f"Grad-CAM layer {path!r} is not a module of {type(model).__name__}; "
                          f"modules include {names[:20]}") from None
@@ -74,7 +100,8 @@ def grad_cam_builtin(model: nn.Module, layer: nn.Module, x: torch.Tensor, target
     finally:
         handle.remove()
         model.train(was_training)
-    acts = store["a"].detach()
+    acts = tokens_to_grid(store["a"].detach())
+    grad = tokens_to_grid(grad)
     weights = grad.mean(dim=(2, 3), keepdim=True)
     cam = (weights * acts).sum(1).clamp_min(0)
     cam = F.interpolate(_scale(cam)[:, None], size=x.shape[-2:], mode="bilinear", align_corners=False)[:, 0]
@@ -88,11 +115,16 @@ def grad_cam_package(model: nn.Module, layer: nn.Module, x: torch.Tensor, target
 
     was_training = model.training
     try:
-        with GradCAM(model=model, target_layers=[layer]) as cam:
+        with GradCAM(model=model, target_layers=[layer], reshape_transform=_transform_for(layer)) as cam:
             maps = cam(input_tensor=x.detach(), targets=[ClassifierOutputTarget(int(c)) for c in targets])
     finally:
         model.train(was_training)
     return torch.as_tensor(maps)
+
+
+def _transform_for(layer: nn.Module):
+    """The package's ``reshape_transform``: tokens to a grid for transformer layers (LayerNorm)."""
+    return tokens_to_grid if isinstance(layer, nn.LayerNorm) else None
 
 
 def available_backend(backend: str = "auto") -> str:

@@ -47,11 +47,14 @@ class OptimConfig:
     gamma: float = 0.1
     onecycle_warmup: float = 0.3   # fraction of training spent rising to lr (onecycle)
     max_batches: int | None = None  # at most this many batches per epoch (None: all): the presets' smoke runs
+    grad_clip: float | None = None  # clip the model's gradient norm to this before each step (None: no clipping)
 
     def __post_init__(self):
         for key in ("epochs", "batch_size", "lr"):
             if getattr(self, key) <= 0:
                 raise InputError(f"optimiser.{key}: expected a positive number, found {getattr(self, key)}")
+        if self.grad_clip is not None and self.grad_clip <= 0:
+            raise InputError(f"optimiser.grad_clip: expected a positive number or null, found {self.grad_clip}")
         if self.max_batches is not None and self.max_batches < 1:
             raise InputError(f"optimiser.max_batches: expected a positive number or null, found {self.max_batches}")
         if self.schedule not in ("piecewise", "cosine", "onecycle", "constant"):
@@ -193,7 +196,8 @@ class Trainer:
             "model": {"arch": getattr(model, "arch", type(model).__name__),
                       "options": getattr(model, "options", {})},
             "method": {"name": self.objective.name, "settings": asdict(self.objective.config)},
-            "optimiser": asdict(self.optim_cfg),
+            # grad_clip left out when unset: checkpoints of runs from before the setting still resume
+            "optimiser": {k: v for k, v in asdict(self.optim_cfg).items() if not (k == "grad_clip" and v is None)},
             "numerics": {"bf16": self.fast.bf16, "channels_last": self.fast.channels_last,
                          "compile": self.fast.compile, "sync_bn": run.sync_bn,
                          "world_size": self.batches.world_size},
@@ -365,7 +369,8 @@ class Trainer:
                 if batch.x_pair is not None:
                     batch.x_pair = batch.x_pair.contiguous(memory_format=torch.channels_last)
             loss, parts = self.objective(self.model, self.teacher, batch, epoch=epoch,
-                                         generator=attack_gen, autocast=amp)
+                                         generator=attack_gen, autocast=amp,
+                                         epoch_float=epoch + (count + 1) / self.iters_per_epoch)
             bad = ~torch.isfinite(loss.detach())
             first_bad = torch.where(bad & (first_bad < 0), torch.full_like(first_bad, count), first_bad)
             if check_every == 1 or (count + 1) % check_every == 0:
@@ -373,6 +378,8 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             average_gradients(self.objective.parameters())   # DDP averages only the model's
+            if self.optim_cfg.grad_clip is not None:   # AT-PRM: clip_grad_norm_(model.parameters(), 1.0)
+                torch.nn.utils.clip_grad_norm_(self.plain_model.parameters(), self.optim_cfg.grad_clip)
             self.optimizer.step()
             self.scheduler.step()
             sums["loss"] = sums.get("loss", 0.0) + loss.detach()

@@ -3,7 +3,9 @@
 Architectures follow the reference repositories (kuangliu/pytorch-cifar, TRADES, RSLAD): ResNet-18 with a
 3x3 stride-1 stem and no max-pool (11,173,962 parameters for 10 classes), MobileNetV2 for CIFAR
 (2,296,922) and WRN-34-10 (46,160,474 parameters used in the forward pass; the reference code's
-unused ``sub_block1`` is left out). Width/depth options give small variants for CPU runs.
+unused ``sub_block1`` is left out). Width/depth options give small variants for CPU runs. The ViT
+teachers of AT-PRM (``vit_b_4``: 85,152,010 parameters for 10 classes; ``deit_s_4``: 21,342,346)
+are timm models, robustkd/vit.py.
 """
 
 from __future__ import annotations
@@ -244,6 +246,20 @@ register_model("resnet10_w8", lambda num_classes: ResNet((1, 1, 1, 1), 8, num_cl
 register_model("resnet10_w16", lambda num_classes: ResNet((1, 1, 1, 1), 16, num_classes))
 register_model("resnet18_w16", lambda num_classes: ResNet((2, 2, 2, 2), 16, num_classes))
 register_model("wrn16_2", lambda num_classes: WideResNet(16, 2, num_classes))
+
+
+def _vit_builder(arch: str) -> Callable[..., nn.Module]:
+    def build(num_classes, **overrides):
+        from .vit import VARIANTS, ViT
+
+        return ViT(VARIANTS[arch][0], num_classes, **overrides)
+    return build
+
+
+# AT-PRM's CIFAR-10 teachers (robustkd/vit.py): ViT-B and DeiT-S at 32 x 32 with 4 x 4 patches, built
+# with timm. Options (depth, embed_dim, num_heads) give small variants of the family for CPU tests.
+register_model("vit_b_4", _vit_builder("vit_b_4"))
+register_model("deit_s_4", _vit_builder("deit_s_4"))
 
 
 def available_models() -> list[str]:

@@ -64,7 +64,10 @@ def _count_passes(method: str, settings_json: str, num_classes: int, batch: int)
     b = Batch(torch.rand(batch, 3, 32, 32, generator=g), y, torch.rand(batch, 3, 32, 32, generator=g),
               (y + 1) % num_classes, torch.arange(batch))
     pool = torch.arange(max(batch, 64)) % num_classes
-    objective = create_objective(method, {**settings, **({"nce_k": 16} if method == "gacd" else {})},
+    # The stand-ins are CNNs: GACD's memory bank shrunk, AT-PRM's attention gates (no pass of their
+    # own) off, as a CNN has no attention blocks to gate.
+    standin = {"gacd": {"nce_k": 16}, "at_prm": {"ard": False}}.get(method, {})
+    objective = create_objective(method, {**settings, **standin},
                                  dataset="cifar100" if num_classes == 100 else "cifar10",
                                  data=DataInfo(num_classes, pool, student.feature_dim, teacher.feature_dim))
     counts = {f"{m}_{k}": 0.0 for m in ("student", "teacher") for k in ("fwd", "bwd")}

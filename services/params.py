@@ -66,6 +66,10 @@ class TeacherParams:
     settings: dict = field(default_factory=dict)   # the method's settings (robustkd.methods)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor_pgd_steps: int = 10            # PGD steps of the per-epoch held-out check
+    # With source: train and a ViT teacher (vit_b_4, deit_s_4), a local ImageNet 224/16 weights file
+    # (timm key names; .pth/.bin/.safetensors) adapted to 32 x 32 / 4 x 4 patches (robustkd/vit.py);
+    # empty: from scratch. The run records which (metrics/teacher_info.json "init", MLflow params).
+    pretrained: str = ""
 
 
 @dataclass

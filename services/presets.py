@@ -32,10 +32,14 @@ def preset_names(root: Path) -> list[str]:
 
 
 def merge(base: dict, override: dict) -> dict:
-    """``override`` on ``base``: mappings merged recursively, anything else replaced."""
+    """``override`` on ``base``: mappings merged recursively, anything else replaced; ``null`` over a
+    mapping empties it (a preset whose teacher method takes other settings than its base's)."""
     out = dict(base)
     for key, value in override.items():
-        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+        if value is None and isinstance(out.get(key), dict):
+            out[key] = {}
+        else:
+            out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
     return out
 
 

@@ -38,7 +38,9 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
                  heldout: ImageSet | None, device: torch.device, checkpoint_dir: Path, history_csv: Path,
                  metrics_json: Path, teacher=None, generated: GeneratedPool | None = None,
                  fraction: float = 0.0, partner_labels=None, monitor_steps: int = 10,
-                 extra_callbacks=(), rank: int = 0, world_size: int = 1) -> list[dict]:
+                 extra_callbacks=(), rank: int = 0, world_size: int = 1, init: dict | None = None) -> list[dict]:
+    """``init``: how the model's weights were initialised (the teacher's ``teacher.pretrained``),
+    recorded in the info file and MLflow; a pretrained file's hash joins the resume inputs."""
     eps = getattr(objective.config, "eps", 8 / 255)
     step = getattr(objective.config, "step_size", 2 / 255)
     batches = TrainBatches(train, optim.batch_size, device, generated=generated, fraction=fraction,
@@ -52,13 +54,16 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     trainer = Trainer(model, objective, batches, optim, run_cfg, teacher=teacher,
                       evaluate=heldout_monitor(heldout, device, monitor_steps, eps, step, params.run.seed),
                       callbacks=[history, *extra_callbacks], is_main=rank == 0,
-                      inputs={"data": data_hash(train, heldout, generated, fraction, partner_labels)})
+                      inputs={"data": data_hash(train, heldout, generated, fraction, partner_labels),
+                              **({"init": init["pretrained_hash"]} if init and "pretrained_hash" in init else {})})
     if rank == 0:  # the text of the run beside its metrics, and the hashes resume compares
-        write_json({"method": objective.name, "model": getattr(model, "arch", ""), "inputs": trainer.inputs,
+        write_json({"method": objective.name, "model": getattr(model, "arch", ""), **(init or {}),
+                    "inputs": trainer.inputs,
                     "fast_path": trainer.fast.record(), "fast_path_notes": trainer.fast.notes},
                    info_path(metrics_json))
         tracker = tracking.current()
-        tracker.log_params({"method": {"name": objective.name, **asdict(objective.config)}})
+        tracker.log_params({"method": {"name": objective.name, **asdict(objective.config)},
+                            **({"init": init} if init else {})})
         tracker.set_tags({f"input.{k.replace(' ', '_')}": v for k, v in trainer.inputs.items()})
     if trainer.try_resume():
         history.load_previous(trainer.history)

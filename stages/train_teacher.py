@@ -1,7 +1,9 @@
-"""Stage train_teacher: adversarially train the teacher (TRADES; PGD-AT as an option), or take
-a given checkpoint (``teacher.source: checkpoint``: a robustkd checkpoint or the TRADES release
-``model_cifar_wrn.pt``) or a released teacher of the model zoo (``teacher.source: zoo``,
-robustkd/teachers.py). Resumes after a kill.
+"""Stage train_teacher: adversarially train the teacher (TRADES; PGD-AT, AT-PRM for ViTs as options), or
+take a given checkpoint (``teacher.source: checkpoint``: a robustkd checkpoint, the TRADES release
+``model_cifar_wrn.pt`` or, for a ViT teacher, an AT-PRM ``train_cifar.py`` checkpoint) or a released
+teacher of the model zoo (``teacher.source: zoo``, robustkd/teachers.py). A ViT teacher trained here
+starts from ``teacher.pretrained`` (local ImageNet weights, adapted) or from scratch; the run says
+which. Resumes after a kill.
 
     python -m stages.train_teacher --download-only   # fetch the zoo teacher's file (needs a network)
 """
@@ -15,6 +17,7 @@ from robustkd.errors import InputError
 from robustkd.methods import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
 from robustkd.teachers import download, is_robustkd_checkpoint, load_trades_release, load_zoo_teacher, zoo_entry
+from robustkd.vit import convert_atprm_checkpoint, is_vit, load_imagenet_weights
 
 from services.common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
                      setup_distributed, write_csv, write_json)
@@ -34,6 +37,11 @@ def load_given(cfg):
     where = f"teacher.checkpoint {cfg.checkpoint}"
     if is_robustkd_checkpoint(cfg.checkpoint):
         return load_checkpoint(cfg.checkpoint, expect_arch=cfg.model.arch), where, {"format": "robustkd"}
+    if is_vit(cfg.model.arch):
+        # Not a robustkd checkpoint, a ViT: the AT-PRM authors' train_cifar.py format ({'state_dict'
+        # of a DataParallel model, 'epoch', 'opt'}, normalisation in the data loader), strictly.
+        model = convert_atprm_checkpoint(cfg.checkpoint, cfg.model.arch, **dict(cfg.model.options))
+        return model, where, {"format": model.checkpoint_meta["format"], "epoch": model.checkpoint_meta["epoch"]}
     # Not a robustkd checkpoint: the TRADES release format (a plain state dict of TRADES'
     # models/wideresnet.py WideResNet, [0, 1] inputs, no normalisation), into teacher.model.
     if cfg.model.arch != "wrn34_10":
@@ -71,6 +79,17 @@ def _given_teacher(path: str, cfg, classes: list[str]):
     return model, info
 
 
+def initialise(model, cfg) -> dict:
+    """The initial weights of a teacher trained here: ``teacher.pretrained`` (local ImageNet
+    weights, ViTs only) or from scratch (``run.seed``). Returns what the run records about it."""
+    if cfg.pretrained:
+        return load_imagenet_weights(model, cfg.pretrained)
+    if is_vit(model.arch):
+        return {"init": "from scratch (teacher.pretrained empty; AT-PRM starts from ImageNet weights, "
+                        "so expect lower accuracy)"}
+    return {"init": "from scratch"}
+
+
 def main(args) -> None:
     params = read_params(args)
     cfg = params.teacher
@@ -100,17 +119,19 @@ def main(args) -> None:
     args.tracker.log_imageset(heldout, PREPARED / "heldout.npz", "heldout", "validation")
     torch.manual_seed(params.run.seed)  # run.seed fixes the initial weights too
     model = create_model(cfg.model.arch, train.num_classes, **cfg.model.options)
+    init = initialise(model, cfg)
+    print(f"teacher {cfg.model.arch}: {init['init']}")
     objective = create_objective(cfg.method, cfg.settings, dataset=dataset_key(train.num_classes),
                                  where=f"{args.params}:teacher.settings")
     history = run_training(model, objective, cfg.optim, params, train, heldout, device,
                            CHECKPOINTS / "teacher", METRICS / "teacher_history.csv",
                            METRICS / "teacher_train.json", monitor_steps=cfg.monitor_pgd_steps,
                            extra_callbacks=[args.tracker.epoch_callback],
-                           rank=dist_info.rank, world_size=dist_info.world_size)
+                           rank=dist_info.rank, world_size=dist_info.world_size, init=init)
     if not dist_info.is_main:
         return
     save_checkpoint(model, MODELS / "teacher.pt", method=cfg.method, epochs=len(history),
-                    dataset=params.data.source)
+                    dataset=params.data.source, **init)
     for path in (METRICS / "teacher_train.json", METRICS / "teacher_history.csv", MODELS / "teacher.pt"):
         args.tracker.log_artifact(path)
     print(f"teacher {cfg.model.arch} trained with {cfg.method}: {history[-1]}")

@@ -63,8 +63,9 @@ def test_unknown_layers_and_backends_are_named():
     with pytest.raises(InputError, match="backbone.layer4"):
         grad_cam(model, "backbone.layer4", torch.rand(1, 3, 32, 32), torch.tensor([0]))
     with pytest.raises(InputError, match="attention.layers"):
-        layer_for("vit_b_4")
-    assert layer_for("vit_b_4", {"vit_b_4": "backbone.blocks.11.norm1"}) == "backbone.blocks.11.norm1"
+        layer_for("swin_t")
+    assert layer_for("swin_t", {"swin_t": "backbone.blocks.11.norm1"}) == "backbone.blocks.11.norm1"
+    assert layer_for("vit_b_4") == "backbone.vit.blocks.-1.norm1"   # ViTs: the last block, tokens to a grid
     with pytest.raises(InputError, match="expected auto"):
         available_backend("captum")
 

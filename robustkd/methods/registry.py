@@ -50,12 +50,19 @@ class Schedule:
 @dataclass
 class Step:
     """What a loss may need besides the batch: the epoch (0-based), the attack generator, the
-    autocast context and the method's state module (heads, memory bank; None for most)."""
+    autocast context and the method's state module (heads, memory bank; None for most).
+    ``epoch_float`` is the fractional epoch at the end of this step (epoch + (i + 1) / batches per
+    epoch, as AT-PRM's ``epoch_now``); None where the caller has no steps (then ``epoch``)."""
 
     epoch: int = 0
     generator: torch.Generator | None = None
     autocast: Callable = contextlib.nullcontext
     state: nn.Module | None = None
+    epoch_float: float | None = None
+
+    @property
+    def progress(self) -> float:
+        return float(self.epoch) if self.epoch_float is None else float(self.epoch_float)
 
 
 @dataclass(frozen=True)
@@ -157,8 +164,9 @@ class Objective(nn.Module):
             self.method.check_run(self.config, device, sync_bn)
 
     def forward(self, model, teacher, batch, epoch: int = 0, generator=None,
-                autocast=contextlib.nullcontext):
-        step = Step(epoch=epoch, generator=generator, autocast=autocast, state=self.state)
+                autocast=contextlib.nullcontext, epoch_float: float | None = None):
+        step = Step(epoch=epoch, generator=generator, autocast=autocast, state=self.state,
+                    epoch_float=epoch_float)
         return self.method.loss(model, teacher, batch, self.config, step)
 
 
