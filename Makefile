@@ -13,6 +13,9 @@ UV_FLAGS   := $(if $(FIND_LINKS),--find-links $(FIND_LINKS)) \
               $(if $(TORCH_INDEX),--extra-index-url $(TORCH_INDEX) --index-strategy unsafe-best-match) \
               --compile-bytecode
 PRESET  ?= cpu
+# `make test` runs the tests on two pytest-xdist workers, a file's tests on one worker (files that share
+# state: one unit, tests/conftest.py's SHARED_STATE), slow ones first. XDIST=-n0 runs them serially.
+XDIST   ?= -n 2 --dist loadfile --no-loadscope-reorder
 
 export DVC_NO_ANALYTICS=1
 export MLFLOW_DISABLE_TELEMETRY=true
@@ -39,7 +42,7 @@ run: setup
 	$(PY) -m pipeline.registry list
 
 test: setup lint typecheck
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
+	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q $(XDIST)
 
 $(VENV)/bin/uv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -9,7 +9,15 @@ ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 CIFAR_DIR = SHARED / "datasets" / "cifar10"
 sys.path.insert(0, str(ROOT))
-torch.set_num_threads(min(2, os.cpu_count() or 1))
+# `make test` runs two pytest-xdist workers (PYTEST_XDIST_WORKER set in each): they split the cores
+# between them (one torch thread each on 2 cores) instead of each taking two, and so do the processes
+# that tests start (stage scripts under DVC, torchrun, servers): torch and OpenBLAS read OMP_NUM_THREADS.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+WORKERS = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) if XDIST_WORKER else 1
+THREADS = max(1, min(2, (os.cpu_count() or 1) // WORKERS))
+if XDIST_WORKER:
+    os.environ.setdefault("OMP_NUM_THREADS", str(THREADS))
+torch.set_num_threads(THREADS)
 # Tests track into a SQLite store in their own working directory, never a user's server.
 os.environ.pop("MLFLOW_TRACKING_URI", None)
 os.environ.pop("ROBUSTKD_PARENT_RUN_ID", None)
@@ -45,3 +53,50 @@ def small_models():
 
     torch.manual_seed(0)
     return create_model("resnet10_w8"), create_model("resnet10_w8").eval()
+
+
+# Under xdist (`make test`: -n 2 --dist loadfile, see pytest_xdist_make_scheduler below) one worker runs all
+# of a file's tests, in their order, as serially: many files build an expensive module-scoped fixture (a
+# pipeline run, a server) and some tests build on the one before. Files whose tests share state with
+# another file's are one unit here, run on one worker in this order:
+SHARED_STATE = {
+    # Never two prefect_test_harness servers at once: each has its own SQLite db and port, but they
+    # share PREFECT_HOME (~/.prefect), whose memo_store.toml every server start rewrites.
+    "tests/test_flow.py": "prefect",
+    "tests/test_prefect_deployment.py": "prefect",
+    # test_report_browser.py may apt-get install chromium, which test_dvc_pipeline.py's plots test
+    # would otherwise find half installed; both screenshot into test-artifacts/.
+    "tests/test_dvc_pipeline.py": "chromium",
+    "tests/test_report_browser.py": "chromium",
+}
+
+
+def xdist_unit(nodeid: str) -> str:
+    """The unit of work of a test under xdist: its file, or its SHARED_STATE group."""
+    path = nodeid.split("::", 1)[0]
+    return SHARED_STATE.get(path, path)
+
+
+@pytest.hookimpl(optionalhook=True)   # an xdist hook: pytest without xdist (or -p no:xdist) ignores it
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadfile, with the files of one SHARED_STATE group as one unit. (Not loadgroup with
+    xdist_group marks: pytest-xdist 3.8 under pytest 9.2 silently ignores those marks, pytest-xdist
+    issue 1386: it renames the test ids, which pytest 9.2 no longer reads.)"""
+    if config.getvalue("dist") != "loadfile":
+        return None
+    from xdist.scheduler import LoadFileScheduling
+
+    class SharedStateScheduling(LoadFileScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_unit(nodeid)
+
+    return SharedStateScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    """On an xdist worker: the units holding `slow` (end-to-end) tests first, so that no long unit
+    starts last while the other worker idles (the Makefile's --no-loadscope-reorder keeps this order;
+    xdist's default orders units by their number of tests)."""
+    if XDIST_WORKER:
+        slow = {xdist_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
+        items.sort(key=lambda item: xdist_unit(item.nodeid) not in slow)   # stable: units keep their order
