@@ -100,8 +100,12 @@ def tables(params, runs: dict[str, dict]) -> tuple[str, dict]:
     subset = some.get("info", {}).get("subset", {})
     how = ("accuracy (%) [95% Wilson interval]" if len(seeds) == 1 else
            f"mean ± sample standard deviation over {len(seeds)} seeds of the accuracy (%)")
+    aa = some.get("info", {}).get("attack_subsets", {}).get("autoattack", {})
+    aa_text = (f"; AA on {aa.get('num_images', 0)} of them ({aa.get('description', '-')}, images sha256 "
+               f"{str(aa.get('images_sha256', '-'))[:16]})" if aa else "")
     text.append(f"Cells: {how}, seeds {', '.join(map(str, seeds))}, on {some.get('num_images', 0)} test images "
-                f"({subset.get('description', '-')}, images sha256 {str(subset.get('images_sha256', '-'))[:16]}). "
+                f"({subset.get('description', '-')}, images sha256 {str(subset.get('images_sha256', '-'))[:16]})"
+                f"{aa_text}. "
                 "Each row is DARWIN with the variant's modules and weighting (robustkd/methods/darwin.py "
                 "ABLATIONS); the McNemar column compares its AutoAttack outcomes with the full method's "
                 "(all three modules, gamma = 0.5) on the same images, per seed (right only for the row / "

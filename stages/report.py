@@ -140,6 +140,11 @@ def build_sections(params, evals, paths, histories, card, export, ddpm, comparis
                          "figures": [("curves", figures["curves"], "Training loss and held-out accuracy per epoch")]})
     if comparison.exists():
         sections.append({"id": "comparison", "title": "Method comparison", "markdown": comparison.read_text()})
+    # `make ablation` (ablation/dvc.yaml) writes its tables after this pipeline: shown when present,
+    # like the comparison (not dependencies: `dvc repro` would otherwise run every ablation variant).
+    ablation = comparison.parent / "ablation.md"
+    if ablation.exists():
+        sections.append({"id": "ablation", "title": "DARWIN's ablations", "markdown": ablation.read_text()})
     attention = comparison.parent / "attention.png"   # stages/attention.py (the attention stage)
     if attention.exists():
         sections.append({"id": "attention", "title": "Attention maps (Grad-CAM)",
