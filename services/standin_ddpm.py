@@ -21,9 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from robustkd.data import load_image_folder
-from robustkd.utils import atomic_path
 
-from .common import data_root
+from .common import data_root, save_arrays
 from .params import load_params
 
 DEFAULT_OUT = "data/ddpm/cpu_standin.npz"
@@ -37,12 +36,6 @@ def standin_arrays(train_dir: Path, skip: int, per_class: int) -> tuple[np.ndarr
     keep = np.concatenate([np.flatnonzero(labels == c)[skip:] for c in range(len(data.classes))])
     images_hwc = data.images[keep].permute(0, 2, 3, 1).contiguous().numpy()
     return images_hwc.astype(np.uint8, copy=False), labels[keep].astype(np.int64)
-
-
-def write_standin(out: Path, images_hwc: np.ndarray, labels: np.ndarray) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(out) as tmp, open(tmp, "wb") as f:
-        np.savez(f, image=images_hwc, label=labels)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -59,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
                          "no unused images are left for a stand-in")
     skip = cfg.train_per_class + cfg.heldout_per_class
     images, labels = standin_arrays(data_root(cfg.root) / "train", skip, args.per_class)
-    write_standin(Path(args.out), images, labels)
+    save_arrays(args.out, image=images, label=labels)
     print(f"{args.out}: {len(labels)} images ({args.per_class} per class after the first {skip} of "
           f"{data_root(cfg.root) / 'train'}), the public DDPM .npz layout")
 
