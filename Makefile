@@ -21,7 +21,7 @@ export DVC_NO_ANALYTICS=1
 export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: setup run test lint typecheck plots lock preset compare ablation benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
+.PHONY: setup run test test-unit test-stage test-e2e test-presets test-gpu lint typecheck plots lock preset compare ablation benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
 LINT_PATHS := robustkd stages services pipeline
 
 setup: $(VENV)/.installed
@@ -41,8 +41,18 @@ run: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc metrics show metrics/evaluate/teacher.json metrics/evaluate/student.json metrics/evaluate/reference.json
 	$(PY) -m pipeline.registry list
 
+# `make test` (what CI runs): every tier but `presets`, the slowest 25 tests listed at the end. One tier:
+# `make test-unit`, `test-stage`, `test-e2e`; `make test-presets` smoke-runs every preset of params/
+# (tests/test_presets.py); `make test-gpu` the CUDA tier (skipped without CUDA). Markers: pyproject.toml.
+PYTEST := PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q
 test: setup lint typecheck
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pytest -q $(XDIST)
+	$(PYTEST) $(XDIST) -m "not presets" --durations=25
+
+test-unit test-stage test-e2e test-gpu: test-%: setup
+	$(PYTEST) $(XDIST) -m $*
+
+test-presets: setup
+	$(PYTEST) $(XDIST) tests/test_presets.py
 
 $(VENV)/bin/uv:
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

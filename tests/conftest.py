@@ -93,10 +93,50 @@ def pytest_xdist_make_scheduler(config, log):
     return SharedStateScheduling(config, log)
 
 
+# Tiers (pyproject.toml's markers; `make test-unit`, `test-stage`, `test-e2e`, `test-presets`, `test-gpu`):
+# unit: in-process, no subprocess, no files beyond tmp; stage: one stage (or a few) on tiny data, in process
+# or as its CLI; e2e: DVC, Prefect, MLflow servers, PostgreSQL, torchrun, Chromium for real. A file's tier is
+# the heaviest of its tests; a test's own tier marker (presets, gpu, ...) wins over its file's.
+TIERS = {
+    "unit": ["test_attacks", "test_bench_driver", "test_cifar_archives", "test_data", "test_engine",
+             "test_gpu_benchmark", "test_grouped_bn", "test_models", "test_official_parity", "test_resume",
+             "test_standin_ddpm", "test_stats", "test_vit", "methods/test_adaad", "methods/test_ard",
+             "methods/test_at_prm", "methods/test_crdnd", "methods/test_darwin", "methods/test_gacd",
+             "methods/test_iad", "methods/test_registry", "methods/test_rslad", "methods/test_trades",
+             "test_layout"],
+    "stage": ["test_attention", "test_capability", "test_ddpm_diffusers", "test_evaluation", "test_input_checks",
+              "test_params_checks", "test_presets", "test_seeds", "test_stages", "test_teachers",
+              "test_declared_inputs", "test_serving"],
+    "e2e": ["test_ablation", "test_compose", "test_distributed", "test_dvc_pipeline", "test_faults", "test_flow",
+            "test_flow_lock", "test_pipeline_units", "test_prefect_deployment", "test_registry_mlflow",
+            "test_report_browser", "test_tracking_postgres"],
+}
+TIER_MARKERS = ("unit", "stage", "e2e", "presets", "gpu")
+FILE_TIER = {f"tests/{name}.py": tier for tier, names in TIERS.items() for name in names}
+
+
+def file_tier(path: str) -> str:
+    """The tier of a test file (path relative to the project, as in a node id)."""
+    if path not in FILE_TIER:
+        raise pytest.UsageError(f"tests/conftest.py TIERS: {path} has no tier; add it to unit, stage or e2e")
+    return FILE_TIER[path]
+
+
+def assign_tiers(items) -> None:
+    """Each test's tier marker; `gpu` tests skip where CUDA is absent."""
+    no_cuda = pytest.mark.skip(reason="gpu tier: no CUDA device here") if not torch.cuda.is_available() else None
+    for item in items:
+        if not any(item.get_closest_marker(m) for m in TIER_MARKERS):
+            item.add_marker(getattr(pytest.mark, file_tier(item.nodeid.split("::", 1)[0])))
+        if no_cuda and item.get_closest_marker("gpu"):
+            item.add_marker(no_cuda)
+
+
 def pytest_collection_modifyitems(config, items):
-    """On an xdist worker: the units holding `slow` (end-to-end) tests first, so that no long unit
+    """Every test gets its tier (TIERS). On an xdist worker: the units holding `slow` (end-to-end) tests first, so that no long unit
     starts last while the other worker idles (the Makefile's --no-loadscope-reorder keeps this order;
     xdist's default orders units by their number of tests)."""
+    assign_tiers(items)
     if XDIST_WORKER:
         slow = {xdist_unit(item.nodeid) for item in items if item.get_closest_marker("slow")}
         items.sort(key=lambda item: xdist_unit(item.nodeid) not in slow)   # stable: units keep their order

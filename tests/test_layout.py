@@ -43,3 +43,33 @@ def test_stages_holds_only_stage_scripts():
     for name in scripts:
         assert any(f"stages.{name}" in c or f"stages.launch {name}" in c for c in commands), \
             f"stages/{name}.py is no DVC stage's script: shared code belongs in services/"
+
+
+# The layer rules: folder -> imports it must not make (a module or a package prefix).
+FORBIDDEN = {
+    "robustkd": ("stages", "services", "pipeline", "benchmarks", "mlflow", "prefect", "dvc"),
+    "services": ("stages", "pipeline", "benchmarks", "prefect"),
+    "stages": ("pipeline", "benchmarks", "prefect"),
+    "benchmarks": ("stages", "pipeline"),
+    # the pipeline orchestrates and serves: no training or attack code runs in its processes
+    "pipeline": ("stages", "robustkd.engine", "robustkd.methods", "robustkd.attacks", "services.training"),
+}
+
+
+def layer_violations(folder: Path, forbidden: tuple) -> list[str]:
+    out = []
+    for path in sorted(folder.rglob("*.py")):
+        for m in sorted(imported_top_modules(path)):
+            if any(m == f or m.startswith(f + ".") for f in forbidden):
+                out.append(f"{path.name} imports {m}")
+    return out
+
+
+def test_every_layer_imports_only_the_layers_below_it():
+    bad = {folder: v for folder, forbidden in FORBIDDEN.items() if (v := layer_violations(ROOT / folder, forbidden))}
+    assert not bad, bad
+
+
+def test_the_layer_check_sees_a_planted_violation(tmp_path):
+    (tmp_path / "bad.py").write_text("import os\nfrom robustkd.engine import run_training\n")
+    assert layer_violations(tmp_path, FORBIDDEN["pipeline"]) == ["bad.py imports robustkd.engine"]

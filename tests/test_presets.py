@@ -1,8 +1,13 @@
 """Every preset of params/ runs: its smoke run (services.presets.smoke: the preset's architectures,
 teacher source, methods, generated-data recipe and schedules, cut to 2 batches of 4 images, 2-step
 attacks and 2 test images) through every stage's CLI on a CPU, in order, as `dvc repro` runs them
-(without DVC's process per stage, to keep the suite short); and its estimated cost."""
+(without DVC's process per stage, to keep the suite short); and its estimated cost.
 
+`make test` smoke-runs one preset per distinct code path (SMOKE_PATHS: architecture family x teacher
+source x generated-data source x class count); the others carry the `presets` marker and run in
+`make test-presets` (every preset), as they repeat a path already covered at larger shapes."""
+
+import re
 import time
 
 import numpy as np
@@ -15,6 +20,19 @@ from services.tables import read_json
 from .stage_fixtures import ROOT, make_image_folder, write_params
 
 PRESETS = preset_names(ROOT)
+# One preset per distinct path through the stages, each the cheapest of its path:
+SMOKE_PATHS = {
+    "cpu": "ResNet student, trained TRADES ResNet teacher, no generated data (the default profile)",
+    "cpu-ddpm": "generated-data ingestion from the public .npz format (trained ResNet teacher)",
+    "cpu-vit": "ViT teacher trained with AT-PRM, attention maps of a ViT",
+    "cifar10-mobilenetv2": "released RobustBench teacher (WRN-34-10 zoo file), MobileNetV2 student",
+    "cifar100-ddpm-resnet18": "100 classes, generated data, trained teacher at CIFAR-100 shapes",
+}
+
+
+def preset_marks(name: str) -> list:
+    """No marker for the presets of SMOKE_PATHS (run in `make test`); `presets` for the rest."""
+    return [] if name in SMOKE_PATHS else [pytest.mark.presets]
 STAGES = [("prepare_data", []), ("train_teacher", []), ("ingest_ddpm", []), ("distill", []),
           ("distill", ["--method", "{reference}", "--name", "reference"]), ("evaluate", []), ("export_onnx", []),
           ("attention", []), ("report", [])]
@@ -57,8 +75,12 @@ def write_generated(project, params) -> None:
                  label=np.arange(16) % 10)
 
 
+def test_the_smoke_paths_are_presets():
+    assert set(SMOKE_PATHS) <= set(PRESETS), sorted(set(SMOKE_PATHS) - set(PRESETS))
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=preset_marks(n)) for n in PRESETS])
 def test_every_preset_runs_end_to_end_in_its_smoke_mode(name, shared, tmp_path, monkeypatch, capsys):
     import importlib
 
@@ -97,7 +119,10 @@ def test_every_preset_has_a_cost_estimate():
         line = cost_line(ROOT, name)
         params = load_preset(ROOT, name)
         if params["data"].get("source") in ("cifar10", "cifar100"):
-            assert "H200-hours" in line, line
+            hours = re.search(r"([0-9.]+) H200-hours", line)
+            assert hours and float(hours.group(1)) > 0, line
+        else:   # a CPU profile on this machine's ImageFolder: no GPU estimate, and the line says so
+            assert params["data"]["source"] == "imagefolder" and "CPU profile" in line, line
 
 
 @pytest.mark.parametrize("name", PRESETS)
