@@ -268,6 +268,22 @@ def test_an_unreachable_mlflow_server_leaves_the_stage_untracked_and_says_so(tmp
     assert (tmp_path / "data/prepared/train.npz").is_file() and (tmp_path / "metrics/data_card.json").is_file()
 
 
+def test_a_damaged_mlflow_store_leaves_the_stage_untracked_in_one_line_and_its_outputs_written(tmp_path):
+    make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)
+    p = tiny_params(str(tmp_path / "raw"))
+    p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    write_params(tmp_path / "params.yaml", p)
+    (tmp_path / "mlflow.db").write_bytes(b"not sqlite " * 1000)       # "file is not a database"
+    env = {**os.environ, "ROBUSTKD_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "ROBUSTKD_TRACKING_ATTEMPTS": "3", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare_data"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("tracking:")]
+    assert len(said) == 1 and "the store is damaged" in said[0] and "goes on untracked" in said[0], said
+    assert (tmp_path / "metrics/data_card.json").is_file()
+
+
 @pytest.mark.slow   # SQLite's busy timeout (5 s) per try, and MLflow's own store set-up
 def test_a_store_locked_in_the_middle_of_a_run_leaves_the_rest_untracked_and_the_work_goes_on(
         tmp_path, monkeypatch, capsys):
