@@ -49,6 +49,9 @@ TRANSIENT_PATTERNS = [
 ]
 
 
+# DVC's hints after every stage (git add, auto staging, dvc push): said once at the end of the flow.
+DVC_HINT = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|git add |"
+                      r"dvc config core\.autostage|Use `dvc push` to send your updates)")
 DVC_LOCK_HELD = re.compile(r"Unable to acquire lock|is busy, it is being blocked by")
 
 
@@ -180,6 +183,8 @@ def repro_stage(stage: str, root: str, env: dict[str, str], log) -> dict:
     try:
         for line in proc.stdout:
             line = line.rstrip()
+            if DVC_HINT.match(line.strip()):
+                continue
             if line:
                 log(line)
                 tail.append(line)
@@ -404,6 +409,8 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
                if parent_id is not None else None}
     print(f"stages run: {[r['stage'] for r in results if r['ran']]}; up to date: "
           f"{[r['stage'] for r in results if not r['ran']]}; registry: {registered}")
+    if any(r["ran"] for r in results):
+        print("dvc.lock records this run: `git add dvc.lock metrics` to keep it with the code")
     return summary
 
 

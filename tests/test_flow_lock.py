@@ -171,3 +171,16 @@ def test_a_stopped_flow_stops_its_stage_process(tmp_path, monkeypatch):
     with pytest.raises(Stopped):
         repro_stage("x", str(tmp_path), {}, log)
     assert pids and not Path(f"/proc/{pids[0]}").exists(), "the stage process is still running"
+
+
+def test_dvcs_per_stage_hints_are_not_passed_into_the_flow_log(tmp_path, monkeypatch):
+    import pipeline.flow as flow_module
+    fake_dvc = tmp_path / "dvc"
+    fake_dvc.write_text("#!/bin/sh\necho 'Running stage x:'\necho 'To track the changes with git, run:'\necho\n"
+                        "printf '\\tgit add dvc.lock\\n'\necho 'To enable auto staging, run:'\n"
+                        "printf '\\tdvc config core.autostage true\\n'\necho 'Use `dvc push` to send your updates to remote storage.'\n")
+    fake_dvc.chmod(0o755)
+    monkeypatch.setattr(flow_module, "dvc_executable", lambda: str(fake_dvc))
+    lines: list[str] = []
+    assert flow_module.repro_stage("x", str(tmp_path), {}, lines.append)["ran"]
+    assert lines == ["Running stage x:"], lines
