@@ -331,13 +331,24 @@ def ensure_project_experiment(mlflow, name: str, root: Path) -> None:
     """Create the project's experiment with its artifacts under ``<project>/mlruns``: MLflow's
     default is ``./mlruns`` of whichever process creates the experiment first (the flow's, a
     test's), which would scatter a project's artifacts over working directories."""
-    if mlflow.get_experiment_by_name(name) is not None:
-        return
-    try:
-        mlflow.create_experiment(name, artifact_location=str(Path(root).resolve() / "mlruns" / name))
-    except Exception:  # noqa: BLE001 - another stage process created it first
-        if mlflow.get_experiment_by_name(name) is None:
-            raise
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=str(Path(root).resolve() / "mlruns" / name),
+                                     tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            return
+        except Exception:  # noqa: BLE001 - another stage process created it first
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+
+
+# MLflow 3's UI opens an experiment in its GenAI view (traces, token usage) unless this tag says it
+# is model training (the runs, charts and model registry view); mlflow/server/js: ExperimentKind.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 @contextlib.contextmanager
