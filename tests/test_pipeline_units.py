@@ -232,3 +232,13 @@ def test_comparison_groups_and_paired_p_values():
     assert p == pytest.approx(2 / 2 ** 6) and "6" in how            # 6 discordant pairs, all one way
     assert paired_p_value(new, (idx + 1, old[1]))[0] is None
     assert paired_p_value(None, old) == (None, "per-image AutoAttack outcomes missing")
+
+
+def test_the_prefect_port_is_a_make_variable_that_the_ui_follows():
+    """`make prefect-server PREFECT_PORT=N`: the server listens on N and its UI calls the API on N
+    (PREFECT_UI_API_URL); `make schedule` deploys to the same port."""
+    import subprocess
+    out = subprocess.run(["make", "-n", "prefect-server", "schedule", "PREFECT_PORT=4311", "VENV=.venv"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "--port 4311" in out and "PREFECT_UI_API_URL=http://127.0.0.1:4311/api" in out, out
+    assert "PREFECT_API_URL=http://127.0.0.1:4311/api" in out and "4200" not in out, out
