@@ -35,7 +35,10 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run as current_flow_run
 
-from services.params import load_params
+from typing import Literal
+
+from services.params import DISTILL_METHODS, load_params
+from services.presets import preset_names
 from services.workspace import FLOW_LOCK, IN_FLOW_ENV, dvc_running
 from services.tracking import DEFAULT_EXPERIMENT, git_commit, setup_mlflow, tracking_enabled, tracking_uri
 
@@ -313,8 +316,16 @@ def download_if_needed(root: Path) -> None:
                        env=stage_env({"ROBUSTKD_TRACKING": "off"}), check=True)
 
 
+
+# The choices a deployment's form offers (Prefect builds its parameter schema from the annotations):
+# the presets of this checkout's params/ folder and the registry's distillation methods.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PresetName = Literal[tuple(preset_names(PROJECT_ROOT)) or ("cpu",)]  # type: ignore[valid-type]
+MethodName = Literal[DISTILL_METHODS]  # type: ignore[valid-type]
+
 @flow(name="robustkd-pipeline", log_prints=True)
-def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = None, seed: int | None = None,
+def robustkd_pipeline(preset: PresetName | None = None, methods: list[MethodName] | None = None,  # type: ignore[valid-type]
+                      seed: int | None = None,
                       register_model: bool = True, project_dir: str = ".", wait_lock_s: float = 0.0) -> dict:
     """Run the DVC pipeline stage by stage (and the method comparison when ``methods`` is given),
     then register the ONNX student. The result links the run's MLflow parent run.

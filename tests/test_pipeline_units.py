@@ -242,3 +242,18 @@ def test_the_prefect_port_is_a_make_variable_that_the_ui_follows():
                          cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "--port 4311" in out and "PREFECT_UI_API_URL=http://127.0.0.1:4311/api" in out, out
     assert "PREFECT_API_URL=http://127.0.0.1:4311/api" in out and "4200" not in out, out
+
+
+def test_the_deployment_form_offers_the_presets_and_methods_as_choices():
+    """Prefect's parameter schema of the flow: preset is one of params/'s presets, methods a list of
+    the registry's distillation methods, each optional with its default and description."""
+    from prefect.utilities.callables import parameter_schema
+
+    from pipeline.flow import robustkd_pipeline
+    from services.params import DISTILL_METHODS
+    from services.presets import preset_names
+    props = parameter_schema(robustkd_pipeline.fn).model_dump()["properties"]
+    assert props["preset"]["anyOf"][0]["enum"] == preset_names(ROOT) and props["preset"]["default"] is None
+    assert props["methods"]["anyOf"][0]["items"]["enum"] == list(DISTILL_METHODS)
+    assert props["seed"]["anyOf"][0]["type"] == "integer" and props["register_model"]["default"] is True
+    assert all(props[k].get("description") for k in ("preset", "methods", "seed", "register_model"))
