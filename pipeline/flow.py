@@ -37,6 +37,8 @@ from prefect.runtime import flow_run as current_flow_run
 
 from typing import Literal
 
+from robustkd.errors import InputError
+from services.common import check_data_root, data_root
 from services.params import DISTILL_METHODS, load_params
 from services.presets import preset_names
 from services.workspace import FLOW_LOCK, IN_FLOW_ENV, dvc_running
@@ -282,10 +284,14 @@ def run_params(root: Path, preset: str | None, methods: list[str] | None, seed: 
     if seed is not None:
         raw.setdefault("run", {})["seed"] = int(seed)
     text = yaml.safe_dump(raw, sort_keys=False).encode()
-    with tempfile.TemporaryDirectory() as tmp:  # validated before it is ever in place
-        (Path(tmp) / "params.yaml").write_bytes(text)
-        load_params(Path(tmp) / "params.yaml")
+    load_params_text(text)   # validated before it is ever in place
     return text
+
+
+def load_params_text(text: bytes):
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "params.yaml").write_bytes(text)
+        return load_params(Path(tmp) / "params.yaml")
 
 
 @contextlib.contextmanager
@@ -437,11 +443,17 @@ def main(argv=None) -> None:
     args = p.parse_args(argv)
     stop_on_signals()
     try:
-        with workspace_lock(Path(args.project_dir), args.wait_lock):  # refused before Prefect starts
+        root = Path(args.project_dir)
+        # A user error in the params is one line before Prefect, DVC or MLflow start (nothing written).
+        text = run_params(root, args.preset, args.methods, args.seed)
+        params = load_params_text(text) if text is not None else load_params(root / "params.yaml")
+        with contextlib.chdir(root):
+            check_data_root(data_root(params.data.root), params.data.source, params.data.download)
+        with workspace_lock(root, args.wait_lock):  # refused before Prefect starts
             robustkd_pipeline(preset=args.preset, methods=args.methods, seed=args.seed,
                               register_model=not args.no_register, project_dir=args.project_dir,
                               wait_lock_s=args.wait_lock)
-    except (StageFailed, WorkspaceBusy, ValueError) as exc:
+    except (StageFailed, WorkspaceBusy, ValueError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -99,6 +99,19 @@ def data_root(root: str) -> Path:
     return project_dir() / chosen
 
 
+def check_data_root(root: Path, source: str, download: bool) -> None:
+    """The data must be there before anything runs, unless a torchvision source will download it:
+    the error names the key, the folder and the two ways to fix it."""
+    if root.exists() or (source != "imagefolder" and download):
+        return
+    if source == "imagefolder":
+        raise InputError(f"data.root {root} does not exist: expected an ImageFolder tree there (train/<class>/*.png, "
+                         f"test/<class>/*.png); set data.root to your copy, or use `data.source: cifar10` "
+                         f"(with `data.download: true`) to download CIFAR-10 into it")
+    raise InputError(f"data.root {root} does not exist and data.download is false: expected the {source} "
+                     f"archive or its folder there; set data.download: true to download it")
+
+
 def setup_run(params: Params) -> torch.device:
     if params.run.threads:
         torch.set_num_threads(params.run.threads)

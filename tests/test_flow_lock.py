@@ -29,7 +29,15 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_a_second_flow_in_the_workspace_refuses_with_one_line(tmp_path, capsys):
+def with_the_cpu_preset(project: Path, monkeypatch) -> None:
+    """A project whose ``--preset cpu`` validates (the flow checks params and the data folder first)."""
+    (project / "params").mkdir(exist_ok=True)
+    (project / "params/cpu.yaml").write_text((ROOT / "params/cpu.yaml").read_text())
+    monkeypatch.setenv("ROBUSTKD_DATA_ROOT", str(project))
+
+
+def test_a_second_flow_in_the_workspace_refuses_with_one_line(tmp_path, capsys, monkeypatch):
+    with_the_cpu_preset(tmp_path, monkeypatch)
     (tmp_path / "params.yaml").write_text("profile: mine\n")
     first = holder(f"from pathlib import Path; import time; from pipeline.flow import workspace_lock\n"
                    f"with workspace_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(120)",
@@ -77,11 +85,12 @@ def test_a_stage_whose_dvc_lock_is_held_fails_with_one_line_and_is_retried(tmp_p
     assert repro_stage("quick", str(tmp_path), {}, lines.append)["ran"]   # the lock is free again
 
 
-def test_a_flow_does_not_start_under_a_running_dvc_command(tmp_path, capsys):
+def test_a_flow_does_not_start_under_a_running_dvc_command(tmp_path, capsys, monkeypatch):
     """A `dvc repro` or workspace `dvc exp run` holds DVC's repo lock for its whole run: a flow refuses
     to start (or waits) instead of swapping params.yaml and interleaving its stages with it."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run("git init -q && dvc init -q", shell=True, cwd=tmp_path, env=env, check=True)
+    with_the_cpu_preset(tmp_path, monkeypatch)
     (tmp_path / "params.yaml").write_text("profile: mine\n")
     dvc = holder("from dvc.repo import Repo; import time\nr = Repo('.'); r.lock.lock()\n"
                  "print('held', flush=True); time.sleep(120)", tmp_path)
@@ -184,3 +193,21 @@ def test_dvcs_per_stage_hints_are_not_passed_into_the_flow_log(tmp_path, monkeyp
     lines: list[str] = []
     assert flow_module.repro_stage("x", str(tmp_path), {}, lines.append)["ran"]
     assert lines == ["Running stage x:"], lines
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda text: text.replace("\ndistill:", "\ndistil:", 1), "unknown key(s) ['distil']"),
+    (lambda text: text.replace("root: ../shared/datasets/cifar10", "root: no/such/folder", 1),
+     "no/such/folder does not exist: expected an ImageFolder tree there"),
+])
+def test_a_user_error_under_make_run_is_one_line_and_writes_nothing(tmp_path, capsys, edit, said):
+    """`make run` (pipeline.flow) checks params.yaml and the data folder before Prefect, DVC or
+    MLflow start: one line, exit 1, no file written in the project (no dvc.lock, no mlflow.db)."""
+    text = (ROOT / "params.yaml").read_text()
+    assert edit(text) != text
+    (tmp_path / "params.yaml").write_text(edit(text))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--project-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1 and said in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]
