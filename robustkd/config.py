@@ -13,6 +13,14 @@ C = TypeVar("C")
 _FRACTION = re.compile(r"^\s*\d+(\.\d+)?\s*/\s*\d+(\.\d+)?\s*$")
 
 
+def did_you_mean(unknown: list[str], known) -> str:
+    """" (did you mean 'distill'?)" for misspelt keys close to an accepted one; "" otherwise."""
+    import difflib
+    guesses = [f"{k!r} -> {m[0]!r}" if len(unknown) > 1 else repr(m[0])
+               for k in unknown if (m := difflib.get_close_matches(k, list(known), n=1, cutoff=0.75))]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
+
+
 def from_dict(cls: type[C], data: dict[str, Any] | None, where: str) -> C:
     """Build dataclass ``cls`` from ``data``; nested dataclass fields are built recursively.
 
@@ -25,7 +33,8 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # C: any dataclass
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise InputError(f"{where}: unknown key(s) {unknown}; accepted keys: {sorted(fields)}")
+        raise InputError(f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, fields)}; "
+                         f"accepted keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():

@@ -196,7 +196,7 @@ def test_dvcs_per_stage_hints_are_not_passed_into_the_flow_log(tmp_path, monkeyp
 
 
 @pytest.mark.parametrize("edit, said", [
-    (lambda text: text.replace("\ndistill:", "\ndistil:", 1), "unknown key(s) ['distil']"),
+    (lambda text: text.replace("\ndistill:", "\ndistil:", 1), "unknown key(s) ['distil'] (did you mean 'distill'?)"),
     (lambda text: text.replace("root: ../shared/datasets/cifar10", "root: no/such/folder", 1),
      "no/such/folder does not exist: expected an ImageFolder tree there"),
 ])
