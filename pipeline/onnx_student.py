@@ -27,9 +27,18 @@ def resolve_model(source: str) -> Path:
 
     from services.tracking import MLFLOW_ENV, keep_environment, tracking_uri
 
+    uri = tracking_uri()
+    store = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:///") else None
+    if store is not None and not store.is_file():   # MLflow would make an empty store here
+        raise FileNotFoundError(f"{source}: no MLflow store at {store}; run from the project folder (where "
+                                f"`make run` made mlflow.db) or set MLFLOW_TRACKING_URI to the tracking server")
+    from mlflow.exceptions import MlflowException
     with keep_environment(*MLFLOW_ENV):
-        mlflow.set_tracking_uri(tracking_uri())
-        local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        mlflow.set_tracking_uri(uri)
+        try:
+            local = Path(mlflow.artifacts.download_artifacts(artifact_uri=source))
+        except MlflowException as exc:   # an unknown model, alias or version: one line
+            raise FileNotFoundError(f"{source}: {exc.message.splitlines()[0]} in the MLflow store {uri}") from None
     found = sorted(local.rglob("*.onnx")) if local.is_dir() else [local]
     if not found:
         raise FileNotFoundError(f"{source}: no .onnx file in the downloaded model ({local})")
