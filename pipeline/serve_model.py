@@ -280,6 +280,19 @@ def header_timeout_protocol(timeout_s: float):
                 self.head_deadline.cancel()
             super().connection_lost(exc)
 
+        def send_400_response(self, msg: str) -> None:   # a malformed request: the JSON error shape too
+            import json
+
+            import h11
+
+            body = json.dumps({"error": f"invalid HTTP request: {msg}"}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
     return HeaderTimeoutH11
 
 
@@ -321,6 +334,10 @@ def create_app(student: OnnxStudent, max_batch: int = 64, max_wait_ms: float = 5
         message = f"{request.method} {request.url.path}: {str(exc.detail).lower()}"
         return JSONResponse({"error": message + (f"; allowed: {allow}" if allow else "")},
                             status_code=exc.status_code, headers=exc.headers)
+
+    @app.exception_handler(Exception)
+    async def internal_error(request, exc: Exception):   # a bug: JSON too; Starlette still logs the traceback
+        return JSONResponse({"error": f"internal error ({type(exc).__name__}); see the server's log"}, status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, exc: RequestValidationError):
