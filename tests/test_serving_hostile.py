@@ -214,6 +214,23 @@ def test_health_answers_while_a_large_image_decodes(server):
     assert max(waits) < 1.0
 
 
+def test_large_files_near_the_byte_limit_at_once_as_body_and_form(server):
+    """Files of about 6 MB that decode (1400 x 1400 noise: no compression helps), --max-uploads (3) at
+    once, as the body and as a form upload: the RSS bound holds (asserted when the server stops)."""
+    image = png(noise(1400, seed=2))
+    assert 5 * 2**20 < len(image) < 8 * 2**20
+    form, ctype = multipart({"image": ("noise.png", image, "image/png")})
+    answers = []
+    threads = [threading.Thread(target=lambda b=b, c=c: answers.append(server.request("POST", "/predict", b, {
+        "Content-Type": c}))) for b, c in [(image, "image/png"), (form, ctype), (image, "image/png")]]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert [a[0] for a in answers] == [200] * MAX_UPLOADS, answers
+    assert len({json.dumps(a[1]) for a in answers}) == 1      # the same file, the same answer
+
+
 def slow_client(port: int, head: bytes, trickle: bytes, seconds: float) -> tuple[bytes, float]:
     """Sends ``head`` then one byte of ``trickle`` every 0.25 s until the server answers or closes;
     returns what it answered and when."""
