@@ -38,7 +38,7 @@ from robustkd.stats import discordant_pairs, mcnemar_exact_counts
 from services.results import per_image_path, read_evaluation
 from services.params import load_params
 from services.tables import ATTACK_COLUMNS, images_of
-from services.tracking import MLFLOW_ENV, git_commit, keep_environment, setup_mlflow
+from services.tracking import MLFLOW_ENV, filter_literal, git_commit, keep_environment, setup_mlflow
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -174,7 +174,7 @@ def find_registered(client, model_name: str, sha: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = '{model_name}'")
+        versions = client.search_model_versions(f"name = {filter_literal(model_name)}")
     except MlflowException:
         return None
     return next((v for v in versions if v.tags.get("onnx_sha256") == sha), None)
@@ -210,9 +210,9 @@ def training_run(client, checkpoint: Path | None, parent_run_id: str | None = No
 
     filters = []
     if checkpoint is not None and Path(checkpoint).is_file():
-        filters.append(f"tags.checkpoint_sha256 = '{sha256_file(checkpoint)}' and tags.stage = 'distill'")
+        filters.append(f"tags.checkpoint_sha256 = {filter_literal(sha256_file(checkpoint))} and tags.stage = 'distill'")
     if parent_run_id:
-        filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.dvc_stage = 'distill'")
+        filters.append(f"tags.`mlflow.parentRunId` = {filter_literal(parent_run_id)} and tags.dvc_stage = 'distill'")
     experiments = [e.experiment_id for e in client.search_experiments()]
     for f in filters:
         runs = mlflow.search_runs(experiment_ids=experiments, filter_string=f, order_by=["start_time DESC"],
@@ -406,7 +406,7 @@ def students_table(model_name: str) -> str:
     import mlflow
 
     client = mlflow.MlflowClient()
-    versions = sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: -int(v.version))
+    versions = sorted(client.search_model_versions(f"name = {filter_literal(model_name)}"), key=lambda v: -int(v.version))
     aliases: dict[str, list[str]] = {}
     if versions:  # search results leave aliases empty: take them from the registered model
         for alias, version in client.get_registered_model(model_name).aliases.items():

@@ -170,6 +170,20 @@ def store_unavailable(exc: BaseException) -> bool:
             or store_corrupt(exc))
 
 
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter (``name = {filter_literal(x)}``).
+
+    MLflow's parser (mlflow/utils/search_utils.py, ``_strip_quotes``) takes a value in single or
+    double quotes and strips them without unescaping, so a value is quoted with the kind it does not
+    hold; one holding both, a backslash or a control character cannot be written and is refused
+    (a name pasted into the filter unquoted could change the query)."""
+    value = str(value)
+    if "\\" in value or any(ord(c) < 32 for c in value) or ("'" in value and '"' in value):
+        raise ValueError(f"{value!r} cannot be written as an MLflow search filter value "
+                         "(it holds both quote kinds, a backslash or a control character)")
+    return f'"{value}"' if "'" in value else f"'{value}'"
+
+
 def with_retries(fn, attempts: int | None = None):
     """``fn()``, tried ``attempts`` times with waits of 1, 2, 4 ... s while the store is
     unavailable (:func:`store_unavailable`); the last error is raised."""

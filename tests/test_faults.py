@@ -152,6 +152,7 @@ def prepared(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)
     p = tiny_params(str(tmp_path / "raw"))
     p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     write_params(tmp_path / "params.yaml", p)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ROBUSTKD_TRACKING", "off")
@@ -254,6 +255,7 @@ def test_an_unreachable_mlflow_server_leaves_the_stage_untracked_and_says_so(tmp
     make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)
     p = tiny_params(str(tmp_path / "raw"))
     p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     write_params(tmp_path / "params.yaml", p)
     env = {**os.environ, "ROBUSTKD_TRACKING": "on", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}",
            "ROBUSTKD_TRACKING_ATTEMPTS": "2", "PYTHONPATH": str(ROOT)}

@@ -23,6 +23,7 @@ def test_prepare_data_refuses_a_test_tree_with_other_classes(tmp_path, monkeypat
     (tmp_path / "raw/test/c9").rename(tmp_path / "raw/test/c99")
     p = tiny_params(str(tmp_path / "raw"))
     p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     write_params(tmp_path / "params.yaml", p)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ROBUSTKD_TRACKING", "off")
