@@ -21,6 +21,15 @@ broken attack or a gradient-masked model):
 - AutoAttack's own warnings (logged by pyautoattack, e.g. Square succeeding where the
   white-box attacks did not, or points with zero gradient) are recorded.
 
+A compiled model (torch.compile) gets the same checks and the same verdict as its eager copy:
+every attack (PGD, CW, the masking checks, AutoAttack) runs on the eager module inside the
+compile wrapper (``attacks.unwrap``), and pyautoattack's process-global counters of its
+dynamic-defense check are reset before each of its runs (:func:`reset_autoattack_counters`), so
+neither the compiler's own tracing nor an earlier model can flag a model. Only the natural
+forward goes through the compiled module; the result says so (``compiled_parts``). Attacks run
+in fp32 with TF32 off (:func:`fp32_matmuls`; ``PRECISION``) and with the attacked model's
+parameters frozen (no weight gradients are computed by an input-gradient backward).
+
 A failed check does not raise: the result carries every figure it measured and the failed
 checks, with the reason, and is *flagged*; the caller decides whether that stops a pipeline.
 """
@@ -30,8 +39,9 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -41,12 +51,13 @@ import torch.nn as nn
 from . import attacks
 from .errors import InputError
 from .stats import accuracy_record, percent
-from .utils import make_generator, progress
+from .utils import make_generator
 
 ATTACKS = ("natural", "pgd20", "cw", "autoattack")
 WORST_CASE = "worst_case"
 AUTOATTACK_LOGGER = "auto-attack"   # the logger pyautoattack writes its checks' warnings to
 LINF_SLACK = 1e-6                   # float rounding allowed above eps, in [0, 1] pixel units
+PRECISION = "fp32 (TF32 off)"       # what every attack and check runs in (fp32_matmuls)
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 """(x batch, y batch, index of the batch's first image) -> (x_adv, the attack's predictions)."""
@@ -136,13 +147,22 @@ class EvaluationResult:
     autoattack_warnings: list[str] = field(default_factory=list)
     num_classes: int = 0
     # wall-clock seconds each attack took on this process (its share of the images, in parallel
-    # across processes): images / seconds is the evaluation's throughput per attack
+    # across processes): images / seconds is the evaluation's throughput per attack; the masking
+    # checks' attacks under their own names ("unbounded", "sweep_8", ...)
     seconds: dict[str, float] = field(default_factory=dict)
+    # the parts that ran through a torch.compile'd module ([] for an eager model): the natural
+    # forward only; every attack and check runs on the eager module (attacks.unwrap)
+    compiled_parts: list[str] = field(default_factory=list)
+    precision: str = PRECISION
+
+    def images_of_attack(self, name: str) -> int:
+        """Images attack ``name`` (an attack or a masking check's) ran on."""
+        return len(self.correct[name]) if name in self.correct else len(self.masking.get(name, ()))
 
     def images_per_s(self) -> dict[str, float]:
         """Throughput of each attack: its images over its wall-clock seconds."""
-        return {name: len(self.correct[name]) / max(sec, 1e-9) for name, sec in self.seconds.items()
-                if name in self.correct}
+        return {name: self.images_of_attack(name) / max(sec, 1e-9) for name, sec in self.seconds.items()
+                if name in self.correct or name in self.masking}
 
     @property
     def failed(self) -> list[str]:
@@ -176,14 +196,43 @@ def _batch_seed(seed: int, start: int) -> int:
     return seed * 1_000_003 + start
 
 
-def _batched_attack(attack: AttackFn, x, y, starts: list[int], batch_size, device, desc):
-    """Run ``attack(xb, yb, batch_start)`` on each batch of ``starts``; returns (x_adv, pred)."""
+class BatchProgress:
+    """One line per batch on ``stream`` (None: silent): the attack, batch i/n, images done,
+    images/s so far and the ETA. Lines, not carriage returns, so DVC, Prefect and CI logs stay
+    readable."""
+
+    def __init__(self, stream, desc: str, batches: int, images: int):
+        self.stream, self.desc, self.batches, self.images = stream, desc, batches, images
+        self.start = time.perf_counter()
+        self.done_batches = self.done_images = 0
+
+    def line(self, text: str) -> None:
+        if self.stream is not None:
+            print(f"[evaluate {self.desc}] {text}", file=self.stream, flush=True)
+
+    def step(self, images: int) -> None:
+        self.done_batches += 1
+        self.done_images += images
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done_images / elapsed
+        eta = (self.images - self.done_images) / max(rate, 1e-9)
+        self.line(f"batch {self.done_batches}/{self.batches}, {self.done_images}/{self.images} images, "
+                  f"{rate:.2f} images/s, {elapsed:.0f}s elapsed, eta {eta:.0f}s")
+
+
+def _batched_attack(attack: AttackFn, x, y, starts: list[int], batch_size, device, desc, progress=None):
+    """Run ``attack(xb, yb, batch_start)`` on each batch of ``starts``; returns (x_adv, pred).
+    ``progress``: a stream for one line per batch (None: silent)."""
     outs, preds = [], []
-    for i in progress(starts, total=len(starts), desc=desc):
+    sizes = [len(x[i:i + batch_size]) for i in starts]
+    bar = BatchProgress(progress, desc, len(starts), sum(sizes))
+    for i, size in zip(starts, sizes):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        xa, pa = attack(xb, yb, i)
+        with _autoattack_progress(bar if desc == "autoattack" else None):
+            xa, pa = attack(xb, yb, i)
         outs.append(xa.detach().cpu())
         preds.append(pa.detach().cpu())
+        bar.step(size)
     if not outs:
         return x[:0].clone(), torch.empty(0, dtype=torch.long)
     return torch.cat(outs), torch.cat(preds)
@@ -218,12 +267,98 @@ def cw_attack(model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
 
 
 def autoattack_attack(model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
-    adversary = _autoattack_adversary(model, cfg, device)
+    # The eager module: a compiled one traces its first gradient-enabled forward through
+    # AOTAutograd, whose calls pyautoattack's dynamic-defense check counts (a false alarm).
+    adversary = _autoattack_adversary(attacks.unwrap(model), cfg, device)
 
     def attack(xb, yb, first):
-        # one call per batch, seeded at each call: a batch's result depends on it alone
+        # one call per batch, seeded at each call: a batch's result depends on it alone; the
+        # dynamic-defense counters zeroed first, so each call judges this model's forward alone
+        reset_autoattack_counters()
         return adversary.run_standard_evaluation(xb, yb, batch_size=len(xb))
     return attack
+
+
+def reset_autoattack_counters() -> None:
+    """Zero pyautoattack's dynamic-defense counters (``pyautoattack.checks.funcs``: calls to
+    functions named grad/backward/_make_grads seen during one forward). They are module globals
+    that pyautoattack never resets: once any forward in the process made such a call (a dynamic
+    defense, or torch.compile tracing a backward), every later run was flagged."""
+    try:
+        from pyautoattack import checks
+    except ImportError:   # pragma: no cover - installed with the pipeline extra
+        return
+    for key in checks.funcs:
+        checks.funcs[key] = 0
+
+
+@contextmanager
+def fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls and convolutions inside the block: TF32 off for CUDA matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``) and for cuDNN (``torch.backends.cudnn.allow_tf32``,
+    on by default); the flags found are restored. TF32 rounds inputs to a 10-bit mantissa, which
+    changes gradients (and can mask them). The legacy flags only: torch refuses to read the
+    precision once the legacy and the new (``fp32_precision``) APIs are mixed."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """The model's parameters with ``requires_grad`` off inside the block (restored after): an
+    attack's backward then computes the input gradient only, no weight gradient."""
+    params = list(attacks.unwrap(model).parameters())
+    before = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+
+
+class _ForwardAutoAttack(logging.Handler):
+    """pyautoattack's own progress (its DEBUG lines: "running apgd-ce", "robust accuracy after
+    APGD-CE: ... (total time ... s)") as progress lines of the batch being attacked."""
+
+    def __init__(self, bar: "BatchProgress"):
+        super().__init__(level=logging.DEBUG)
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            self.bar.line(f"batch {self.bar.done_batches + 1}/{self.bar.batches}: AutoAttack warning: {message}")
+        elif message.startswith(("running ", "robust accuracy after ")):
+            self.bar.line(f"batch {self.bar.done_batches + 1}/{self.bar.batches}: {message}")
+
+
+@contextmanager
+def _autoattack_progress(bar: "BatchProgress | None") -> Iterator[None]:
+    """Inside the block, pyautoattack's per-attack DEBUG lines go to ``bar`` (and only there: the
+    logger does not propagate them meanwhile; its warnings are echoed on the bar's line)."""
+    if bar is None or bar.stream is None:
+        yield
+        return
+    logger = logging.getLogger(AUTOATTACK_LOGGER)
+    handler = _ForwardAutoAttack(bar)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def make_attack(name: str, model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
@@ -286,7 +421,8 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, cf
     (default: all), in the order of ``starts``; no checks (benchmarks time the attack alone)."""
     model.eval()
     starts = batch_starts(len(x), cfg.batch_size) if starts is None else starts
-    _, pred = _batched_attack(make_attack(name, model, cfg, device), x, y, starts, cfg.batch_size, device, name)
+    with fp32_matmuls(), frozen_parameters(model):
+        _, pred = _batched_attack(make_attack(name, model, cfg, device), x, y, starts, cfg.batch_size, device, name)
     return pred == _select(y, starts, cfg.batch_size)
 
 
@@ -305,12 +441,12 @@ def perturbation_stats(x_adv: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tens
 
 
 def measure(attack: AttackFn, name: str, x, y, starts: list[int], cfg: EvalConfig, device,
-            reference: nn.Module | None) -> dict[str, torch.Tensor]:
+            reference: nn.Module | None, progress=None) -> dict[str, torch.Tensor]:
     """Per-image figures of one attack on the batches ``starts``: the attack's own correctness
     ("own"), and with a ``reference`` model the recomputed correctness, |x_adv - x|_inf and
-    whether x_adv is in [0, 1]."""
+    whether x_adv is in [0, 1]. ``progress``: a stream for one line per batch (None: silent)."""
     bs = cfg.batch_size
-    x_adv, pred = _batched_attack(attack, x, y, starts, bs, device, name)
+    x_adv, pred = _batched_attack(attack, x, y, starts, bs, device, name, progress)
     x_mine, y_mine = _select(x, starts, bs), _select(y, starts, bs)
     out = {"own": pred == y_mine}
     if reference is not None:
@@ -326,8 +462,23 @@ def separate_copy(model: nn.Module) -> nn.Module:
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor, device) -> int:
+    """The model's class count: from its options (robustkd.models.Classifier) or a
+    ``num_classes`` attribute, else one forward of the *eager* module (never a compiled graph
+    traced only to read a shape)."""
+    eager = attacks.unwrap(model)
+    options = getattr(eager, "options", None)
+    if isinstance(options, dict) and isinstance(options.get("num_classes"), int):
+        return options["num_classes"]
+    if isinstance(getattr(eager, "num_classes", None), int):
+        return eager.num_classes
     with torch.no_grad():
-        return int(model(x[:1].to(device)).shape[1])
+        return int(eager(x[:1].to(device)).shape[1])
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """What runs through a torch.compile'd module: the natural forward when ``model`` is one
+    (every attack and check unwraps it); nothing for an eager model."""
+    return ["natural"] if hasattr(model, "_orig_mod") else []
 
 
 # ----------------------------------------------------------------------------- checks
@@ -404,7 +555,8 @@ def check_autoattack_warnings(messages: list[str]) -> Check:
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
                    device, log: Callable[[str], None] = print, rank: int = 0,
                    world_size: int = 1, reference: nn.Module | None = None,
-                   subsets: dict[str, torch.Tensor] | None = None) -> EvaluationResult:
+                   subsets: dict[str, torch.Tensor] | None = None,
+                   progress="stderr") -> EvaluationResult:
     """Per-image correctness for each configured attack on (x, y), with the protocol's checks.
 
     ``subsets``: {attack: positions in x} for attacks run on part of the images only (the
@@ -416,7 +568,20 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
     whole batches and the per-image results are gathered: every rank returns the full result,
     equal to a single-process run on the same images. Failed checks flag the result; nothing
     is raised for them.
+
+    Every attack runs in fp32 with TF32 off (:func:`fp32_matmuls`) on the model's parameters
+    frozen; ``progress``: the stream for one line per attack and batch (AutoAttack's attacks and
+    the masking checks included), None for silence.
     """
+    progress = sys.stderr if progress == "stderr" else progress   # the stream at call time (captured in tests)
+    with ExitStack() as stack:
+        stack.enter_context(fp32_matmuls())
+        stack.enter_context(frozen_parameters(model))
+        return _evaluate_model(model, x, y, cfg, device, log, rank, world_size, reference, subsets, progress)
+
+
+def _evaluate_model(model, x, y, cfg: EvalConfig, device, log, rank, world_size, reference, subsets,
+                    progress) -> EvaluationResult:
     model = model.to(device).eval()
     if cfg.checks:
         reference = (reference if reference is not None else separate_copy(model)).to(device).eval()
@@ -433,13 +598,14 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
         start = time.perf_counter()
         with captured_warnings() as caught:
             local[name] = measure(make_attack(name, model, cfg, device), name, xs, ys, starts, cfg, device,
-                                  reference if name != "natural" else None)
+                                  reference if name != "natural" else None, progress)
         if device_type(device) == "cuda":
             torch.cuda.synchronize(device)
         seconds[name] = time.perf_counter() - start
         messages += caught
     n_mask = min(cfg.masking_images, len(x)) if cfg.checks else 0
-    masking_local = _measure_masking(model, x[:n_mask], y[:n_mask], cfg, device, rank, world_size)
+    masking_local = _measure_masking(model, x[:n_mask], y[:n_mask], cfg, device, rank, world_size, seconds,
+                                     progress)
     if world_size > 1:
         local = {name: _gather({name: m}, len(positions.get(name, x)), cfg.batch_size, world_size)[name]
                  for name, m in local.items()}
@@ -448,6 +614,7 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
     result = _assemble(local, masking_local, messages, cfg, _num_classes(model, x, device) if len(x) else 0,
                        positions)
     result.seconds = seconds
+    result.compiled_parts = compiled_parts(model)
     speed = result.images_per_s()
     for name, correct in result.correct.items():
         log(f"{name}: {percent(int(correct.sum()), len(correct))}% of {len(correct)} images "
@@ -460,8 +627,10 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
     return result
 
 
-def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size: int) -> dict:
-    """The gradient-masking attacks on (x, y): unbounded PGD and the eps sweep, from x itself.
+def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size: int,
+                     seconds: dict | None = None, progress=None) -> dict:
+    """The gradient-masking attacks on (x, y): unbounded PGD and the eps sweep, from x itself;
+    each one's wall-clock seconds into ``seconds`` (under its own name).
 
     No random start: at eps = 1 a uniform start is a random image, which would "succeed" even
     against a model whose gradient leads nowhere. Step sizes 2.5 eps / steps (Madry et al. 2018).
@@ -474,11 +643,19 @@ def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size
     def pgd_from_x(eps: float, steps: int) -> AttackFn:
         return pgd_attack(model, cfg, device, eps, 2.5 * eps / max(steps, 1), steps, start=None)
 
-    out["unbounded"] = measure(pgd_from_x(cfg.unbounded_eps, cfg.unbounded_steps), "unbounded", x, y, starts, cfg,
-                               device, None)
+    seconds = {} if seconds is None else seconds
+
+    def timed(name: str, attack: AttackFn) -> None:
+        start = time.perf_counter()
+        out[name] = measure(attack, f"masking {name}", x, y, starts, cfg, device, None, progress)
+        if device_type(device) == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[name] = time.perf_counter() - start
+
+    timed("unbounded", pgd_from_x(cfg.unbounded_eps, cfg.unbounded_steps))
     for eps in cfg.sweep_eps:
-        attack = make_attack("natural", model, cfg, device) if eps == 0 else pgd_from_x(eps, cfg.sweep_steps)
-        out[sweep_key(eps)] = measure(attack, sweep_key(eps), x, y, starts, cfg, device, None)
+        timed(sweep_key(eps), make_attack("natural", model, cfg, device) if eps == 0
+              else pgd_from_x(eps, cfg.sweep_steps))
     return out
 
 

@@ -118,11 +118,15 @@ class EvaluateParams:
     autoattack_per_class: int | None = None
     max_images: int | None = None          # at most the first N images of that subset (smoke runs; None: all)
     reference_attacks: list[str] = field(default_factory=lambda: ["natural", "pgd20"])
-    # torch.compile the attacked model (PGD, CW, AutoAttack's gradients); auto: on CUDA devices whose
-    # capability probe passes, eager elsewhere. The accuracy of each attack's x_adv is recomputed on
-    # an eager copy of the model (the "recomputed" check), so a compiled graph that differed shows.
-    # Evaluation stays fp32 (a reduced precision can mask gradients).
+    # torch.compile the evaluated model; auto: on CUDA devices whose capability probe passes, eager
+    # elsewhere. Only the natural forward runs compiled: every attack (PGD, CW, AutoAttack) and every
+    # check runs on the eager module, so a compiled model gets its eager copy's verdict (issue 24);
+    # the info file lists what ran compiled (compiled_parts). Evaluation runs in fp32 with TF32 off
+    # (robustkd.evaluation.fp32_matmuls: a reduced precision can mask gradients).
     compile: bool | Literal["auto"] = "auto"
+    # one progress line per attack and batch on stderr (AutoAttack's attacks and the masking checks
+    # included), with images/s and the ETA; false: quiet [choice]
+    progress: bool = True
     config: EvalConfig = field(default_factory=EvalConfig)
 
 

@@ -81,7 +81,8 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
               f"{len(subsets['autoattack'])} of {len(test)} images")
     result = evaluate_model(attacked, to_float(test.images), test.labels, cfg, device,
                             log=print if rank == 0 else (lambda *_: None), rank=rank, world_size=world,
-                            reference=separate, subsets=subsets)
+                            reference=separate, subsets=subsets,
+                            progress=sys.stderr if rank == 0 and params.evaluate.progress else None)
     if rank != 0:
         return result
     summary = summarize(result, test.labels, test.classes)
@@ -100,10 +101,13 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
             "reported": "an image wrong without attack counts as wrong under every attack",
             "checks": check_details(result), "failed_checks": result.failed,
             "autoattack_warnings": result.autoattack_warnings, "flagged": result.flagged,
-            "compiled": attacked is not model, "processes": world,
-            "speed": {name: {"images": len(result.correct[name]), "seconds": round(sec, 3),
-                             "images_per_s": round(len(result.correct[name]) / max(sec, 1e-9), 2)}
-                      for name, sec in result.seconds.items() if name in result.correct},
+            "protocol": params.evaluate.protocol,
+            # what ran through torch.compile (the natural forward at most: every attack and check
+            # runs on the eager module, so the verdict is the eager model's), and in what precision
+            "compiled_parts": result.compiled_parts, "precision": result.precision, "processes": world,
+            "speed": {name: {"images": result.images_of_attack(name), "seconds": round(sec, 3),
+                             "images_per_s": round(result.images_of_attack(name) / max(sec, 1e-9), 2)}
+                      for name, sec in result.seconds.items()},
             "per_image": per_image_path(out_path).name}
     write_json(summary, out_path)
     write_json(info, info_path(out_path))
@@ -120,8 +124,11 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
 
 
 def compiled_for_attacks(model: torch.nn.Module, setting, device, verbose: bool) -> torch.nn.Module:
-    """The model the attacks run on: torch.compile'd where ``evaluate.compile`` (probed first,
-    robustkd/capability.py) says so, else the model itself. Evaluation stays fp32."""
+    """The model evaluated: torch.compile'd where ``evaluate.compile`` (probed first,
+    robustkd/capability.py) says so, else the model itself. Only its natural forward runs
+    compiled (robustkd.evaluation.compiled_parts: every attack and check unwraps it). Each model
+    gets its own compile: dynamo's caches and recompile limit are reset first, so a later model
+    of the stage does not fall back to eager silently. Evaluation stays fp32 (TF32 off)."""
     try:
         path = resolve_fast_path(torch.device(device), precision="fp32", channels_last=False, compile=setting)
     except InputError as exc:   # the probe's message names run.compile: this setting is evaluate.compile
@@ -131,7 +138,9 @@ def compiled_for_attacks(model: torch.nn.Module, setting, device, verbose: bool)
     if not path.compile:
         return model
     if verbose:
-        print("evaluate.compile: the attacked model is compiled (torch.compile, fp32)")
+        print("evaluate.compile: the natural forward runs compiled (torch.compile, fp32, TF32 off); "
+              "the attacks and checks run on the eager module")
+    torch._dynamo.reset()
     return cast(torch.nn.Module, torch.compile(model))   # an OptimizedModule: a Module
 
 
