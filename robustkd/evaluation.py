@@ -42,7 +42,7 @@ import logging
 import sys
 import time
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -71,6 +71,9 @@ class EvalConfig:
     eps: float = 8 / 255
     pgd_steps: int = 20
     pgd_step_size: float = 2 / 255
+    # PGD's uniform random start projected into [0, 1] before the first gradient (the project's,
+    # IAD's); false: the first gradient at the unclamped x + U(-eps, eps) (ARD's official test())
+    pgd_clamp_start: bool = True
     cw_steps: int = 30
     cw_step_size: float = 0.003
     cw_kappa: float = 50.0
@@ -110,6 +113,108 @@ class EvalConfig:
             raise InputError("evaluation: masking_images, unbounded_steps and sweep_steps must be >= 0")
         if any(e < 0 for e in self.sweep_eps) or list(self.sweep_eps) != sorted(self.sweep_eps):
             raise InputError(f"evaluation.sweep_eps must be increasing and >= 0, found {self.sweep_eps}")
+
+
+# ----------------------------------------------------------------------------- protocols
+@dataclass(frozen=True)
+class Protocol:
+    """A paper's evaluation settings by name (``evaluate.protocol``): the EvalConfig keys it sets,
+    and where each value comes from. Keys it does not set keep ``evaluate.config``'s values."""
+
+    name: str
+    settings: dict
+    sources: dict          # key -> source (repository, file, commit; paper; or "[choice]")
+    description: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # the project's documented protocol (docs/methods.md, "Attacks and evaluation"): evaluate.config
+    # as written (its defaults: PGD-20 2/255 uniform start, CW-inf 30 x 0.003 kappa 50, AutoAttack standard)
+    "project": Protocol("project", {}, {}, "the project's protocol: evaluate.config as written"),
+    # RSLAD, Zi et al., "Revisiting Adversarial Robustness Distillation: Robust Soft Labels Make Student
+    # Better", ICCV 2021, https://arxiv.org/abs/2108.07969; code github.com/zibojia/RSLAD @ c40e04f6.
+    "rslad": Protocol("rslad", {
+        "eps": 8 / 255, "pgd_steps": 20, "pgd_step_size": 0.003, "pgd_clamp_start": True,
+        "cw_steps": 30, "cw_step_size": 0.003, "cw_kappa": 50.0, "autoattack_version": "standard"},
+        {"eps": "zibojia/RSLAD resnet18_rslad_cifar10.py:72 @ c40e04f6 (epsilon=8.0/255.0)",
+         "pgd_steps": "zibojia/RSLAD resnet18_rslad_cifar10.py:72 @ c40e04f6 (attack_iters=20)",
+         "pgd_step_size": "zibojia/RSLAD resnet18_rslad_cifar10.py:72 @ c40e04f6 (step_size=0.003)",
+         "pgd_clamp_start": "[choice] attack_pgd is called but not defined in the repository: its start is "
+                            "unknown; the project's uniform start, clamped",
+         "cw_steps": "RSLAD paper, section 4 (CW-inf, 30 steps of 0.003); no CW code in the repository",
+         "cw_step_size": "RSLAD paper, section 4 (CW-inf, 30 steps of 0.003); no CW code in the repository",
+         "cw_kappa": "[choice] not given; kappa 50 as IAD's and the project's CW",
+         "autoattack_version": "RSLAD paper, section 4 (AutoAttack, standard version)"},
+        "RSLAD's: PGD-20 step 0.003, CW-inf 30 x 0.003, AutoAttack standard, eps 8/255"),
+    # ARD, Goldblum et al., "Adversarially Robust Distillation", AAAI 2020, https://arxiv.org/abs/1905.09747;
+    # code github.com/goldblum/AdversariallyRobustDistillation main.py @ 779ade36: test() attacks with
+    # the AttackPGD of its config (main.py:60-78, 100-104, 143-160).
+    "ard": Protocol("ard", {"eps": 8 / 255, "pgd_steps": 10, "pgd_step_size": 2 / 255, "pgd_clamp_start": False},
+                    {"eps": "goldblum/AdversariallyRobustDistillation main.py:101 @ 779ade36 (epsilon 8/255)",
+                     "pgd_steps": "goldblum/AdversariallyRobustDistillation main.py:102 @ 779ade36 (num_steps 10, "
+                                  "the attack test() uses)",
+                     "pgd_step_size": "goldblum/AdversariallyRobustDistillation main.py:103 @ 779ade36 (2/255)",
+                     "pgd_clamp_start": "goldblum/AdversariallyRobustDistillation main.py:70 @ 779ade36 (x + "
+                                        "U(-eps, eps), not clamped before the first gradient)",
+                     "cw": "[choice] ARD's code has no CW or AutoAttack: evaluate.config's values",
+                     "autoattack": "[choice] ARD's code has no CW or AutoAttack: evaluate.config's values"},
+                    "ARD's official test(): PGD-10 step 2/255, uniform start unclamped, eps 8/255"),
+    # IAD, Zhu et al., "Reliable Adversarial Distillation with Unreliable Teachers", ICLR 2022,
+    # https://arxiv.org/abs/2106.04928; code github.com/ZFancy/IAD basic_eval.py, attack_generator.py @ a8091a8c.
+    "iad": Protocol("iad", {
+        "eps": 8 / 255, "pgd_steps": 20, "pgd_step_size": 2 / 255, "pgd_clamp_start": True,
+        "cw_steps": 30, "cw_step_size": 2 / 255, "cw_kappa": 50.0, "autoattack_version": "standard"},
+        {"pgd": "ZFancy/IAD basic_eval.py:52 @ a8091a8c (perturb_steps=20, epsilon=8/255, step_size=2/255, "
+                "category Madry, random=True)",
+         "pgd_clamp_start": "ZFancy/IAD attack_generator.py:24-26 @ a8091a8c (x + U(-eps, eps), clamped to [0, 1])",
+         "cw": "ZFancy/IAD basic_eval.py:54 @ a8091a8c (perturb_steps=30, step_size=2/255, loss cw)",
+         "cw_kappa": "ZFancy/IAD attack_generator.py:5 @ a8091a8c (cwloss confidence=50)",
+         "autoattack_version": "IAD paper, section 5 (AutoAttack); not in basic_eval.py: standard [choice]"},
+        "IAD's basic_eval.py: PGD-20 step 2/255, CW-inf 30 x 2/255 kappa 50, AutoAttack standard, eps 8/255"),
+    # AutoAttack standard: Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+    # diverse parameter-free attacks", ICML 2020, https://arxiv.org/abs/2003.01690 (github.com/fra31/auto-attack;
+    # RobustBench's Linf CIFAR-10 threat model, eps 8/255).
+    "autoattack": Protocol("autoattack", {"eps": 8 / 255, "autoattack_version": "standard"},
+                           {"eps": "RobustBench Linf CIFAR-10 (8/255)",
+                            "autoattack_version": "Croce & Hein 2020: version standard (APGD-CE, APGD-T, FAB-T, "
+                                                  "Square)",
+                            "pgd/cw": "[choice] not part of AutoAttack: evaluate.config's values"},
+                           "AutoAttack standard (Croce & Hein 2020) at eps 8/255"),
+}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def protocol_conflicts(cfg: EvalConfig, name: str) -> list[tuple[str, object, object]]:
+    """(key, value in cfg, the protocol's value) for each key protocol ``name`` sets that cfg
+    gives another value than both the protocol's and the project's default (EvalConfig's): such
+    a key is a contradiction, not an override. [] for an unknown name (checked elsewhere)."""
+    protocol = PROTOCOLS.get(name)
+    if protocol is None:
+        return []
+    project = EvalConfig()
+    return [(key, getattr(cfg, key), value) for key, value in protocol.settings.items()
+            if not _same(getattr(cfg, key), value) and not _same(getattr(cfg, key), getattr(project, key))]
+
+
+def apply_protocol(cfg: EvalConfig, name: str) -> EvalConfig:
+    """``cfg`` with protocol ``name``'s settings (the keys it does not set as they were)."""
+    protocol = PROTOCOLS.get(name)
+    if protocol is None:
+        raise InputError(f"evaluate.protocol: expected one of {list(PROTOCOLS)}, found {name!r}")
+    conflicts = protocol_conflicts(cfg, name)
+    if conflicts:
+        key, found, value = conflicts[0]
+        raise InputError(f"evaluate.config.{key}: {found!r} contradicts evaluate.protocol {name!r}, which sets "
+                         f"{value!r}; remove the key (or give it the protocol's value), or use protocol 'project'")
+    return replace(cfg, **protocol.settings)
 
 
 @dataclass
@@ -246,11 +351,12 @@ def _select(t: torch.Tensor, starts: list[int], batch_size: int) -> torch.Tensor
 
 # ----------------------------------------------------------------------------- attacks
 def pgd_attack(model: nn.Module, cfg: EvalConfig, device, eps: float, alpha: float, steps: int,
-               start: str | None = "uniform") -> AttackFn:
+               start: str | None = "uniform", clamp_start: bool = True) -> AttackFn:
     """PGD on the cross-entropy; each batch's random start seeded by the batch's index."""
     def attack(xb, yb, first):
         gen = make_generator(_batch_seed(cfg.seed, first), device)
-        xa = attacks.pgd_ce(model, xb, yb, eps=eps, alpha=alpha, steps=steps, start=start, generator=gen)
+        xa = attacks.pgd_ce(model, xb, yb, eps=eps, alpha=alpha, steps=steps, start=start, generator=gen,
+                            clamp_start=clamp_start)
         with torch.no_grad():
             return xa, model(xa).argmax(1)
     return attack
@@ -369,7 +475,8 @@ def make_attack(name: str, model: nn.Module, cfg: EvalConfig, device) -> AttackF
                 return xb, model(xb).argmax(1)
         return natural
     if name == "pgd20":
-        return pgd_attack(model, cfg, device, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps)
+        return pgd_attack(model, cfg, device, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps,
+                          clamp_start=cfg.pgd_clamp_start)
     if name == "cw":
         return cw_attack(model, cfg, device)
     if name == "autoattack":
@@ -817,7 +924,8 @@ def attack_settings(cfg: EvalConfig) -> dict:
     all_settings = {
         "natural": {"attack": "none"},
         "pgd20": {"attack": "PGD", "loss": "cross-entropy", "steps": cfg.pgd_steps,
-                  "step_size": cfg.pgd_step_size, "random_start": "uniform"},
+                  "step_size": cfg.pgd_step_size, "random_start": "uniform",
+                  "start_clamped_to_0_1": cfg.pgd_clamp_start},
         "cw": {"attack": "CW-inf (PGD on the margin loss)", "kappa": cfg.cw_kappa, "steps": cfg.cw_steps,
                "step_size": cfg.cw_step_size, "random_start": "uniform"},
         "autoattack": {"attack": "AutoAttack", "package": "pyautoattack", "version": cfg.autoattack_version,

@@ -113,6 +113,15 @@ class DistillParams:
 
 @dataclass
 class EvaluateParams:
+    # A named evaluation protocol (robustkd.evaluation.PROTOCOLS: project | rslad | ard | iad |
+    # autoattack): "project" (default) is evaluate.config as written; another name sets the attack
+    # keys its paper's code uses (eps, PGD steps/step/start, CW steps/step/kappa, AutoAttack version),
+    # so that "evaluated under RSLAD's protocol" means exactly that. How explicit keys interact: a key
+    # the protocol sets may be left at the project's value (it is replaced, and the stage says so) or
+    # set to the protocol's; any other value contradicts it and stops the first stage with one line.
+    # Keys a protocol does not set (batch size, the attacks run, the checks, AutoAttack's custom
+    # list) keep evaluate.config's values; the image counts stay evaluate.per_class and friends.
+    protocol: str = "project"
     per_class: int | None = None           # the stratified subset "first k per class" (None: all)
     # AutoAttack (the expensive attack) on the first k per class of that subset (None: all of it)
     autoattack_per_class: int | None = None
@@ -128,6 +137,19 @@ class EvaluateParams:
     # included), with images/s and the ETA; false: quiet [choice]
     progress: bool = True
     config: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        """The protocol applied to ``config`` (keys it replaced in ``protocol_replaced``); an unknown
+        name or a contradicting key is left for services.param_checks to report with the file."""
+        from robustkd.evaluation import PROTOCOLS, apply_protocol, protocol_conflicts
+
+        self.protocol_replaced: list[str] = []
+        self.protocol_conflicts = protocol_conflicts(self.config, self.protocol)
+        if self.protocol in PROTOCOLS and not self.protocol_conflicts:
+            before = self.config
+            self.config = apply_protocol(before, self.protocol)
+            self.protocol_replaced = [k for k in PROTOCOLS[self.protocol].settings
+                                      if getattr(before, k) != getattr(self.config, k)]
 
 
 @dataclass

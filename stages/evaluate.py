@@ -27,8 +27,8 @@ import torch
 from robustkd.capability import resolve_fast_path
 from robustkd.errors import InputError
 from robustkd.data import stratified_first_k, to_float
-from robustkd.evaluation import (WORST_CASE, EvaluationResult, attack_settings, check_details, evaluate_model,
-                                 sha256_tensor, summarize)
+from robustkd.evaluation import (PROTOCOLS, WORST_CASE, EvaluationResult, attack_settings, check_details,
+                                 evaluate_model, sha256_tensor, summarize)
 from robustkd.models import load_checkpoint
 
 from services.results import info_path, per_image_path
@@ -75,6 +75,7 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     if rank == 0:
         print(f"evaluating {model_path} ({model.arch}) on {len(test)} test images: {attacks}"
               + (f" over {world} processes" if world > 1 else ""))
+        print(protocol_line(params.evaluate))
     subsets = autoattack_positions(params, test.labels, test.num_classes, attacks)
     if rank == 0 and subsets:
         print(f"autoattack on the first {params.evaluate.autoattack_per_class} of each class: "
@@ -101,7 +102,7 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
             "reported": "an image wrong without attack counts as wrong under every attack",
             "checks": check_details(result), "failed_checks": result.failed,
             "autoattack_warnings": result.autoattack_warnings, "flagged": result.flagged,
-            "protocol": params.evaluate.protocol,
+            "protocol": protocol_record(params.evaluate),
             # what ran through torch.compile (the natural forward at most: every attack and check
             # runs on the eager module, so the verdict is the eager model's), and in what precision
             "compiled_parts": result.compiled_parts, "precision": result.precision, "processes": world,
@@ -121,6 +122,21 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
         print(f"warning: {model_path} evaluation flagged, failed checks: {', '.join(result.failed)} "
               f"(reasons in {info_path(out_path)})", file=sys.stderr)
     return result
+
+
+def protocol_line(evaluate) -> str:
+    """One line: the protocol, what it means and the evaluate.config keys it replaced."""
+    protocol = PROTOCOLS[evaluate.protocol]
+    replaced = getattr(evaluate, "protocol_replaced", [])
+    return (f"evaluate.protocol {protocol.name}: {protocol.description}"
+            + (f" (replaced evaluate.config {', '.join(replaced)})" if replaced else ""))
+
+
+def protocol_record(evaluate) -> dict:
+    """The info file's record of the protocol: name, description, its settings and their sources."""
+    protocol = PROTOCOLS[evaluate.protocol]
+    return {"name": protocol.name, "description": protocol.description, "settings": dict(protocol.settings),
+            "sources": dict(protocol.sources), "replaced": list(getattr(evaluate, "protocol_replaced", []))}
 
 
 def compiled_for_attacks(model: torch.nn.Module, setting, device, verbose: bool) -> torch.nn.Module:
