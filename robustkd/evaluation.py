@@ -164,12 +164,15 @@ PROTOCOLS: dict[str, Protocol] = {
     "iad": Protocol("iad", {
         "eps": 8 / 255, "pgd_steps": 20, "pgd_step_size": 2 / 255, "pgd_clamp_start": True,
         "cw_steps": 30, "cw_step_size": 2 / 255, "cw_kappa": 50.0, "autoattack_version": "standard"},
-        {"pgd": "ZFancy/IAD basic_eval.py:52 @ a8091a8c (perturb_steps=20, epsilon=8/255, step_size=2/255, "
-                "category Madry, random=True)",
-         "pgd_clamp_start": "ZFancy/IAD attack_generator.py:24-26 @ a8091a8c (x + U(-eps, eps), clamped to [0, 1])",
-         "cw": "ZFancy/IAD basic_eval.py:54 @ a8091a8c (perturb_steps=30, step_size=2/255, loss cw)",
+        {"eps": "ZFancy/IAD basic_eval.py:51, 53 @ a8091a8c (epsilon=8/255)",
+         "pgd_steps": "ZFancy/IAD basic_eval.py:51 @ a8091a8c (PGD20: perturb_steps=20, loss cent)",
+         "pgd_step_size": "ZFancy/IAD basic_eval.py:51 @ a8091a8c (step_size=2/255)",
+         "pgd_clamp_start": "ZFancy/IAD attack_generator.py:25-26 @ a8091a8c (category Madry: x + U(-eps, eps), "
+                            "clamped to [0, 1])",
+         "cw_steps": "ZFancy/IAD basic_eval.py:53 @ a8091a8c (CW: perturb_steps=30, loss cw)",
+         "cw_step_size": "ZFancy/IAD basic_eval.py:53 @ a8091a8c (step_size=2/255)",
          "cw_kappa": "ZFancy/IAD attack_generator.py:5 @ a8091a8c (cwloss confidence=50)",
-         "autoattack_version": "IAD paper, section 5 (AutoAttack); not in basic_eval.py: standard [choice]"},
+         "autoattack_version": "[choice] the IAD paper reports AutoAttack; basic_eval.py runs none: standard"},
         "IAD's basic_eval.py: PGD-20 step 2/255, CW-inf 30 x 2/255 kappa 50, AutoAttack standard, eps 8/255"),
     # AutoAttack standard: Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
     # diverse parameter-free attacks", ICML 2020, https://arxiv.org/abs/2003.01690 (github.com/fra31/auto-attack;
