@@ -732,6 +732,9 @@ def _evaluate_model(model, x, y, cfg: EvalConfig, device, log, rank, world_size,
     if result.worst_case is not None:
         log(f"worst case over attacks: {percent(int(result.worst_case.sum()), len(result.worst_case))}% "
             f"of {len(result.worst_case)} images")
+    masking_speed = {name: v for name, v in speed.items() if name in result.masking}
+    if masking_speed:
+        log("masking checks: " + ", ".join(f"{name} {v:.1f} images/s" for name, v in masking_speed.items()))
     for name in result.failed:
         log(f"CHECK FAILED {name}: {result.checks[name].detail}")
     return result
