@@ -2,8 +2,8 @@
 #   docker run --rm -v /path/to/cifar10:/home/robustkd/shared/datasets/cifar10:ro robustkd   (make run)
 # GPU image: docker build --build-arg BASE_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04 \
 #   --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 -t robustkd:cuda .
-# The install step is the README's (`make setup`), with torch taken from the PyTorch index so that
-# torchvision matches it. Images cannot be built on the machines this project was written on:
+# The install step is the README's (`make setup`, docs/development.md#installation), with torch
+# taken from the PyTorch index so that torchvision matches it. Images cannot be built on the machines this project was written on:
 # keep this file's install steps the same as the README's.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}

@@ -105,7 +105,7 @@ benchmark-gpu: setup
 clean:
 	rm -rf data models metrics reports checkpoints
 
-# UIs and deployment (see README). Servers bind to 127.0.0.1.
+# UIs and deployment (docs/operations.md). Servers bind to 127.0.0.1.
 mlflow-ui: setup
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
 

@@ -49,6 +49,9 @@ TRANSIENT_PATTERNS = [
 ]
 
 
+# DVC's hints after every stage (git add, auto staging, dvc push): said once at the end of the flow.
+DVC_HINT = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|git add |"
+                      r"dvc config core\.autostage|Use `dvc push` to send your updates)")
 DVC_LOCK_HELD = re.compile(r"Unable to acquire lock|is busy, it is being blocked by")
 
 
@@ -177,13 +180,18 @@ def repro_stage(stage: str, root: str, env: dict[str, str], log) -> dict:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: deque[str] = deque(maxlen=40)
     ran = False
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            log(line)
-            tail.append(line)
-            ran |= line.startswith("Running stage")
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if DVC_HINT.match(line.strip()):
+                continue
+            if line:
+                log(line)
+                tail.append(line)
+                ran |= line.startswith("Running stage")
+        rc = proc.wait()
+    finally:
+        stop_child(proc)   # the flow stopped (killed, interrupted): its stage does not go on as an orphan
     if rc != 0:
         text = "\n".join(tail)
         if DVC_LOCK_HELD.search(text):
@@ -191,6 +199,57 @@ def repro_stage(stage: str, root: str, env: dict[str, str], log) -> dict:
                     f"workspace); DVC said: {next(x for x in tail if DVC_LOCK_HELD.search(x)).strip()[:200]}")
         raise StageFailed(stage, rc, is_transient_output(text), text)
     return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def stop_child(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Terminate a stage process that is still running (SIGTERM, then SIGKILL after ``grace_s``)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def close_stale_flow_runs(client, experiment_id: str, root: Path, log=print) -> list[str]:
+    """MLflow parent runs of earlier flows of this workspace still RUNNING, and their stage runs, are
+    ended as KILLED. Called while the workspace lock is held: no other flow can be running here, so a
+    RUNNING one is a flow that was killed before it could end its run."""
+    workspace = str(Path(root).resolve())
+    stale = client.search_runs([experiment_id], filter_string="tags.stage = 'flow' and attributes.status = 'RUNNING'",
+                               max_results=1000)
+    closed = []
+    for run in stale:
+        if run.data.tags.get("workspace") != workspace:
+            continue   # another clone's flow (a shared tracking server): not ours to close
+        children = client.search_runs([experiment_id], max_results=1000, filter_string=(
+            f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'"))
+        for child in children:
+            client.set_terminated(child.info.run_id, status="KILLED")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+        log(f"tracking: the MLflow run {run.info.run_id} of an earlier flow here was still RUNNING (that flow "
+            f"was killed); ended as KILLED with {len(children)} stage run(s)")
+    return closed
+
+
+class Stopped(SystemExit):
+    """SIGTERM or SIGHUP reached the flow: it ends its MLflow run as KILLED and stops its stage."""
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM/SIGHUP into :class:`Stopped` in the main thread, so the flow's ``finally`` runs."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise Stopped(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 @task(task_run_name="register-student")
@@ -323,9 +382,11 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
         env["MLFLOW_EXPERIMENT_NAME"] = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name(env["MLFLOW_EXPERIMENT_NAME"])
+        close_stale_flow_runs(client, experiment.experiment_id, root)
         parent = client.create_run(experiment.experiment_id, run_name=f"flow {current_flow_run.name or ''}".strip(),
                                    tags={"git_commit": git_commit(root), "stage": "flow", "profile": params.profile,
-                                         "prefect_flow_run_id": str(current_flow_run.id or "")})
+                                         "prefect_flow_run_id": str(current_flow_run.id or ""),
+                                         "workspace": str(root.resolve())})
         parent_id = parent.info.run_id
         env["ROBUSTKD_PARENT_RUN_ID"] = parent_id
         for key, value in {"preset": preset or "-", "methods": ",".join(methods or []) or "-",
@@ -337,6 +398,9 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
             results.append(run_stage(stage, str(root), env))
         registered = register_student(str(root), parent_id) if register_model else None
         status = "FINISHED"
+    except (KeyboardInterrupt, Stopped):
+        status = "KILLED"
+        raise
     finally:
         if parent_id is not None:
             client.set_terminated(parent_id, status=status)
@@ -345,6 +409,8 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
                if parent_id is not None else None}
     print(f"stages run: {[r['stage'] for r in results if r['ran']]}; up to date: "
           f"{[r['stage'] for r in results if not r['ran']]}; registry: {registered}")
+    if any(r["ran"] for r in results):
+        print("dvc.lock records this run: `git add dvc.lock metrics` to keep it with the code")
     return summary
 
 
@@ -358,6 +424,7 @@ def main(argv=None) -> None:
     p.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
                    help="when another flow runs in this workspace: wait this long for it (default: refuse at once)")
     args = p.parse_args(argv)
+    stop_on_signals()
     try:
         with workspace_lock(Path(args.project_dir), args.wait_lock):  # refused before Prefect starts
             robustkd_pipeline(preset=args.preset, methods=args.methods, seed=args.seed,

@@ -91,8 +91,8 @@ def project_dir(cwd: Path | None = None) -> Path:
 
 def data_root(root: str) -> Path:
     """``data.root``: ``ROBUSTKD_DATA_ROOT`` when set; a relative path is relative to the project
-    (README: "the default profile reads CIFAR-10 from ../shared/datasets/cifar10"), wherever the
-    stage runs."""
+    (docs/pipeline.md#what-make-run-does: the default profile reads CIFAR-10 from
+    ../shared/datasets/cifar10), wherever the stage runs."""
     chosen = Path(os.environ.get("ROBUSTKD_DATA_ROOT") or root)
     if chosen.is_absolute() or (Path.cwd() / chosen).exists():
         return chosen

@@ -1,8 +1,8 @@
 """Ranges and units of params.yaml, checked as a whole when it is loaded (stages/params.py).
 
 Types and unknown keys are checked while the typed params are built; this module adds what a
-type cannot say: eps and step sizes are [0, 1] pixel units (README: "Units"), counts are
-positive, fractions lie in [0, 1]. Every message names the file, the key, what was expected and
+type cannot say: eps and step sizes are [0, 1] pixel units (docs/methods.md#conventions), counts
+are positive, fractions lie in [0, 1]. Every message names the file, the key, what was expected and
 what was found.
 """
 

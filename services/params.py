@@ -165,7 +165,7 @@ class ExportParams:
 class RunParams:
     seed: int = 0
     device: str = "auto"                   # auto: CUDA when present
-    # The fast path (robustkd.capability, README "The fast path"): 'auto' turns bf16 autocast,
+    # The fast path (robustkd.capability, docs/performance.md#the-fast-path): 'auto' turns bf16 autocast,
     # channels_last and the compiled student on for CUDA devices whose capability probe passes and
     # leaves them off elsewhere; explicit values are probed too (a failing probe stops the stage
     # with one line naming the setting, the device and the cause).

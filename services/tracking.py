@@ -155,9 +155,19 @@ UNAVAILABLE = ("database is locked", "database table is locked", "unable to open
                "status code 504", "disk I/O error")
 
 
+# The store's file is damaged: no retry helps, but the stage's own work must not be lost to it, so it
+# is treated as unavailable (one line, the stage goes on untracked) without the waits.
+CORRUPT = ("database disk image is malformed", "file is not a database", "malformed database schema")
+
+
+def store_corrupt(exc: BaseException) -> bool:
+    return any(p in f"{exc}" for p in CORRUPT)
+
+
 def store_unavailable(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}"
-    return isinstance(exc, (ConnectionError, TimeoutError)) or any(p in text for p in UNAVAILABLE)
+    return (isinstance(exc, (ConnectionError, TimeoutError)) or any(p in text for p in UNAVAILABLE)
+            or store_corrupt(exc))
 
 
 def with_retries(fn, attempts: int | None = None):
@@ -168,12 +178,16 @@ def with_retries(fn, attempts: int | None = None):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - connection refused, timeout, database is locked, ...
-            if k == attempts - 1 or not store_unavailable(exc):
+            if k == attempts - 1 or not store_unavailable(exc) or store_corrupt(exc):
                 raise
             time.sleep(2 ** k)
 
 
 def say_untracked(what: str, exc: BaseException) -> None:
+    if store_corrupt(exc):
+        print(f"tracking: {what} at {tracking_uri()} failed: the store is damaged ({short_error(exc)}); "
+              f"move that file aside to start a new store; the stage goes on untracked", file=sys.stderr, flush=True)
+        return
     print(f"tracking: {what} at {tracking_uri()} failed {_attempts()} times ({short_error(exc)}); "
           f"the stage goes on untracked", file=sys.stderr, flush=True)
 

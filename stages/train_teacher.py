@@ -16,7 +16,8 @@ from robustkd.engine import state_hash
 from robustkd.errors import InputError
 from robustkd.methods import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
-from robustkd.teachers import download, is_robustkd_checkpoint, load_trades_release, load_zoo_teacher, zoo_entry
+from robustkd.teachers import (download, is_robustkd_checkpoint, load_trades_release, load_zoo_teacher,
+                               unreadable_reason, zoo_entry)
 from robustkd.vit import convert_atprm_checkpoint, is_vit, load_imagenet_weights
 
 from services.common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
@@ -42,6 +43,9 @@ def load_given(cfg):
         # of a DataParallel model, 'epoch', 'opt'}, normalisation in the data loader), strictly.
         model = convert_atprm_checkpoint(cfg.checkpoint, cfg.model.arch, **dict(cfg.model.options))
         return model, where, {"format": model.checkpoint_meta["format"], "epoch": model.checkpoint_meta["epoch"]}
+    unreadable = unreadable_reason(cfg.checkpoint)
+    if unreadable:   # refused or corrupt: say so, not "read as the TRADES release"
+        raise InputError(f"{where}: {unreadable}")
     # Not a robustkd checkpoint: the TRADES release format (a plain state dict of TRADES'
     # models/wideresnet.py WideResNet, [0, 1] inputs, no normalisation), into teacher.model.
     if cfg.model.arch != "wrn34_10":

@@ -1,7 +1,7 @@
 """Bad input where it enters, case by case: each case makes the input, runs the entry point and
 returns what the user sees. tests/test_input_checks.py asserts every message;
 
-    python -m tests.bad_inputs            # prints the README's table "Bad input and faults: what you see"
+    python -m tests.bad_inputs            # prints the table of docs/troubleshooting.md#bad-input-and-faults
     python -m tests.bad_inputs --faults   # and the fault cases of tests/test_faults.py (a minute)
 """
 

@@ -103,7 +103,7 @@ TIERS = {
              "test_standin_ddpm", "test_stats", "test_vit", "methods/test_adaad", "methods/test_ard",
              "methods/test_at_prm", "methods/test_crdnd", "methods/test_darwin", "methods/test_gacd",
              "methods/test_iad", "methods/test_registry", "methods/test_rslad", "methods/test_trades",
-             "test_layout"],
+             "test_layout", "test_docs_links"],
     "stage": ["test_attention", "test_capability", "test_ddpm_diffusers", "test_evaluation", "test_evaluation_compiled",
               "test_input_checks", "test_protocols",
               "test_params_checks", "test_presets", "test_seeds", "test_stages", "test_teachers",

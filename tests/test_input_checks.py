@@ -47,7 +47,7 @@ def test_data_root_resolves_from_dvc_temporary_workspaces_and_the_environment(tm
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{w}: {c}" for w, c, _, _ in CASES])
 def test_bad_input_gives_one_clear_line(case):
-    """Every case of the README's table "Bad input and faults: what you see" (tests/bad_inputs.py):
+    """Every case of the table of docs/troubleshooting.md#bad-input-and-faults (tests/bad_inputs.py):
     the message names the problem, user errors exit 2 from the CLIs, no traceback."""
     where, _, expected, fn = case
     message = run_case(fn)
