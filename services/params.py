@@ -17,7 +17,7 @@ import yaml
 from robustkd.config import from_dict
 from robustkd.engine import OptimConfig
 from robustkd.errors import InputError
-from robustkd.evaluation import EvalConfig
+from robustkd.evaluation import PROTOCOLS, EvalConfig, apply_protocol, protocol_conflicts
 from robustkd.methods import DISTILL_METHODS, TEACHER_METHODS, build_config, get_method
 
 
@@ -141,8 +141,6 @@ class EvaluateParams:
     def __post_init__(self):
         """The protocol applied to ``config`` (keys it replaced in ``protocol_replaced``); an unknown
         name or a contradicting key is left for services.param_checks to report with the file."""
-        from robustkd.evaluation import PROTOCOLS, apply_protocol, protocol_conflicts
-
         self.protocol_replaced: list[str] = []
         self.protocol_conflicts = protocol_conflicts(self.config, self.protocol)
         if self.protocol in PROTOCOLS and not self.protocol_conflicts:
