@@ -109,6 +109,13 @@ def check_distill(path: str, distill) -> None:
 
 
 def check_evaluate(path: str, evaluate) -> None:
+    from robustkd.evaluation import PROTOCOLS
+
+    if evaluate.protocol not in PROTOCOLS:
+        fail(path, "evaluate.protocol", f"one of {list(PROTOCOLS)}", evaluate.protocol)
+    for key, found, value in getattr(evaluate, "protocol_conflicts", []):
+        fail(path, f"evaluate.config.{key}", f"the value of evaluate.protocol {evaluate.protocol!r} ({value!r}) "
+             f"or the project's (the key is then replaced); use evaluate.protocol 'project' for your own", found)
     cfg = evaluate.config
     for key in ("eps", "pgd_step_size", "cw_step_size"):
         pixel_unit(path, f"evaluate.config.{key}", getattr(cfg, key))

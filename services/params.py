@@ -17,7 +17,7 @@ import yaml
 from robustkd.config import from_dict
 from robustkd.engine import OptimConfig
 from robustkd.errors import InputError
-from robustkd.evaluation import EvalConfig
+from robustkd.evaluation import PROTOCOLS, EvalConfig, apply_protocol, protocol_conflicts
 from robustkd.methods import DISTILL_METHODS, TEACHER_METHODS, build_config, get_method
 
 
@@ -113,17 +113,41 @@ class DistillParams:
 
 @dataclass
 class EvaluateParams:
+    # A named evaluation protocol (robustkd.evaluation.PROTOCOLS: project | rslad | ard | iad |
+    # autoattack): "project" (default) is evaluate.config as written; another name sets the attack
+    # keys its paper's code uses (eps, PGD steps/step/start, CW steps/step/kappa, AutoAttack version),
+    # so that "evaluated under RSLAD's protocol" means exactly that. How explicit keys interact: a key
+    # the protocol sets may be left at the project's value (it is replaced, and the stage says so) or
+    # set to the protocol's; any other value contradicts it and stops the first stage with one line.
+    # Keys a protocol does not set (batch size, the attacks run, the checks, AutoAttack's custom
+    # list) keep evaluate.config's values; the image counts stay evaluate.per_class and friends.
+    protocol: str = "project"
     per_class: int | None = None           # the stratified subset "first k per class" (None: all)
     # AutoAttack (the expensive attack) on the first k per class of that subset (None: all of it)
     autoattack_per_class: int | None = None
     max_images: int | None = None          # at most the first N images of that subset (smoke runs; None: all)
     reference_attacks: list[str] = field(default_factory=lambda: ["natural", "pgd20"])
-    # torch.compile the attacked model (PGD, CW, AutoAttack's gradients); auto: on CUDA devices whose
-    # capability probe passes, eager elsewhere. The accuracy of each attack's x_adv is recomputed on
-    # an eager copy of the model (the "recomputed" check), so a compiled graph that differed shows.
-    # Evaluation stays fp32 (a reduced precision can mask gradients).
+    # torch.compile the evaluated model; auto: on CUDA devices whose capability probe passes, eager
+    # elsewhere. Only the natural forward runs compiled: every attack (PGD, CW, AutoAttack) and every
+    # check runs on the eager module, so a compiled model gets its eager copy's verdict (issue 24);
+    # the info file lists what ran compiled (compiled_parts). Evaluation runs in fp32 with TF32 off
+    # (robustkd.evaluation.fp32_matmuls: a reduced precision can mask gradients).
     compile: bool | Literal["auto"] = "auto"
+    # one progress line per attack and batch on stderr (AutoAttack's attacks and the masking checks
+    # included), with images/s and the ETA; false: quiet [choice]
+    progress: bool = True
     config: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        """The protocol applied to ``config`` (keys it replaced in ``protocol_replaced``); an unknown
+        name or a contradicting key is left for services.param_checks to report with the file."""
+        self.protocol_replaced: list[str] = []
+        self.protocol_conflicts = protocol_conflicts(self.config, self.protocol)
+        if self.protocol in PROTOCOLS and not self.protocol_conflicts:
+            before = self.config
+            self.config = apply_protocol(before, self.protocol)
+            self.protocol_replaced = [k for k in PROTOCOLS[self.protocol].settings
+                                      if getattr(before, k) != getattr(self.config, k)]
 
 
 @dataclass
