@@ -87,6 +87,11 @@ class BestKeeper:
         (a kill between the last checkpoint's write and the best's) is the resumed epoch itself,
         whose weights are those just loaded: saved as the best now."""
         stored = _stored_best(self.store)
+        if resumed and stored is not None and stored.get("fingerprint") == self.fingerprint \
+                and stored.get("best_metric") != self.key:   # the monitor's steps are not in the fingerprint
+            self.log(f"best checkpoint: {self.store} was chosen by {stored.get('best_metric')}, this run's monitor "
+                     f"reports {self.key}; dropped, the best is chosen again from the epochs that report it")
+            stored = None
         if not resumed or stored is None or stored.get("fingerprint") != self.fingerprint:
             self.store.unlink(missing_ok=True)
             stored = None
@@ -199,7 +204,8 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     if rank == 0:
         if keeper is not None:   # the best's epoch and accuracy: in the metrics (numbers) and the info
             best = keeper.finish(len(result))
-            history.extra.update({k: v for k, v in best.items() if isinstance(v, (int, float))})
+            if "best_heldout_pgd" in best:   # the monitor ran: a best of its own
+                history.extra.update({k: v for k, v in best.items() if isinstance(v, (int, float))})
             write_json({**info, "best_checkpoint": best}, info_path(metrics_json))
             tracking.current().log_metrics({k: v for k, v in best.items() if isinstance(v, (int, float))})
         history.flush()  # also when every epoch was done before a kill: DVC removed the outputs

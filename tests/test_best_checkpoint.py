@@ -82,7 +82,7 @@ def killer(at_epoch):
     return callback
 
 
-def train(tmp_path, epochs=3, callbacks=(), seed=0):
+def train(tmp_path, epochs=3, callbacks=(), seed=0, monitor_steps=2):
     params = Params()
     params.run.seed = seed
     m = model()
@@ -90,7 +90,7 @@ def train(tmp_path, epochs=3, callbacks=(), seed=0):
                            OptimConfig(epochs=epochs, batch_size=16, lr=0.05, schedule="cosine"), params,
                            images(32, 0), images(16, 7), torch.device("cpu"), tmp_path / "checkpoints" / "student",
                            tmp_path / "metrics" / "student_history.csv", tmp_path / "metrics" / "student_train.json",
-                           monitor_steps=2, extra_callbacks=list(callbacks),
+                           monitor_steps=monitor_steps, extra_callbacks=list(callbacks),
                            best_file=tmp_path / "models" / "student_best.pt", best_meta={"method": "pgd_at"})
     return m, history
 
@@ -140,6 +140,17 @@ def test_a_kill_between_the_last_and_the_best_write(tmp_path):
     assert not (tmp_path / "checkpoints" / "student" / "best.pt").exists()
     m, history = train(tmp_path)
     check_best(tmp_path, m, history)
+
+
+def test_a_resume_with_other_monitor_steps_chooses_again(tmp_path):
+    """The monitor's PGD steps are not in the resume fingerprint: a best chosen by PGD-2 is not
+    compared with PGD-3 accuracies; the best is chosen again among the epochs that report PGD-3."""
+    with pytest.raises(Kill):
+        train(tmp_path, callbacks=[killer(2)])   # epochs 1-2 monitored with 2 steps
+    m, history = train(tmp_path, monitor_steps=3)
+    best = load_checkpoint(tmp_path / "models" / "student_best.pt")
+    assert best.checkpoint_meta["best_metric"] == "heldout_pgd3" and best.checkpoint_meta["best_epoch"] == 3
+    assert same(weights(m), best)
 
 
 def test_a_best_of_another_run_is_dropped(tmp_path):
