@@ -133,7 +133,8 @@ def best_last_markdown(evaluate_dir: Path, names: list[str]) -> str:
             tests.append(f"| {name} | {LABELS[c]} | {len(pl[c])} | {only_last} | {only_best} | "
                          f"{mcnemar_exact_counts(only_last, only_best):.3g} |")
         held = record.get("best_heldout_pgd")
-        how = (f"best by held-out {record.get('best_metric')} ({held:.2f}% at epoch {record.get('best_epoch')})"
+        how = (f"the best epoch {record.get('best_epoch')} by the held-out monitor ({record.get('best_metric')} "
+               f"{held:.2f}%)"
                if isinstance(held, (int, float)) else f"{record.get('selection') or 'no best recorded'}")
         same = " (the same weights as the last: one evaluation)" if record.get("same_weights_as_last") else ""
         notes.append(f"- {name}: {how}{same}.")

@@ -195,3 +195,49 @@ def test_a_stage_refuses_best_without_a_monitor(tmp_path, capsys):
     assert exc.value.code == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and "distill.select" in lines[0] and "data.heldout_per_class 0" in lines[0], lines
+
+
+def write_results(model_path, out_path, attacks, outcomes):
+    """What the evaluate stage writes for one model (numbers, info, per-image outcomes)."""
+    import numpy as np
+
+    from services.common import save_arrays, write_json
+    from services.results import info_path, per_image_path
+
+    write_json({a: 100.0 * float(np.mean(outcomes[a])) for a in attacks}, out_path)
+    write_json({"model": str(model_path)}, info_path(out_path))
+    save_arrays(per_image_path(out_path), index=np.arange(8), label=np.arange(8) % 4,
+                **{a: np.asarray(outcomes[a], np.uint8) for a in attacks})
+    return False
+
+
+def test_the_evaluation_and_the_report_of_best_and_last(tmp_path):
+    """Best weights other than the last: evaluated on their own, the info says which epoch, the report
+    section gives both rows, labelled, and the exact McNemar test on the paired outcomes."""
+    import json
+
+    from robustkd.models import save_checkpoint
+    from services.best_last import best_last_markdown, evaluate_best
+
+    models, out = tmp_path / "models", tmp_path / "metrics" / "evaluate"
+    save_checkpoint(model(1), models / "student.pt", epochs=3)
+    save_checkpoint(model(2), models / "student_best.pt", best_epoch=1, best_heldout_pgd=40.0,
+                    best_metric="heldout_pgd10", selection="best held-out robust accuracy")
+    last = {"natural": [1, 1, 1, 1, 0, 0, 0, 0], "pgd20": [1, 0, 0, 0, 0, 0, 0, 0]}
+    best = {"natural": [1, 1, 1, 0, 0, 0, 0, 0], "pgd20": [1, 1, 1, 1, 1, 0, 0, 0]}
+    write_results(models / "student.pt", out / "student.json", ["natural", "pgd20"], last)
+    ran = []
+
+    def evaluate(path, out_path, attacks):
+        ran.append(path.name)
+        return write_results(path, out_path, attacks, best)
+
+    assert evaluate_best(["student"], models, out, lambda name: ["natural", "pgd20"], evaluate) == []
+    assert ran == ["student_best.pt"]
+    record = json.loads((out / "student_best_info.json").read_text())["best_checkpoint"]
+    assert record["best_epoch"] == 1 and record["last_epoch"] == 3 and record["same_weights_as_last"] is False
+    md = best_last_markdown(out, ["student"])
+    assert "| student (last) | 3 | 50.00" in md and "| student (best) | 1 | 37.50" in md
+    assert "| student | PGD-20 | 8 | 0 | 4 | 0.125 |" in md   # 4 discordant pairs, all for the best: p = 2/16
+    assert "| student | Natural | 8 | 1 | 0 | 1 |" in md
+    assert best_last_markdown(out, ["teacher"]) == ""   # nothing evaluated: no section
