@@ -241,3 +241,25 @@ def test_the_evaluation_and_the_report_of_best_and_last(tmp_path):
     assert "| student | PGD-20 | 8 | 0 | 4 | 0.125 |" in md   # 4 discordant pairs, all for the best: p = 2/16
     assert "| student | Natural | 8 | 1 | 0 | 1 |" in md
     assert best_last_markdown(out, ["teacher"]) == ""   # nothing evaluated: no section
+
+
+@pytest.mark.parametrize("select", ["last", "best"])
+def test_the_registry_takes_the_checkpoint_distill_select_names(tmp_path, select):
+    import json
+
+    from pipeline import registry
+
+    from .test_serving import tiny_onnx
+
+    raw = yaml.safe_load((ROOT / "params.yaml").read_text())
+    raw["distill"]["select"] = select
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(raw))
+    (tmp_path / "models").mkdir()
+    tiny_onnx(tmp_path / "models" / "student.onnx")
+    for name, aa in (("student", 20.0), ("student_best", 30.0)):
+        path = tmp_path / "metrics" / "evaluate" / f"{name}.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"natural": 50.0, "autoattack": aa, "num_images": 100}))
+    metrics, tags = registry.workspace_metadata(tmp_path)
+    assert tags["checkpoint"] == select and metrics["autoattack"] == (30.0 if select == "best" else 20.0)
+    assert f"checkpoint: {select}" in registry.version_description(metrics, tags)
