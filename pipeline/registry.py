@@ -226,7 +226,8 @@ def version_description(metrics: dict, tags: dict, train_run=None) -> str:
     """The registered version's description (Markdown, shown by the MLflow UI): method, teacher,
     data, evaluation with 95% intervals, the training run and the input format."""
     lines = [f"Student `{tags.get('student')}` distilled with **{tags.get('method')}** from a "
-             f"`{tags.get('teacher')}` teacher on {tags.get('dataset')} (profile {tags.get('profile', '-')}).", ""]
+             f"`{tags.get('teacher')}` teacher on {tags.get('dataset')} (profile {tags.get('profile', '-')}); "
+             f"checkpoint: {tags.get('checkpoint', 'last')} (distill.select).", ""]
     records = metrics.get("accuracy") or {}
     shown = [(k, label) for k, label in ATTACK_COLUMNS if metrics.get(k) is not None]
     if shown:
@@ -360,7 +361,8 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
     import onnx
 
     onnx_path = root / "models/student.onnx"
-    eval_path = root / "metrics/evaluate/student.json"
+    select = load_params(root / "params.yaml").distill.select   # last | best: the checkpoint exported
+    eval_path = root / f"metrics/evaluate/{'student_best' if select == 'best' else 'student'}.json"
     for p in (onnx_path, eval_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} missing: run the pipeline (make run / dvc repro) first")
@@ -378,7 +380,8 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
             "autoattack_subset": aa_subset.get("description"),
             "autoattack_images_sha256": aa_subset.get("images_sha256"),
             "threat_model": f"{threat.get('norm', 'Linf')} eps={threat.get('eps_255', metrics.get('eps_255'))}/255",
-            "eval_flagged": metrics.get("flagged", 0), **interval_tags(metrics), "git_commit": git_commit(root)}
+            "eval_flagged": metrics.get("flagged", 0), **interval_tags(metrics), "git_commit": git_commit(root),
+            "checkpoint": select}
     return {**{k: metrics.get(k) for k, _ in ATTACK_COLUMNS}, "accuracy": metrics.get("accuracy") or {},
             "eps_255": metrics.get("eps_255")}, tags
 
@@ -388,11 +391,12 @@ def register_workspace(root: Path = Path("."), parent_run_id: str | None = None,
     params = load_params(root / "params.yaml")
     setup_mlflow(root)
     metrics, tags = workspace_metadata(root)
+    stem = "student_best" if tags["checkpoint"] == "best" else "student"   # distill.select
     return register_onnx(root / "models/student.onnx", metrics, tags, params.registry.model_name,
                          params.registry.natural_tolerance, parent_run_id=parent_run_id, log=log,
                          promotion=params.registry.promotion, alpha=params.registry.alpha,
-                         per_image=per_image_path(root / "metrics/evaluate/student.json"),
-                         checkpoint=root / "models/student.pt")
+                         per_image=per_image_path(root / f"metrics/evaluate/{stem}.json"),
+                         checkpoint=root / f"models/{stem}.pt")
 
 
 def _shown(tags: dict, key: str) -> str:

@@ -210,6 +210,36 @@ def check_registry(path: str, registry) -> None:
              "(used in models:/<name>@champion and MLflow search filters)", registry.model_name)
 
 
+BEST_MODELS = ("teacher", "student", "reference")   # the trained models with a models/<name>_best.pt
+
+
+def monitor_off(monitor_steps: int, heldout_per_class: int) -> bool:
+    """The per-epoch held-out PGD monitor does not run: no held-out slice or no PGD steps."""
+    return not monitor_steps or not heldout_per_class
+
+
+def check_selection(path: str, params) -> None:
+    """``teacher.select`` / ``distill.select: best`` need the per-epoch held-out PGD monitor (the
+    best is by its accuracy); the registered best student needs its evaluation."""
+    for key, select, steps_key, steps in (
+            ("teacher.select", params.teacher.select, "teacher.monitor_pgd_steps", params.teacher.monitor_pgd_steps),
+            ("distill.select", params.distill.select, "distill.monitor_pgd_steps", params.distill.monitor_pgd_steps)):
+        if select != "best":
+            continue
+        if monitor_off(steps, params.data.heldout_per_class):
+            fail(path, key, f"last while the held-out monitor is off ({steps_key} {steps}, data.heldout_per_class "
+                 f"{params.data.heldout_per_class}): best is chosen by it", select)
+    if params.teacher.select == "best" and params.teacher.source != "train":
+        fail(path, "teacher.select", f"last with teacher.source {params.teacher.source} (nothing is trained here)",
+             "best")
+    names = params.evaluate.best_checkpoints
+    if len(set(names)) != len(names) or any(n not in BEST_MODELS for n in names):
+        fail(path, "evaluate.best_checkpoints", f"distinct names of {list(BEST_MODELS)}", names)
+    if params.distill.select == "best" and "student" not in names:
+        fail(path, "evaluate.best_checkpoints", "a list naming student (distill.select is best: the best "
+             "student is exported and registered, so it is evaluated)", names)
+
+
 def check_params(params, path: str) -> None:
     """Every range check of the whole file; the first problem raises InputError."""
     check_data(path, params.data)
@@ -218,6 +248,7 @@ def check_params(params, path: str) -> None:
     check_distill(path, params.distill)
     check_evaluate(path, params.evaluate)
     check_export(path, params.export)
+    check_selection(path, params)
     positive(path, "run.threads", params.run.threads, allow_zero=True)
     positive(path, "registry.natural_tolerance", params.registry.natural_tolerance, allow_zero=True)
     if not 0 < params.registry.alpha < 1:

@@ -66,6 +66,10 @@ class TeacherParams:
     settings: dict = field(default_factory=dict)   # the method's settings (robustkd.methods)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor_pgd_steps: int = 10            # PGD steps of the per-epoch held-out check
+    # Which teacher checkpoint the student distils from: last (models/teacher.pt) or best
+    # (models/teacher_best.pt, the best held-out PGD accuracy: services/training.py BestKeeper).
+    # last [choice]: TRADES' official code distils nothing and keeps per-epoch files; best needs the monitor.
+    select: Literal["last", "best"] = "last"
     # With source: train and a ViT teacher (vit_b_4, deit_s_4), a local ImageNet 224/16 weights file
     # (timm key names; .pth/.bin/.safetensors) adapted to 32 x 32 / 4 x 4 patches (robustkd/vit.py);
     # empty: from scratch. The run records which (metrics/teacher_info.json "init", MLflow params).
@@ -108,6 +112,11 @@ class DistillParams:
     official_epochs: int | None = None
     method_optim: dict = field(default_factory=dict)
     monitor_pgd_steps: int = 10            # PGD steps of the per-epoch held-out check
+    # The student exported and registered: last (models/student.pt) or best (models/student_best.pt,
+    # the best held-out PGD accuracy; both are kept and evaluated, services/training.py BestKeeper).
+    # last [choice]: IAD's and AdaAD's official code select the best on the *test* set
+    # (ZFancy/IAD IAD-I.py L251-259, boyellow/AdaAD main.py L479-493); best needs the monitor.
+    select: Literal["last", "best"] = "last"
     reference_method: str = "natural_kd"   # the same student trained without adversarial examples
 
 
@@ -136,6 +145,9 @@ class EvaluateParams:
     # one progress line per attack and batch on stderr (AutoAttack's attacks and the masking checks
     # included), with images/s and the ETA; false: quiet [choice]
     progress: bool = True
+    # The models whose best held-out checkpoint (models/<name>_best.pt) is evaluated too, beside the
+    # last: metrics/evaluate/<name>_best.json. [student] [choice]; dvc.yaml declares these outputs.
+    best_checkpoints: list[str] = field(default_factory=lambda: ["student"])
     config: EvalConfig = field(default_factory=EvalConfig)
 
     def __post_init__(self):

@@ -31,6 +31,7 @@ from robustkd.evaluation import (PROTOCOLS, WORST_CASE, EvaluationResult, attack
                                  evaluate_model, sha256_tensor, summarize)
 from robustkd.models import load_checkpoint
 
+from services.best_last import evaluate_best
 from services.results import info_path, per_image_path
 from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, save_arrays,
                      setup_distributed, write_json)
@@ -185,6 +186,13 @@ def main(args) -> None:
                 (MODELS / "reference.pt", out / "reference.json", params.evaluate.reference_attacks)]
     flagged = [str(model) for model, out_path, names in jobs
                if evaluate_file(model, out_path, params, names, device, args.tracker, dist_info).flagged]
+    if not args.model:   # the best held-out checkpoints beside the last (evaluate.best_checkpoints)
+        flagged += evaluate_best(
+            params.evaluate.best_checkpoints, MODELS, METRICS / "evaluate",
+            lambda name: params.evaluate.reference_attacks if name == "reference" else attacks,
+            lambda model, out_path, names: evaluate_file(model, out_path, params, names, device, args.tracker,
+                                                         dist_info).flagged,
+            is_main=dist_info.is_main)
     if flagged and params.evaluate.config.fail_on_check:
         print(f"error: evaluation checks failed for {', '.join(flagged)} (evaluate.config.fail_on_check: true); "
               "results written and flagged", file=sys.stderr)
