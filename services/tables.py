@@ -128,27 +128,20 @@ def _outcome_on(per_image: dict[str, np.ndarray], key: str, images: np.ndarray) 
     return per_image[key][[where[int(i)] for i in images]].astype(bool)
 
 
-def _block(per_image: dict[str, np.ndarray], images: np.ndarray, keys: list[str], description: str) -> dict:
+def _block(per_image: dict[str, np.ndarray], images: np.ndarray, keys: list[str]) -> dict:
+    """{"images": n, "accuracy": {column: count, total, percent, interval}}: numbers only (the
+    blocks go into the DVC metrics file); the worst case over exactly these columns."""
     from robustkd.stats import accuracy_record
 
     outcomes = {k: o for k in keys if (o := _outcome_on(per_image, k, images)) is not None}
     n = int(len(images))
-    block: dict = {"images": n, "description": description, "columns": list(outcomes),
-                   "accuracy": {k: accuracy_record(int(o.sum()), n) for k, o in outcomes.items()}}
-    attacks = [k for k in outcomes if k != "natural"]
-    if attacks:
+    block: dict = {"images": n, "accuracy": {k: accuracy_record(int(o.sum()), n) for k, o in outcomes.items()}}
+    if any(k != "natural" for k in outcomes):
         worst = np.ones(n, dtype=bool)
         for o in outcomes.values():   # natural included: wrong without attack, wrong under attack
             worst &= o
-        block["worst_case_over"] = list(outcomes)
         block["accuracy"][WORST] = accuracy_record(int(worst.sum()), n)
     return block
-
-
-def _per_class_words(per_image: dict[str, np.ndarray], images: np.ndarray) -> str:
-    lab = per_image["label"][np.isin(per_image["index"], images)]
-    counts = {int((lab == c).sum()) for c in np.unique(lab)}
-    return f"{counts.pop()} of each class" if len(counts) == 1 else "classes unequal"
 
 
 def headline(metrics: dict | None, per_image: dict[str, np.ndarray] | None,
@@ -160,16 +153,8 @@ def headline(metrics: dict | None, per_image: dict[str, np.ndarray] | None,
     per-image outcomes (nothing can be put on the same images)."""
     if per_image is None:
         return None
-    own = headline_images(per_image)
-    images = own if images is None else np.asarray(images, dtype=np.int64)
-    subset = ((metrics or {}).get("info") or {}).get("attack_subsets", {}).get("autoattack", {})
-    if len(own) < len(per_image["index"]) and np.array_equal(images, own):
-        words = (f"the images AutoAttack ran on ({subset['description']})" if subset.get("description")
-                 else f"the images every attack ran on ({_per_class_words(per_image, images)})")
-    else:
-        words = (f"{_per_class_words(per_image, images)}"
-                 + ("" if np.array_equal(images, per_image["index"]) else " (the headline images)"))
-    return _block(per_image, images, [k for k, _ in ATTACK_COLUMNS], words)
+    images = headline_images(per_image) if images is None else np.asarray(images, dtype=np.int64)
+    return _block(per_image, images, [k for k, _ in ATTACK_COLUMNS])
 
 
 def larger_set(metrics: dict | None, per_image: dict[str, np.ndarray] | None) -> dict | None:
@@ -181,9 +166,22 @@ def larger_set(metrics: dict | None, per_image: dict[str, np.ndarray] | None) ->
     if len(headline_images(per_image)) == len(everything):
         return None
     keys = [k for k, _ in ATTACK_COLUMNS if k in per_image and f"{k}_index" not in per_image]
-    subset = ((metrics or {}).get("info") or {}).get("subset", {})
-    words = subset.get("description") or _per_class_words(per_image, everything)
-    return _block(per_image, everything, keys, words)
+    return _block(per_image, everything, keys)
+
+
+def headline_words(m: dict) -> str:
+    """Which images the headline block is on, in words (from the info file's subsets)."""
+    info = m.get("info") or {}
+    block = m.get(HEADLINE) or {}
+    subset = info.get("subset") or {}
+    aa = (info.get("attack_subsets") or {}).get("autoattack") or {}
+    if aa and block.get("images") == aa.get("num_images"):
+        return f"the images AutoAttack ran on: {aa.get('description', '-')} of the evaluated subset"
+    return subset.get("description", "the evaluated images")
+
+
+def larger_words(m: dict) -> str:
+    return ((m.get("info") or {}).get("subset") or {}).get("description", "every evaluated image")
 
 
 def table_blocks(metrics: dict | None, per_image: dict[str, np.ndarray] | None) -> dict:
