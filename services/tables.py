@@ -216,3 +216,22 @@ def block_percent(block: dict | None, key: str) -> float | None:
 def larger_label(label: str, n: int) -> str:
     """"PGD-20 on 1,000": a column of the larger set says its count."""
     return f"{label} on {n:,}"
+
+
+def same_image_rows(evals: list[tuple[str, dict]], paths: dict[str, Path]) -> list[tuple[str, dict]]:
+    """Each row's headline block on the first row's headline images (e.g. the teacher's and the
+    student's AutoAttack subset; a model attacked more cheaply, such as the reference student,
+    on those same images, its own images going to its larger-set block), so that a table of
+    headline blocks is on one set of images. ``paths``: each row's metrics file."""
+    common = None
+    for name, m in evals:
+        per_image = read_per_image(paths[name]) if name in paths else None
+        if per_image is not None and common is None:
+            common = headline_images(per_image)
+        if per_image is not None and common is not None:
+            if len(common) < len(per_image["index"]) and not m.get(LARGER_SET):
+                m[LARGER_SET] = headline(m, per_image)   # all its attacks ran on all its images
+            block = headline(m, per_image, common)
+            if block and block["accuracy"]:   # else its images are not those: it keeps its own
+                m[HEADLINE] = block
+    return evals

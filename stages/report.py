@@ -12,10 +12,9 @@ import csv
 from pathlib import Path
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_csv
-from services.results import read_per_image
 from services.tables import (ATTACK_COLUMNS, HEADLINE, LARGER_SET, TABLE_COLUMNS, WORST, block_cell, checks_lines,
-                             headline, headline_images, headline_words, larger_label, larger_words, paired_lines,
-                             read_json, read_with_blocks)
+                             headline_words, larger_label, larger_words, paired_lines, read_json, read_with_blocks,
+                             same_image_rows)
 from robustkd.utils import atomic_path
 
 def read_csv(path: Path) -> list[dict]:
@@ -23,22 +22,6 @@ def read_csv(path: Path) -> list[dict]:
         return []
     with open(path) as fh:
         return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(fh)]
-
-
-def same_image_rows(evals: list[tuple[str, dict]], paths: dict[str, Path]) -> list[tuple[str, dict]]:
-    """Each model's headline block on the first model's headline images (the student's and the
-    teacher's AutoAttack subset; the reference student, attacked more cheaply, on the same
-    images), so that the headline table is on one set of images."""
-    common = None
-    for name, m in evals:
-        per_image = read_per_image(paths[name]) if name in paths else None
-        if per_image is not None and common is None:
-            common = headline_images(per_image)
-        if per_image is not None and common is not None:
-            if len(common) < len(per_image["index"]) and not m.get(LARGER_SET):
-                m[LARGER_SET] = headline(m, per_image)   # all its attacks ran on all its images
-            m[HEADLINE] = headline(m, per_image, common) or m.get(HEADLINE)
-    return evals
 
 
 def run_caption(params) -> str:
