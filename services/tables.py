@@ -229,9 +229,10 @@ def same_image_rows(evals: list[tuple[str, dict]], paths: dict[str, Path]) -> li
         if per_image is not None and common is None:
             common = headline_images(per_image)
         if per_image is not None and common is not None:
+            block = headline(m, per_image, common)
+            if not (block and block["accuracy"]):   # its images are not those: it keeps its own
+                continue
             if len(common) < len(per_image["index"]) and not m.get(LARGER_SET):
                 m[LARGER_SET] = headline(m, per_image)   # all its attacks ran on all its images
-            block = headline(m, per_image, common)
-            if block and block["accuracy"]:   # else its images are not those: it keeps its own
-                m[HEADLINE] = block
+            m[HEADLINE] = block
     return evals
