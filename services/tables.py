@@ -236,3 +236,14 @@ def same_image_rows(evals: list[tuple[str, dict]], paths: dict[str, Path]) -> li
                 m[LARGER_SET] = headline(m, per_image)   # all its attacks ran on all its images
             m[HEADLINE] = block
     return evals
+
+
+def headline_of(m: dict) -> dict | None:
+    """A results dict's headline block; for results without one (and without per-image outcomes
+    to compute it), its accuracy records when they all have one total, else None: columns of
+    different counts are never put side by side."""
+    if m.get(HEADLINE):
+        return m[HEADLINE]
+    records = m.get("accuracy") or {}
+    totals = {r["total"] for r in records.values()}
+    return {"images": totals.pop(), "accuracy": records} if len(totals) == 1 else None
