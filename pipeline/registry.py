@@ -3,8 +3,10 @@
 ``python -m pipeline.registry register`` registers ``models/student.onnx`` (MLflow's ONNX flavour)
 with a signature (float32 N x 3 x 32 x 32 in [0, 1] -> logits) and an input example, a description
 (method, teacher, data, evaluation with 95% intervals, a link to the distill stage's training run)
-and tags for method, student, teacher, dataset, each attack's accuracy and its 95% Wilson interval,
-the evaluated subset's hash, whether the evaluation was flagged and the training run's id, then
+and tags for method, student, teacher, dataset, the headline figures (natural, PGD-20, CW, AutoAttack
+and the per-image worst case, all on the same images: ``headline_images``) with their counts and
+95% Wilson intervals, the cheaper attacks on the larger set under tags that name their count
+(``pgd20_on_1000``), the evaluated subset's hash, whether the evaluation was flagged and the training run's id, then
 decides its alias:
 
 - a new version is ranked only against a champion evaluated on the same dataset, AutoAttack
@@ -37,7 +39,8 @@ import numpy as np
 from robustkd.stats import discordant_pairs, mcnemar_exact_counts
 from services.results import per_image_path, read_evaluation
 from services.params import load_params
-from services.tables import ATTACK_COLUMNS, images_of
+from services.tables import (ATTACK_COLUMNS, HEADLINE, LARGER_SET, TABLE_COLUMNS, WORST, headline, headline_words,
+                             images_of, larger_label, larger_set)
 from services.tracking import MLFLOW_ENV, filter_literal, git_commit, keep_environment, setup_mlflow
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -224,23 +227,40 @@ def training_run(client, checkpoint: Path | None, parent_run_id: str | None = No
 
 def version_description(metrics: dict, tags: dict, train_run=None) -> str:
     """The registered version's description (Markdown, shown by the MLflow UI): method, teacher,
-    data, evaluation with 95% intervals, the training run and the input format."""
+    data, the headline evaluation (every attack and the worst case on the same images, with
+    counts and 95% intervals), the cheaper attacks on the larger set as a table of its own, the
+    training run and the input format."""
     lines = [f"Student `{tags.get('student')}` distilled with **{tags.get('method')}** from a "
              f"`{tags.get('teacher')}` teacher on {tags.get('dataset')} (profile {tags.get('profile', '-')}); "
              f"checkpoint: {tags.get('checkpoint', 'last')} (distill.select).", ""]
-    records = metrics.get("accuracy") or {}
-    shown = [(k, label) for k, label in ATTACK_COLUMNS if metrics.get(k) is not None]
-    if shown:
-        eps = metrics.get("eps_255")
-        lines += [f"Evaluation on {tags.get('eval_images', '-')} test images ({tags.get('eval_subset', '-')}, "
-                  f"images sha256 `{str(tags.get('eval_images_sha256', '-'))[:16]}`)"
-                  + (f", L-inf eps {eps:g}/255" if eps is not None else "")
-                  + ("; FLAGGED by the evaluation checks" if str(tags.get("eval_flagged")) in ("1", "True") else "")
-                  + ":", "", "| attack | accuracy (%) | 95% Wilson interval |", "|---|---|---|"]
-        for k, label in shown:
-            rec = records.get(k)
-            ci = f"[{rec['ci95_low']:.1f}, {rec['ci95_high']:.1f}]" if rec else "-"
-            lines.append(f"| {label} | {float(metrics[k]):.2f} | {ci} |")
+    eps = metrics.get("eps_255")
+    threat = (f", L-inf eps {eps:g}/255" if eps is not None else "") \
+        + ("; FLAGGED by the evaluation checks" if str(tags.get("eval_flagged")) in ("1", "True") else "")
+    block = metrics.get(HEADLINE)
+    if block and block.get("accuracy"):
+        n = block["images"]
+        lines += [f"Evaluation, every attack on the same {n} test images ({tags.get('eval_subset', '-')}, images "
+                  f"sha256 `{str(tags.get('eval_images_sha256', '-'))[:16]}`){threat}; the worst case is per "
+                  "image over these attacks:", "",
+                  "| attack | accuracy (%) | 95% Wilson interval | correct / images |", "|---|---|---|---|"]
+        lines += [_record_line(label, rec) for k, label in TABLE_COLUMNS if (rec := block["accuracy"].get(k))]
+        lines.append("")
+        larger = metrics.get(LARGER_SET)
+        if larger and larger.get("accuracy"):
+            m = larger["images"]
+            lines += [f"Cheaper attacks on the larger set ({m} test images; not AutoAttack, not comparable with "
+                      "the table above):", "",
+                      "| attack | accuracy (%) | 95% Wilson interval | correct / images |", "|---|---|---|---|"]
+            lines += [_record_line(larger_label(label, m), rec) for k, label in ATTACK_COLUMNS
+                      if (rec := larger["accuracy"].get(k))]
+            lines.append("")
+    elif any(metrics.get(k) is not None for k, _ in ATTACK_COLUMNS):
+        records = metrics.get("accuracy") or {}
+        lines += [f"Evaluation{threat}; no per-image outcomes to put the attacks on the same images: each "
+                  "attack on its own count of images, no worst case:", "",
+                  "| attack | accuracy (%) | 95% Wilson interval | correct / images |", "|---|---|---|---|"]
+        lines += [_record_line(label, records[k]) if k in records else f"| {label} | {float(metrics[k]):.2f} | - | - |"
+                  for k, label in ATTACK_COLUMNS if metrics.get(k) is not None]
         lines.append("")
     if train_run is not None:
         lines += [f"Training run: [{train_run.info.run_name or 'distill'} ({train_run.info.run_id})]"
@@ -248,6 +268,29 @@ def version_description(metrics: dict, tags: dict, train_run=None) -> str:
     lines.append("Input: float32 N x 3 x 32 x 32, RGB in [0, 1], not normalised. Output: logits N x classes; "
                  "the class names are in the ONNX metadata (`classes`).")
     return "\n".join(lines)
+
+
+def _record_line(label: str, rec: dict) -> str:
+    return (f"| {label} | {rec['percent']:.2f} | [{rec['ci95_low']:.1f}, {rec['ci95_high']:.1f}] | "
+            f"{rec['correct']}/{rec['total']} |")
+
+
+def with_blocks(metrics: dict, per_image: dict | None) -> dict:
+    """``metrics`` with its headline and larger-set blocks (computed from ``per_image`` when the
+    results predate them; unchanged without either)."""
+    if metrics.get(HEADLINE) or per_image is None:
+        return metrics
+    return {**metrics, HEADLINE: headline(metrics, per_image), LARGER_SET: larger_set(metrics, per_image)}
+
+
+def on_headline(metrics: dict) -> dict:
+    """The figures a version is tagged and ranked by: every attack's accuracy, its record and the
+    worst case from the headline block (the same images), when there is one."""
+    block = metrics.get(HEADLINE)
+    if not (block and block.get("accuracy")):
+        return metrics
+    return {**metrics, **{k: rec["percent"] for k, rec in block["accuracy"].items()},
+            "accuracy": block["accuracy"], "num_images": block["images"]}
 
 
 def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, natural_tolerance: float,
@@ -273,9 +316,10 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
         log(f"{onnx_path} (sha256 {sha[:12]}) is already version {existing.version} of {model_name}: "
             "nothing registered")
         return str(existing.version), None
+    metrics = with_blocks(metrics, read_npz(per_image))
     version_tags = {**{k: str(v) for k, v in tags.items()},
-                    **{k: f"{metrics[k]:.2f}" for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None},
-                    "onnx_sha256": sha}
+                    **{k: f"{metrics[k]:.2f}" for k, _ in TABLE_COLUMNS if metrics.get(k) is not None},
+                    **block_tags(metrics), "onnx_sha256": sha}
     version_tags[GROUP_TAG] = comparison_group(version_tags)
     train_run = training_run(client, checkpoint, parent_run_id)
     if train_run is not None:
@@ -284,7 +328,7 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
             run_name="register", parent_run_id=parent_run_id,
             tags={"stage": "register", "git_commit": tags.get("git_commit", ""),
                   **({"training_run_id": train_run.info.run_id} if train_run is not None else {})}):
-        mlflow.log_metrics({k: float(metrics[k]) for k, _ in ATTACK_COLUMNS if metrics.get(k) is not None})
+        mlflow.log_metrics({k: float(metrics[k]) for k, _ in TABLE_COLUMNS if metrics.get(k) is not None})
         info = mlflow.onnx.log_model(onnx.load(str(onnx_path)), name="student",
                                      registered_model_name=model_name,
                                      onnx_execution_providers=["CPUExecutionProvider"],
@@ -350,9 +394,24 @@ def interval_tags(metrics: dict) -> dict:
     interval in percent and its count."""
     records = metrics.get("accuracy") or {}
     out = {f"{k}_ci95": f"[{records[k]['ci95_low']:.2f}, {records[k]['ci95_high']:.2f}]"
-           for k, _ in ATTACK_COLUMNS if k in records}
+           for k, _ in TABLE_COLUMNS if k in records}
     out.update({f"{k}_count": f"{records[k]['correct']}/{records[k]['total']}"
-                for k, _ in ATTACK_COLUMNS if k in records})
+                for k, _ in TABLE_COLUMNS if k in records})
+    return out
+
+
+def block_tags(metrics: dict) -> dict:
+    """The image counts of the two blocks and the larger set's figures, each named with its count
+    ("pgd20_on_1000": "19.60 [17.26, 22.17]"): never mixed with the headline tags."""
+    out = {}
+    block, larger = metrics.get(HEADLINE), metrics.get(LARGER_SET)
+    if block:
+        out["headline_images"] = str(block["images"])
+    if larger:
+        m = larger["images"]
+        out["larger_set_images"] = str(m)
+        out.update({f"{k}_on_{m}": f"{r['percent']:.2f} [{r['ci95_low']:.2f}, {r['ci95_high']:.2f}]"
+                    for k, r in larger["accuracy"].items() if k != WORST})
     return out
 
 
@@ -366,24 +425,28 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
     for p in (onnx_path, eval_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} missing: run the pipeline (make run / dvc repro) first")
-    metrics = read_evaluation(eval_path)
+    metrics = on_headline(with_blocks(read_evaluation(eval_path), read_npz(per_image_path(eval_path))))
     info = metrics["info"]
     subset = info.get("subset", {})
     props = {p.key: p.value for p in onnx.load(str(onnx_path), load_external_data=False).metadata_props}
     params = load_params(root / "params.yaml")
     aa_subset = (info.get("attack_subsets") or {}).get("autoattack", subset)
+    on_aa = metrics.get(HEADLINE) and metrics["num_images"] == aa_subset.get("num_images")
+    shown = aa_subset if on_aa else subset   # the images of the headline block
     threat = info.get("threat_model") or {}
     tags = {"method": props.get("method", info.get("method")), "student": props.get("arch", info.get("arch")),
             "teacher": props.get("teacher_arch"), "dataset": props.get("dataset", params.data.source),
             "profile": params.profile, "eval_images": metrics.get("num_images"),
-            "eval_subset": subset.get("description"), "eval_images_sha256": subset.get("images_sha256"),
+            "eval_subset": headline_words(metrics) if metrics.get(HEADLINE) else subset.get("description"),
+            "eval_images_sha256": shown.get("images_sha256"),
             "autoattack_subset": aa_subset.get("description"),
             "autoattack_images_sha256": aa_subset.get("images_sha256"),
             "threat_model": f"{threat.get('norm', 'Linf')} eps={threat.get('eps_255', metrics.get('eps_255'))}/255",
             "eval_flagged": metrics.get("flagged", 0), **interval_tags(metrics), "git_commit": git_commit(root),
             "checkpoint": select}
-    return {**{k: metrics.get(k) for k, _ in ATTACK_COLUMNS}, "accuracy": metrics.get("accuracy") or {},
-            "eps_255": metrics.get("eps_255")}, tags
+    return {**{k: metrics.get(k) for k, _ in TABLE_COLUMNS}, "accuracy": metrics.get("accuracy") or {},
+            "eps_255": metrics.get("eps_255"), HEADLINE: metrics.get(HEADLINE),
+            LARGER_SET: metrics.get(LARGER_SET)}, tags
 
 
 def register_workspace(root: Path = Path("."), parent_run_id: str | None = None, log=print):
@@ -405,6 +468,15 @@ def _shown(tags: dict, key: str) -> str:
     return f"{value} {tags[key + '_ci95']}" if key + "_ci95" in tags else value
 
 
+def _images(tags: dict) -> str:
+    """The one image count of a version's row: every column on these images ("mixed" for a
+    version registered before the headline block, whose columns had their own counts)."""
+    if "headline_images" in tags:
+        return f"{tags['headline_images']} (all columns)"
+    totals = {tags[f"{k}_count"].split("/")[-1] for k, _ in ATTACK_COLUMNS if f"{k}_count" in tags}
+    return totals.pop() if len(totals) == 1 else "mixed: " + "/".join(sorted(totals))
+
+
 def students_table(model_name: str) -> str:
     """Registered versions side by side (newest first), as a Markdown table."""
     import mlflow
@@ -416,14 +488,14 @@ def students_table(model_name: str) -> str:
         for alias, version in client.get_registered_model(model_name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
     header = (["version", "aliases", "method", "student", "teacher", "dataset", "group"]
-              + [label for _, label in ATTACK_COLUMNS] + ["AA images", "McNemar p vs champion", "flagged"])
+              + [label for _, label in TABLE_COLUMNS] + ["images", "McNemar p vs champion", "flagged"])
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     for v in versions:
         t = v.tags
         cells = [v.version, ",".join(aliases.get(str(v.version), [])) or "-", t.get("method", "-"), t.get("student", "-"),
                  t.get("teacher", "-"), t.get("dataset", "-"), t.get(GROUP_TAG, "-")] \
-            + [_shown(t, k) for k, _ in ATTACK_COLUMNS] \
-            + [t.get("autoattack_count", "-"), t.get("autoattack_mcnemar_p_vs_champion", "-"),
+            + [_shown(t, k) for k, _ in TABLE_COLUMNS] \
+            + [_images(t), t.get("autoattack_mcnemar_p_vs_champion", "-"),
                t.get("eval_flagged", "-")]
         lines.append("| " + " | ".join(str(c) for c in cells) + " |")
     return "\n".join(lines)

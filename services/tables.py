@@ -96,3 +96,154 @@ def markdown_to_html_table(md: str) -> str:
     if row:
         out.append("</table>")
     return "\n".join(out)
+
+
+# ---------------------------------------------------------------- one set of images per table
+# The headline block: every column on the SAME images (the smallest set an attack ran on: today
+# AutoAttack's stratified subset), the worst case the per-image AND over exactly those columns.
+# The larger set: the cheaper attacks on every evaluated image, a table of its own, never mixed in.
+HEADLINE, LARGER_SET = "headline", "larger_set"
+WORST = "worst_case"
+
+
+def headline_images(per_image: dict[str, np.ndarray]) -> np.ndarray:
+    """Test-set indices of the headline images: the images every evaluated attack saw (an attack
+    on a subset has ``<attack>_index``; without one, every evaluated image)."""
+    subsets = [per_image[f"{k}_index"] for k, _ in ATTACK_COLUMNS if f"{k}_index" in per_image]
+    common = per_image["index"]
+    for idx in subsets:
+        common = common[np.isin(common, idx)]
+    return np.asarray(common, dtype=np.int64)
+
+
+def _outcome_on(per_image: dict[str, np.ndarray], key: str, images: np.ndarray) -> np.ndarray | None:
+    """1/0 outcomes of ``key`` on the test-set indices ``images`` (in that order), None if ``key``
+    did not run on every one of them."""
+    if key not in per_image:
+        return None
+    own = images_of(per_image, key)
+    where = {int(i): p for p, i in enumerate(own)}
+    if any(int(i) not in where for i in images):
+        return None
+    return per_image[key][[where[int(i)] for i in images]].astype(bool)
+
+
+def _block(per_image: dict[str, np.ndarray], images: np.ndarray, keys: list[str]) -> dict:
+    """{"images": n, "accuracy": {column: count, total, percent, interval}}: numbers only (the
+    blocks go into the DVC metrics file); the worst case over exactly these columns."""
+    from robustkd.stats import accuracy_record
+
+    outcomes = {k: o for k in keys if (o := _outcome_on(per_image, k, images)) is not None}
+    n = int(len(images))
+    block: dict = {"images": n, "accuracy": {k: accuracy_record(int(o.sum()), n) for k, o in outcomes.items()}}
+    if any(k != "natural" for k in outcomes):
+        worst = np.ones(n, dtype=bool)
+        for o in outcomes.values():   # natural included: wrong without attack, wrong under attack
+            worst &= o
+        block["accuracy"][WORST] = accuracy_record(int(worst.sum()), n)
+    return block
+
+
+def headline(metrics: dict | None, per_image: dict[str, np.ndarray] | None,
+             images: np.ndarray | None = None) -> dict | None:
+    """Natural, PGD-20, CW and AutoAttack accuracy on the same images, each with its count and 95%
+    Wilson interval, and the worst case (right under every one of them, per image): never above
+    any column. ``images``: test-set indices to use (default: ``headline_images``, the images
+    every attack saw); a column that did not run on all of them is left out. None without
+    per-image outcomes (nothing can be put on the same images)."""
+    if per_image is None:
+        return None
+    images = headline_images(per_image) if images is None else np.asarray(images, dtype=np.int64)
+    return _block(per_image, images, [k for k, _ in ATTACK_COLUMNS])
+
+
+def larger_set(metrics: dict | None, per_image: dict[str, np.ndarray] | None) -> dict | None:
+    """The cheaper attacks (those that ran on every evaluated image) on every evaluated image,
+    with the worst case over them; None when there is no larger set than the headline's."""
+    if per_image is None:
+        return None
+    everything = np.asarray(per_image["index"], dtype=np.int64)
+    if len(headline_images(per_image)) == len(everything):
+        return None
+    keys = [k for k, _ in ATTACK_COLUMNS if k in per_image and f"{k}_index" not in per_image]
+    return _block(per_image, everything, keys)
+
+
+def headline_words(m: dict) -> str:
+    """Which images the headline block is on, in words (from the info file's subsets)."""
+    info = m.get("info") or {}
+    block = m.get(HEADLINE) or {}
+    subset = info.get("subset") or {}
+    aa = (info.get("attack_subsets") or {}).get("autoattack") or {}
+    if aa and block.get("images") == aa.get("num_images"):
+        return f"the images AutoAttack ran on: {aa.get('description', '-')} of the evaluated subset"
+    return subset.get("description", "the evaluated images")
+
+
+def larger_words(m: dict) -> str:
+    return ((m.get("info") or {}).get("subset") or {}).get("description", "every evaluated image")
+
+
+def table_blocks(metrics: dict | None, per_image: dict[str, np.ndarray] | None) -> dict:
+    """{"headline": ..., "larger_set": ...} for a metrics file (the evaluate stage writes both)."""
+    return {HEADLINE: headline(metrics, per_image), LARGER_SET: larger_set(metrics, per_image)}
+
+
+def read_with_blocks(path: Path) -> dict | None:
+    """``read_evaluation`` with the two blocks, computed from the per-image outcomes when the
+    file predates them."""
+    from .results import read_evaluation
+
+    m = read_evaluation(path)
+    if m is None:
+        return None
+    if HEADLINE not in m or LARGER_SET not in m:
+        m.update(table_blocks(m, read_per_image(path)))
+    return m
+
+
+def block_cell(block: dict | None, key: str) -> str:
+    """"44.00 [34.7, 53.8]": a block's accuracy and its 95% Wilson interval ("-" if absent)."""
+    rec = ((block or {}).get("accuracy") or {}).get(key)
+    return f"{rec['percent']:.2f} [{rec['ci95_low']:.1f}, {rec['ci95_high']:.1f}]" if rec else "-"
+
+
+def block_percent(block: dict | None, key: str) -> float | None:
+    rec = ((block or {}).get("accuracy") or {}).get(key)
+    return rec["percent"] if rec else None
+
+
+def larger_label(label: str, n: int) -> str:
+    """"PGD-20 on 1,000": a column of the larger set says its count."""
+    return f"{label} on {n:,}"
+
+
+def same_image_rows(evals: list[tuple[str, dict]], paths: dict[str, Path]) -> list[tuple[str, dict]]:
+    """Each row's headline block on the first row's headline images (e.g. the teacher's and the
+    student's AutoAttack subset; a model attacked more cheaply, such as the reference student,
+    on those same images, its own images going to its larger-set block), so that a table of
+    headline blocks is on one set of images. ``paths``: each row's metrics file."""
+    common = None
+    for name, m in evals:
+        per_image = read_per_image(paths[name]) if name in paths else None
+        if per_image is not None and common is None:
+            common = headline_images(per_image)
+        if per_image is not None and common is not None:
+            block = headline(m, per_image, common)
+            if not (block and block["accuracy"]):   # its images are not those: it keeps its own
+                continue
+            if len(common) < len(per_image["index"]) and not m.get(LARGER_SET):
+                m[LARGER_SET] = headline(m, per_image)   # all its attacks ran on all its images
+            m[HEADLINE] = block
+    return evals
+
+
+def headline_of(m: dict) -> dict | None:
+    """A results dict's headline block; for results without one (and without per-image outcomes
+    to compute it), its accuracy records when they all have one total, else None: columns of
+    different counts are never put side by side."""
+    if m.get(HEADLINE):
+        return m[HEADLINE]
+    records = m.get("accuracy") or {}
+    totals = {r["total"] for r in records.values()}
+    return {"images": totals.pop(), "accuracy": records} if len(totals) == 1 else None

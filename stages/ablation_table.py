@@ -14,8 +14,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_json
-from services.results import read_evaluation, read_per_image
-from services.tables import accuracy_cell, same_images
+from services.results import read_per_image
+from services.tables import (block_cell, block_percent, headline_of, headline_words, read_with_blocks,
+                             same_image_rows, same_images)
 from robustkd.errors import InputError
 from robustkd.methods.darwin import ABLATIONS
 from robustkd.stats import discordant_pairs, mcnemar_exact_counts, mean_std
@@ -36,11 +37,13 @@ def load_runs(params, metrics_dir: Path) -> dict[str, dict]:
     for variant in params.ablation.variants:
         for seed in params.ablation.seeds:
             path = metrics_dir / f"{run_name(variant, seed)}.json"
-            results = read_evaluation(path)
+            results = read_with_blocks(path)
             if results is None:
                 raise InputError(f"{path} missing: run `dvc repro ablation/dvc.yaml` first")
             results["_path"] = path
             runs[run_name(variant, seed)] = results
+    # every row's headline block on the same images (AutoAttack's subset)
+    same_image_rows(list(runs.items()), {name: r["_path"] for name, r in runs.items()})
     return runs
 
 
@@ -50,13 +53,13 @@ def cells(params, runs: dict[str, dict], variant: str) -> tuple[list[str], dict]
     chosen = [runs[run_name(variant, s)] for s in seeds]
     numbers, out = {}, []
     for key, _ in COLUMNS:
-        values = [r[key] for r in chosen if isinstance(r.get(key), (int, float))]
+        values = [v for r in chosen if (v := block_percent(headline_of(r), key)) is not None]
         if len(values) != len(chosen):
             out.append("-")
             continue
         mean, std = mean_std(values)
         numbers[key] = {"mean": round(mean, 2), "std": round(std, 2), "values": values}
-        out.append(accuracy_cell(chosen[0], key) if len(seeds) == 1 else f"{mean:.2f} ± {std:.2f}")
+        out.append(block_cell(headline_of(chosen[0]), key) if len(seeds) == 1 else f"{mean:.2f} ± {std:.2f}")
     return out, numbers
 
 
@@ -100,12 +103,11 @@ def tables(params, runs: dict[str, dict]) -> tuple[str, dict]:
     subset = some.get("info", {}).get("subset", {})
     how = ("accuracy (%) [95% Wilson interval]" if len(seeds) == 1 else
            f"mean ± sample standard deviation over {len(seeds)} seeds of the accuracy (%)")
-    aa = some.get("info", {}).get("attack_subsets", {}).get("autoattack", {})
-    aa_text = (f"; AA on {aa.get('num_images', 0)} of them ({aa.get('description', '-')}, images sha256 "
-               f"{str(aa.get('images_sha256', '-'))[:16]})" if aa else "")
-    text.append(f"Cells: {how}, seeds {', '.join(map(str, seeds))}, on {some.get('num_images', 0)} test images "
-                f"({subset.get('description', '-')}, images sha256 {str(subset.get('images_sha256', '-'))[:16]})"
-                f"{aa_text}. "
+    counts = sorted({b["images"] for r in runs.values() if (b := headline_of(r))})
+    on = (f"every column on the same {counts[0]:,} test images ({headline_words(some)})" if len(counts) == 1
+          else "images per row: " + (", ".join(map(str, counts)) or "-"))
+    text.append(f"Cells: {how}, seeds {', '.join(map(str, seeds))}; {on} (evaluated subset: "
+                f"{subset.get('description', '-')}, images sha256 {str(subset.get('images_sha256', '-'))[:16]}). "
                 "Each row is DARWIN with the variant's modules and weighting (robustkd/methods/darwin.py "
                 "ABLATIONS); the McNemar column compares its AutoAttack outcomes with the full method's "
                 "(all three modules, gamma = 0.5) on the same images, per seed (right only for the row / "

@@ -13,8 +13,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_json
-from services.results import read_evaluation
-from services.tables import TABLE_COLUMNS, accuracy_cell, paired_lines
+from services.tables import (TABLE_COLUMNS, block_cell, block_percent, headline_of, headline_words, paired_lines,
+                             read_with_blocks, same_image_rows)
 from robustkd.methods import available_methods, get_method
 from robustkd.stats import mean_std
 from robustkd.utils import atomic_path
@@ -29,7 +29,7 @@ def load_rows(params, metrics_dir: Path) -> tuple[list[tuple[str, dict]], dict[s
     Runs are named ``<method>_seed<seed>``."""
     rows, paths = [], {}
     teacher = METRICS / "evaluate" / "teacher.json"
-    teacher_metrics = read_evaluation(teacher)
+    teacher_metrics = read_with_blocks(teacher)
     if teacher_metrics is not None:
         name = f"Teacher {teacher_metrics['info'].get('arch')}"
         rows.append((name, teacher_metrics))
@@ -37,12 +37,12 @@ def load_rows(params, metrics_dir: Path) -> tuple[list[tuple[str, dict]], dict[s
     for method in params.compare.methods:
         for seed in params.compare.seeds:
             path = metrics_dir / f"{run_name(method, seed)}.json"
-            results = read_evaluation(path)
+            results = read_with_blocks(path)
             if results is None:
                 raise SystemExit(f"error: {path} missing: run `dvc repro compare/dvc.yaml` first")
             rows.append((run_name(method, seed), results))
             paths[run_name(method, seed)] = path
-    return rows, paths
+    return same_image_rows(rows, paths), paths
 
 
 def seed_summary(params, rows: dict[str, dict]) -> dict[str, dict]:
@@ -50,14 +50,19 @@ def seed_summary(params, rows: dict[str, dict]) -> dict[str, dict]:
     out = {}
     for method in params.compare.methods:
         runs = [rows[run_name(method, s)] for s in params.compare.seeds]
-        entry: dict = {"seeds": list(params.compare.seeds), "flagged": sum(int(r.get("flagged", 0)) for r in runs)}
+        entry: dict = {"seeds": list(params.compare.seeds), "flagged": sum(int(r.get("flagged", 0)) for r in runs),
+                       "_runs": runs}
         for key, _ in TABLE_COLUMNS:
-            values = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            values = [v for r in runs if (v := block_percent(headline_of(r), key)) is not None]
             if len(values) == len(runs):
                 mean, std = mean_std(values)
                 entry[key] = {"mean": round(mean, 2), "std": round(std, 2), "values": values}
         out[method] = entry
     return out
+
+
+def runs_of(summary: dict[str, dict], teacher: tuple[str, dict] | None) -> list[dict]:
+    return ([teacher[1]] if teacher else []) + [r for e in summary.values() for r in e.get("_runs", [])]
 
 
 def summary_text(params, summary: dict[str, dict], teacher: tuple[str, dict] | None) -> str:
@@ -66,11 +71,11 @@ def summary_text(params, summary: dict[str, dict], teacher: tuple[str, dict] | N
     lines = ["| method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | seeds | checks |",
              "|" + "---|" * (len(TABLE_COLUMNS) + 3)]
     if teacher is not None:
-        lines.append(f"| {teacher[0]} | " + " | ".join(accuracy_cell(teacher[1], k) for k, _ in TABLE_COLUMNS)
+        lines.append(f"| {teacher[0]} | " + " | ".join(block_cell(headline_of(teacher[1]), k) for k, _ in TABLE_COLUMNS)
                      + f" | - | {'FLAGGED' if teacher[1].get('flagged') else 'passed'} |")
     for method, entry in summary.items():
         if single:
-            cells = [accuracy_cell(entry["_run"], k) for k, _ in TABLE_COLUMNS]
+            cells = [block_cell(headline_of(entry["_run"]), k) for k, _ in TABLE_COLUMNS]
         else:
             cells = [f"{entry[k]['mean']:.2f} ± {entry[k]['std']:.2f}" if k in entry else "-"
                      for k, _ in TABLE_COLUMNS]
@@ -80,7 +85,7 @@ def summary_text(params, summary: dict[str, dict], teacher: tuple[str, dict] | N
     how = ("accuracy (%) [95% Wilson interval]" if single else
            f"mean ± sample standard deviation over {len(seeds)} seeds of the accuracy (%); each run's "
            "95% Wilson interval below")
-    return "\n".join(lines) + f"\n\n{how}.\n"
+    return "\n".join(lines) + f"\n\n{how}; {images_words(runs_of(summary, teacher))}.\n"
 
 
 def pairwise_autoattack(params, paths: dict[str, Path]) -> list[str]:
@@ -102,12 +107,12 @@ def table_text(rows: list[tuple[str, dict]], paired: list[str]) -> str:
     lines = ["| method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | checks |",
              "|" + "---|" * (len(TABLE_COLUMNS) + 2)]
     for name, m in rows:
-        lines.append(f"| {display_name(name)} | " + " | ".join(accuracy_cell(m, k) for k, _ in TABLE_COLUMNS)
+        lines.append(f"| {display_name(name)} | " + " | ".join(block_cell(headline_of(m), k) for k, _ in TABLE_COLUMNS)
                      + f" | {'FLAGGED' if m.get('flagged') else 'passed'} |")
     last = rows[-1][1] if rows else {}
     subset = last.get("info", {}).get("subset", {})
-    text = "\n".join(lines) + (f"\n\nAccuracy (%) [95% Wilson interval] on {last.get('num_images', 0)} test images "
-                               f"({subset.get('description', '-')}, images sha256 "
+    text = "\n".join(lines) + (f"\n\nAccuracy (%) [95% Wilson interval]; {images_words([m for _, m in rows])} "
+                               f"(evaluated subset: {subset.get('description', '-')}, images sha256 "
                                f"{str(subset.get('images_sha256', '-'))[:16]}).\n")
     trained = [f"- {display_name(name)}: {m['info']['optimiser']}" for name, m in rows
                if m.get("info", {}).get("optimiser")]
@@ -121,6 +126,15 @@ def table_text(rows: list[tuple[str, dict]], paired: list[str]) -> str:
     return text
 
 
+def images_words(ms: list[dict]) -> str:
+    """The caption's count: every column of every row on the same N images, or each row's own."""
+    counts = sorted({b["images"] for m in ms if (b := headline_of(m))})
+    if len(counts) == 1:
+        return (f"every column on the same {counts[0]:,} test images ({headline_words(ms[0])}), "
+                "the worst case per image over them")
+    return "images per row: " + (", ".join(map(str, counts)) or "-") + " (rows on different images)"
+
+
 def display_name(name: str) -> str:
     """A method's table name: reconstructions say so."""
     return get_method(name).label if name in available_methods() else name
@@ -128,9 +142,13 @@ def display_name(name: str) -> str:
 
 def numeric_rows(rows: list[tuple[str, dict]]) -> dict:
     """{row: {attack: percent, "accuracy": {attack: counts and interval}, "flagged": 0/1}}."""
-    return {name: {**{k: m.get(k) for k, _ in TABLE_COLUMNS if m.get(k) is not None},
-                   "accuracy": m.get("accuracy", {}), "flagged": m.get("flagged", 0)}
-            for name, m in rows}
+    out = {}
+    for name, m in rows:
+        block = headline_of(m) or {}
+        out[name] = {**{k: p for k, _ in TABLE_COLUMNS if (p := block_percent(block, k)) is not None},
+                     "images": block.get("images"), "accuracy": block.get("accuracy", {}),
+                     "flagged": m.get("flagged", 0)}
+    return out
 
 
 def main(args) -> None:
@@ -151,11 +169,12 @@ def main(args) -> None:
     with atomic_path(REPORTS / "comparison.md") as tmp:
         tmp.write_text(text)
     write_json({"runs": numeric_rows(rows),
-                "methods": {m: {k: v for k, v in e.items() if k != "_run"} for m, e in summary.items()},
+                "methods": {m: {k: v for k, v in e.items() if k not in ("_run", "_runs")} for m, e in summary.items()},
                 "seeds": list(params.compare.seeds)}, REPORTS / "comparison.json")
     args.tracker.log_artifact(REPORTS / "comparison.md")
     args.tracker.log_artifact(REPORTS / "comparison.json")
-    args.tracker.log_metrics({name: {k: m.get(k) for k, _ in TABLE_COLUMNS} for name, m in rows})
+    args.tracker.log_metrics({name: {k: block_percent(headline_of(m), k) for k, _ in TABLE_COLUMNS}
+                              for name, m in rows})
     args.tracker.log_metrics({f"{m}_mean": {k: e[k]["mean"] for k, _ in TABLE_COLUMNS if k in e}
                               for m, e in summary.items()})
     print(text)

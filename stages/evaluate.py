@@ -32,7 +32,8 @@ from robustkd.evaluation import (PROTOCOLS, WORST_CASE, EvaluationResult, attack
 from robustkd.models import load_checkpoint
 
 from services.best_last import evaluate_best
-from services.results import info_path, per_image_path
+from services.results import info_path, per_image_path, read_per_image
+from services.tables import table_blocks
 from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, save_arrays,
                      setup_distributed, write_json)
 
@@ -111,9 +112,11 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
                              "images_per_s": round(result.images_of_attack(name) / max(sec, 1e-9), 2)}
                       for name, sec in result.seconds.items()},
             "per_image": per_image_path(out_path).name}
+    save_per_image(result, indices, test.labels, per_image_path(out_path))
+    # the report's two tables: every column on the same images, and the cheaper attacks on all
+    summary.update({k: b for k, b in table_blocks(summary, read_per_image(out_path)).items() if b is not None})
     write_json(summary, out_path)
     write_json(info, info_path(out_path))
-    save_per_image(result, indices, test.labels, per_image_path(out_path))
     tracker.log_metrics(summary, prefix=f"{model_path.stem}/")
     tracker.log_metrics({f"images_per_s_{k}": v for k, v in result.images_per_s().items()},
                         prefix=f"{model_path.stem}/")

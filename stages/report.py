@@ -13,8 +13,9 @@ from pathlib import Path
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_csv
 from services.best_last import best_last_markdown
-from services.results import read_evaluation
-from services.tables import TABLE_COLUMNS, accuracy_cell, checks_lines, paired_lines, read_json
+from services.tables import (ATTACK_COLUMNS, HEADLINE, LARGER_SET, TABLE_COLUMNS, WORST, block_cell, checks_lines,
+                             headline_words, larger_label, larger_words, paired_lines, read_json, read_with_blocks,
+                             same_image_rows)
 from robustkd.utils import atomic_path
 
 def read_csv(path: Path) -> list[dict]:
@@ -24,15 +25,57 @@ def read_csv(path: Path) -> list[dict]:
         return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
-def accuracy_table(rows: list[tuple[str, dict]]) -> str:
+def run_caption(params) -> str:
+    from datetime import datetime, timezone
+
+    from services.tracking import git_commit
+
+    return (f"Report of {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, commit {git_commit() or '-'}, "
+            f"{params.profile} profile")
+
+
+def accuracy_table(rows: list[tuple[str, dict]], when: str = "") -> str:
+    """The headline table: natural, PGD-20, CW, AutoAttack and the per-image worst case over them,
+    every column on the same images (the count in the caption and in each row)."""
+    counts = sorted({(m.get(HEADLINE) or {}).get("images") for _, m in rows} - {None})
     head = "| model | method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | images | checks |"
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 4)]
     for name, m in rows:
-        info = m.get("info", {})
-        cells = [accuracy_cell(m, k) for k, _ in TABLE_COLUMNS]
+        info, block = m.get("info", {}), m.get(HEADLINE)
+        cells = [block_cell(block, k) for k, _ in TABLE_COLUMNS]
         lines.append(f"| {name} ({info.get('arch')}) | {info.get('method') or '-'} | " + " | ".join(cells)
-                     + f" | {m.get('num_images')} | {'FLAGGED' if m.get('flagged') else 'passed'} |")
-    return "\n".join(lines)
+                     + f" | {(block or {}).get('images', '-')} | {'FLAGGED' if m.get('flagged') else 'passed'} |")
+    words = headline_words(rows[0][1]) if rows else "-"
+    on = (f"on the same {counts[0]:,} test images ({words})" if len(counts) == 1
+          else "on the images counted in each row")
+    caption = (f"Accuracy (%) [95% Wilson interval] {on}: natural, PGD-20, CW and AutoAttack all on these "
+               "images; the worst case is per image, right under every one of them, so never above a column."
+               + (f" {when}." if when else ""))
+    return caption + "\n\n" + "\n".join(lines)
+
+
+def larger_set_table(rows: list[tuple[str, dict]], when: str = "") -> tuple[str, str] | None:
+    """(title, Markdown) of the cheaper attacks on the larger set, a table of its own; None when
+    every attack ran on the headline images."""
+    rows = [(name, m) for name, m in rows if m.get(LARGER_SET)]
+    if not rows:
+        return None
+    counts = sorted({m[LARGER_SET]["images"] for _, m in rows})
+    n = counts[0] if len(counts) == 1 else max(counts)
+    keys = [(k, label) for k, label in ATTACK_COLUMNS if any(k in m[LARGER_SET]["accuracy"] for _, m in rows)]
+    head = ("| model | method | " + " | ".join(larger_label(label, n) for _, label in keys)
+            + " | worst of these | images |")
+    lines = [head, "|" + "---|" * (len(keys) + 4)]
+    for name, m in rows:
+        info, block = m.get("info", {}), m[LARGER_SET]
+        lines.append(f"| {name} ({info.get('arch')}) | {info.get('method') or '-'} | "
+                     + " | ".join(block_cell(block, k) for k, _ in keys)
+                     + f" | {block_cell(block, WORST)} | {block['images']} |")
+    title = f"Cheaper attacks on the larger set ({n:,} images)"
+    caption = (f"Accuracy (%) [95% Wilson interval] of the attacks that ran on every evaluated image "
+               f"({larger_words(rows[0][1])}, {n:,} images), not AutoAttack: not comparable with the headline "
+               "table's columns, and its worst case is over these attacks only." + (f" {when}." if when else ""))
+    return title, caption + "\n\n" + "\n".join(lines)
 
 
 def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
@@ -71,8 +114,8 @@ def plot_accuracy(rows: list[tuple[str, dict]], out: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(7, 3.6))
     width = 0.8 / len(rows)
     for i, (name, m) in enumerate(rows):
-        vals = [m.get(k) or 0.0 for k, _ in TABLE_COLUMNS]
-        recs = [(m.get("accuracy") or {}).get(k) for k, _ in TABLE_COLUMNS]
+        recs = [((m.get(HEADLINE) or {}).get("accuracy") or {}).get(k) for k, _ in TABLE_COLUMNS]
+        vals = [r["percent"] if r else 0.0 for r in recs]
         err = [[v - r["ci95_low"] if r else 0.0 for v, r in zip(vals, recs)],
                [r["ci95_high"] - v if r else 0.0 for v, r in zip(vals, recs)]]
         ax.bar([j + i * width for j in range(len(TABLE_COLUMNS))], vals, width, yerr=err, capsize=2, label=name)
@@ -89,11 +132,12 @@ def plot_accuracy(rows: list[tuple[str, dict]], out: Path) -> Path | None:
 
 def accuracy_rows(rows: list[tuple[str, dict]]) -> list[dict]:
     """One row per model and attack (``metrics/accuracy.csv``, the data of dvc.yaml's "Accuracy per
-    attack" plot): the percentage and its 95% Wilson interval."""
+    attack" plot): the percentage and its 95% Wilson interval, from the headline block (every
+    attack on the same images)."""
     out = []
     for name, m in rows:
         for key, label in TABLE_COLUMNS:
-            rec = (m.get("accuracy") or {}).get(key)
+            rec = ((m.get(HEADLINE) or {}).get("accuracy") or {}).get(key)
             if rec:
                 out.append({"model": name, "attack": label, "model_attack": f"{name}: {label}",
                             "percent": rec["percent"], "ci95_low": rec["ci95_low"], "ci95_high": rec["ci95_high"]})
@@ -128,9 +172,16 @@ def per_class_text(per_class: dict) -> str:
 
 def build_sections(params, evals, paths, histories, card, export, ddpm, comparison, figures) -> list[dict]:
     """The report's sections, each {"id", "title", "markdown", "figures": [(alt, path, caption)]}."""
-    sections = [{"id": "accuracy", "title": "Accuracy under attack", "markdown": accuracy_table(evals),
-                 "figures": [("accuracy", figures["accuracy"], "Accuracy (%) per attack with 95% Wilson intervals")]
+    when = figures.get("when", "")
+    counts = sorted({(m.get(HEADLINE) or {}).get("images") for _, m in evals} - {None})
+    same = f" (the same {counts[0]:,} images)" if len(counts) == 1 else ""
+    sections = [{"id": "accuracy", "title": "Accuracy under attack" + same, "markdown": accuracy_table(evals, when),
+                 "figures": [("accuracy", figures["accuracy"],
+                              f"Accuracy (%) per attack with 95% Wilson intervals{same}")]
                  if figures.get("accuracy") else []}]
+    larger = larger_set_table(evals, when)
+    if larger:
+        sections.append({"id": "larger-set", "title": larger[0], "markdown": larger[1]})
     if evals:
         sections.append({"id": "checks", "title": "Evaluation checks", "markdown": "\n".join(checks_lines(evals))})
     paired = paired_lines(paths, [("student", "teacher"), ("student", "reference")])
@@ -208,17 +259,22 @@ def main(args) -> None:
     params = read_params(args)
     REPORTS.mkdir(exist_ok=True)
     paths = {name: METRICS / "evaluate" / f"{name}.json" for name in ("teacher", "student", "reference")}
-    read = [(name, read_evaluation(path)) for name, path in paths.items()]
-    evals = [(n, m) for n, m in read if m]
+    read = [(name, read_with_blocks(path)) for name, path in paths.items()]
+    evals = same_image_rows([(n, m) for n, m in read if m], paths)
     histories = {"teacher": read_csv(METRICS / "teacher_history.csv"),
                  "student": read_csv(METRICS / "student_history.csv"),
                  "reference": read_csv(METRICS / "reference_history.csv")}
     figures = {"curves": plot_curves(histories, REPORTS / "training_curves.png"),
-               "accuracy": plot_accuracy(evals, REPORTS / "accuracy.png")}
+               "accuracy": plot_accuracy(evals, REPORTS / "accuracy.png"), "when": run_caption(params)}
     write_csv(accuracy_rows(evals), METRICS / "accuracy.csv")
     subset_info = evals[0][1]["info"].get("subset", {}) if evals else {}
     subset = (f"{subset_info.get('description')}, {subset_info.get('num_images')} images, "
               f"sha256 `{str(subset_info.get('images_sha256'))[:16]}`") if subset_info else "-"
+    aa_info = (evals[0][1]["info"].get("attack_subsets") or {}).get("autoattack") if evals else None
+    if aa_info:
+        subset += (f"; AutoAttack on {aa_info.get('description')} of it ({aa_info.get('num_images')} images, sha256 "
+                   f"`{str(aa_info.get('images_sha256'))[:16]}`): the headline table has every attack on those "
+                   "images, the cheaper attacks on the whole subset are a table of their own")
     title = f"Robust distillation report ({params.profile} profile)"
     intro = (f"Student `{params.distill.student.arch}` distilled with `{params.distill.method}` from a "
              f"`{params.teacher.model.arch}` teacher ({params.teacher.method}). Accuracy in percent at "
