@@ -146,7 +146,8 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
         if compiled_cache is not None and key in compiled_cache:
             run_model = compiled_cache[key]
         else:
-            run_model = torch.compile(model, mode=None if fast.compile_mode == "default" else fast.compile_mode)
+            run_model = torch.compile(model, mode=None if fast.compile_mode == "default" else fast.compile_mode,
+                                      dynamic=False)   # as the Trainer: one graph per shape
             if compiled_cache is not None:
                 compiled_cache[key] = run_model
     obj = _objective(method, preset["steps"], preset["train_images"], student, teacher).to(device)
