@@ -7,8 +7,8 @@
 #     --build-arg TORCH_INDEX=https://download.pytorch.org/whl/cu128 \
 #     --build-arg BUILD_PACKAGES="gcc g++ python3-dev" -t robustkd:cuda .
 #   docker run --rm --gpus all --ipc=host -v /path/to/cifar10:/home/robustkd/shared/datasets/cifar10:ro robustkd:cuda
-# The install step is the README's (`make setup`), with torch taken from the PyTorch index so that
-# torchvision matches it. Images cannot be built on the machines this project was written on:
+# The install step is the README's (`make setup`, docs/development.md#installation), with torch
+# taken from the PyTorch index so that torchvision matches it. Images cannot be built on the machines this project was written on:
 # keep this file's install steps the same as the README's.
 ARG BASE_IMAGE=python:3.11-slim-bookworm
 FROM ${BASE_IMAGE}

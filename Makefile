@@ -114,16 +114,21 @@ gpu-check:
 clean:
 	rm -rf data models metrics reports checkpoints
 
-# UIs and deployment (see README). Servers bind to 127.0.0.1.
+# UIs and deployment (docs/operations.md). Servers bind to 127.0.0.1.
+# Ports: `make prefect-server PREFECT_PORT=4300` (the UI then calls its API on that port, and
+# `make schedule PREFECT_PORT=4300` deploys to it); `make mlflow-ui MLFLOW_PORT=5001`.
+MLFLOW_PORT ?= 5000
+PREFECT_PORT ?= 4200
 mlflow-ui: setup
-	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000 --workers 1
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(VENV)/bin/mlflow server --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 prefect-server: setup
-	$(VENV)/bin/prefect server start --host 127.0.0.1 --port 4200
+	PREFECT_UI_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PREFECT_SERVER_API_PORT=$(PREFECT_PORT) \
+	  $(VENV)/bin/prefect server start --host 127.0.0.1 --port $(PREFECT_PORT)
 
 CRON ?= 0 2 * * *
 schedule: setup
-	PREFECT_API_URL=http://127.0.0.1:4200/api PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pipeline.schedule --cron "$(CRON)"
+	PREFECT_API_URL=http://127.0.0.1:$(PREFECT_PORT)/api PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pipeline.schedule --cron "$(CRON)"
 
 serve: setup
 	$(PY) -m pipeline.serve_model --model models:/robustkd-student@champion --port 8080

@@ -35,7 +35,12 @@ import yaml
 from prefect import flow, get_run_logger, task
 from prefect.runtime import flow_run as current_flow_run
 
-from services.params import load_params
+from typing import Literal
+
+from robustkd.errors import InputError
+from services.common import check_data_root, data_root
+from services.params import DISTILL_METHODS, load_params
+from services.presets import preset_names
 from services.workspace import FLOW_LOCK, IN_FLOW_ENV, dvc_running
 from services.tracking import DEFAULT_EXPERIMENT, git_commit, setup_mlflow, tracking_enabled, tracking_uri
 
@@ -49,6 +54,9 @@ TRANSIENT_PATTERNS = [
 ]
 
 
+# DVC's hints after every stage (git add, auto staging, dvc push): said once at the end of the flow.
+DVC_HINT = re.compile(r"^(To track the changes with git, run:|To enable auto staging, run:|git add |"
+                      r"dvc config core\.autostage|Use `dvc push` to send your updates)")
 DVC_LOCK_HELD = re.compile(r"Unable to acquire lock|is busy, it is being blocked by")
 
 
@@ -177,13 +185,18 @@ def repro_stage(stage: str, root: str, env: dict[str, str], log) -> dict:
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
     tail: deque[str] = deque(maxlen=40)
     ran = False
-    for line in proc.stdout:
-        line = line.rstrip()
-        if line:
-            log(line)
-            tail.append(line)
-            ran |= line.startswith("Running stage")
-    rc = proc.wait()
+    try:
+        for line in proc.stdout:
+            line = line.rstrip()
+            if DVC_HINT.match(line.strip()):
+                continue
+            if line:
+                log(line)
+                tail.append(line)
+                ran |= line.startswith("Running stage")
+        rc = proc.wait()
+    finally:
+        stop_child(proc)   # the flow stopped (killed, interrupted): its stage does not go on as an orphan
     if rc != 0:
         text = "\n".join(tail)
         if DVC_LOCK_HELD.search(text):
@@ -191,6 +204,57 @@ def repro_stage(stage: str, root: str, env: dict[str, str], log) -> dict:
                     f"workspace); DVC said: {next(x for x in tail if DVC_LOCK_HELD.search(x)).strip()[:200]}")
         raise StageFailed(stage, rc, is_transient_output(text), text)
     return {"stage": stage, "ran": ran, "seconds": round(time.perf_counter() - start, 1)}
+
+
+def stop_child(proc: subprocess.Popen, grace_s: float = 10.0) -> None:
+    """Terminate a stage process that is still running (SIGTERM, then SIGKILL after ``grace_s``)."""
+    if proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+def close_stale_flow_runs(client, experiment_id: str, root: Path, log=print) -> list[str]:
+    """MLflow parent runs of earlier flows of this workspace still RUNNING, and their stage runs, are
+    ended as KILLED. Called while the workspace lock is held: no other flow can be running here, so a
+    RUNNING one is a flow that was killed before it could end its run."""
+    workspace = str(Path(root).resolve())
+    stale = client.search_runs([experiment_id], filter_string="tags.stage = 'flow' and attributes.status = 'RUNNING'",
+                               max_results=1000)
+    closed = []
+    for run in stale:
+        if run.data.tags.get("workspace") != workspace:
+            continue   # another clone's flow (a shared tracking server): not ours to close
+        children = client.search_runs([experiment_id], max_results=1000, filter_string=(
+            f"tags.mlflow.parentRunId = '{run.info.run_id}' and attributes.status = 'RUNNING'"))
+        for child in children:
+            client.set_terminated(child.info.run_id, status="KILLED")
+        client.set_terminated(run.info.run_id, status="KILLED")
+        closed.append(run.info.run_id)
+        log(f"tracking: the MLflow run {run.info.run_id} of an earlier flow here was still RUNNING (that flow "
+            f"was killed); ended as KILLED with {len(children)} stage run(s)")
+    return closed
+
+
+class Stopped(SystemExit):
+    """SIGTERM or SIGHUP reached the flow: it ends its MLflow run as KILLED and stops its stage."""
+
+
+def stop_on_signals() -> None:
+    """Turn SIGTERM/SIGHUP into :class:`Stopped` in the main thread, so the flow's ``finally`` runs."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def stop(signum, frame):
+        raise Stopped(128 + signum)
+    for sig in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, stop)
 
 
 @task(task_run_name="register-student")
@@ -220,10 +284,14 @@ def run_params(root: Path, preset: str | None, methods: list[str] | None, seed: 
     if seed is not None:
         raw.setdefault("run", {})["seed"] = int(seed)
     text = yaml.safe_dump(raw, sort_keys=False).encode()
-    with tempfile.TemporaryDirectory() as tmp:  # validated before it is ever in place
-        (Path(tmp) / "params.yaml").write_bytes(text)
-        load_params(Path(tmp) / "params.yaml")
+    load_params_text(text)   # validated before it is ever in place
     return text
+
+
+def load_params_text(text: bytes):
+    with tempfile.TemporaryDirectory() as tmp:
+        (Path(tmp) / "params.yaml").write_bytes(text)
+        return load_params(Path(tmp) / "params.yaml")
 
 
 @contextlib.contextmanager
@@ -254,8 +322,16 @@ def download_if_needed(root: Path) -> None:
                        env=stage_env({"ROBUSTKD_TRACKING": "off"}), check=True)
 
 
+
+# The choices a deployment's form offers (Prefect builds its parameter schema from the annotations):
+# the presets of this checkout's params/ folder and the registry's distillation methods.
+PROJECT_ROOT = Path(__file__).resolve().parents[1]
+PresetName = Literal[tuple(preset_names(PROJECT_ROOT)) or ("cpu",)]  # type: ignore[valid-type]
+MethodName = Literal[DISTILL_METHODS]  # type: ignore[valid-type]
+
 @flow(name="robustkd-pipeline", log_prints=True)
-def robustkd_pipeline(preset: str | None = None, methods: list[str] | None = None, seed: int | None = None,
+def robustkd_pipeline(preset: PresetName | None = None, methods: list[MethodName] | None = None,  # type: ignore[valid-type]
+                      seed: int | None = None,
                       register_model: bool = True, project_dir: str = ".", wait_lock_s: float = 0.0) -> dict:
     """Run the DVC pipeline stage by stage (and the method comparison when ``methods`` is given),
     then register the ONNX student. The result links the run's MLflow parent run.
@@ -323,9 +399,11 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
         env["MLFLOW_EXPERIMENT_NAME"] = os.environ.get("MLFLOW_EXPERIMENT_NAME", DEFAULT_EXPERIMENT)
         client = mlflow.MlflowClient()
         experiment = client.get_experiment_by_name(env["MLFLOW_EXPERIMENT_NAME"])
+        close_stale_flow_runs(client, experiment.experiment_id, root)
         parent = client.create_run(experiment.experiment_id, run_name=f"flow {current_flow_run.name or ''}".strip(),
                                    tags={"git_commit": git_commit(root), "stage": "flow", "profile": params.profile,
-                                         "prefect_flow_run_id": str(current_flow_run.id or "")})
+                                         "prefect_flow_run_id": str(current_flow_run.id or ""),
+                                         "workspace": str(root.resolve())})
         parent_id = parent.info.run_id
         env["ROBUSTKD_PARENT_RUN_ID"] = parent_id
         for key, value in {"preset": preset or "-", "methods": ",".join(methods or []) or "-",
@@ -337,6 +415,9 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
             results.append(run_stage(stage, str(root), env))
         registered = register_student(str(root), parent_id) if register_model else None
         status = "FINISHED"
+    except (KeyboardInterrupt, Stopped):
+        status = "KILLED"
+        raise
     finally:
         if parent_id is not None:
             client.set_terminated(parent_id, status=status)
@@ -345,6 +426,8 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
                if parent_id is not None else None}
     print(f"stages run: {[r['stage'] for r in results if r['ran']]}; up to date: "
           f"{[r['stage'] for r in results if not r['ran']]}; registry: {registered}")
+    if any(r["ran"] for r in results):
+        print("dvc.lock records this run: `git add dvc.lock metrics` to keep it with the code")
     return summary
 
 
@@ -358,12 +441,19 @@ def main(argv=None) -> None:
     p.add_argument("--wait-lock", type=float, default=0.0, metavar="SECONDS",
                    help="when another flow runs in this workspace: wait this long for it (default: refuse at once)")
     args = p.parse_args(argv)
+    stop_on_signals()
     try:
-        with workspace_lock(Path(args.project_dir), args.wait_lock):  # refused before Prefect starts
+        root = Path(args.project_dir)
+        # A user error in the params is one line before Prefect, DVC or MLflow start (nothing written).
+        text = run_params(root, args.preset, args.methods, args.seed)
+        params = load_params_text(text) if text is not None else load_params(root / "params.yaml")
+        with contextlib.chdir(root):
+            check_data_root(data_root(params.data.root), params.data.source, params.data.download)
+        with workspace_lock(root, args.wait_lock):  # refused before Prefect starts
             robustkd_pipeline(preset=args.preset, methods=args.methods, seed=args.seed,
                               register_model=not args.no_register, project_dir=args.project_dir,
                               wait_lock_s=args.wait_lock)
-    except (StageFailed, WorkspaceBusy, ValueError) as exc:
+    except (StageFailed, WorkspaceBusy, ValueError, InputError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         raise SystemExit(1) from None
 

@@ -38,7 +38,7 @@ from robustkd.stats import discordant_pairs, mcnemar_exact_counts
 from services.results import per_image_path, read_evaluation
 from services.params import load_params
 from services.tables import ATTACK_COLUMNS, images_of
-from services.tracking import MLFLOW_ENV, git_commit, keep_environment, setup_mlflow
+from services.tracking import MLFLOW_ENV, filter_literal, git_commit, keep_environment, setup_mlflow
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -174,7 +174,7 @@ def find_registered(client, model_name: str, sha: str):
     from mlflow.exceptions import MlflowException
 
     try:
-        versions = client.search_model_versions(f"name = '{model_name}'")
+        versions = client.search_model_versions(f"name = {filter_literal(model_name)}")
     except MlflowException:
         return None
     return next((v for v in versions if v.tags.get("onnx_sha256") == sha), None)
@@ -210,9 +210,9 @@ def training_run(client, checkpoint: Path | None, parent_run_id: str | None = No
 
     filters = []
     if checkpoint is not None and Path(checkpoint).is_file():
-        filters.append(f"tags.checkpoint_sha256 = '{sha256_file(checkpoint)}' and tags.stage = 'distill'")
+        filters.append(f"tags.checkpoint_sha256 = {filter_literal(sha256_file(checkpoint))} and tags.stage = 'distill'")
     if parent_run_id:
-        filters.append(f"tags.`mlflow.parentRunId` = '{parent_run_id}' and tags.dvc_stage = 'distill'")
+        filters.append(f"tags.`mlflow.parentRunId` = {filter_literal(parent_run_id)} and tags.dvc_stage = 'distill'")
     experiments = [e.experiment_id for e in client.search_experiments()]
     for f in filters:
         runs = mlflow.search_runs(experiment_ids=experiments, filter_string=f, order_by=["start_time DESC"],
@@ -226,7 +226,8 @@ def version_description(metrics: dict, tags: dict, train_run=None) -> str:
     """The registered version's description (Markdown, shown by the MLflow UI): method, teacher,
     data, evaluation with 95% intervals, the training run and the input format."""
     lines = [f"Student `{tags.get('student')}` distilled with **{tags.get('method')}** from a "
-             f"`{tags.get('teacher')}` teacher on {tags.get('dataset')} (profile {tags.get('profile', '-')}).", ""]
+             f"`{tags.get('teacher')}` teacher on {tags.get('dataset')} (profile {tags.get('profile', '-')}); "
+             f"checkpoint: {tags.get('checkpoint', 'last')} (distill.select).", ""]
     records = metrics.get("accuracy") or {}
     shown = [(k, label) for k, label in ATTACK_COLUMNS if metrics.get(k) is not None]
     if shown:
@@ -360,7 +361,8 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
     import onnx
 
     onnx_path = root / "models/student.onnx"
-    eval_path = root / "metrics/evaluate/student.json"
+    select = load_params(root / "params.yaml").distill.select   # last | best: the checkpoint exported
+    eval_path = root / f"metrics/evaluate/{'student_best' if select == 'best' else 'student'}.json"
     for p in (onnx_path, eval_path):
         if not p.is_file():
             raise FileNotFoundError(f"{p} missing: run the pipeline (make run / dvc repro) first")
@@ -378,7 +380,8 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
             "autoattack_subset": aa_subset.get("description"),
             "autoattack_images_sha256": aa_subset.get("images_sha256"),
             "threat_model": f"{threat.get('norm', 'Linf')} eps={threat.get('eps_255', metrics.get('eps_255'))}/255",
-            "eval_flagged": metrics.get("flagged", 0), **interval_tags(metrics), "git_commit": git_commit(root)}
+            "eval_flagged": metrics.get("flagged", 0), **interval_tags(metrics), "git_commit": git_commit(root),
+            "checkpoint": select}
     return {**{k: metrics.get(k) for k, _ in ATTACK_COLUMNS}, "accuracy": metrics.get("accuracy") or {},
             "eps_255": metrics.get("eps_255")}, tags
 
@@ -388,11 +391,12 @@ def register_workspace(root: Path = Path("."), parent_run_id: str | None = None,
     params = load_params(root / "params.yaml")
     setup_mlflow(root)
     metrics, tags = workspace_metadata(root)
+    stem = "student_best" if tags["checkpoint"] == "best" else "student"   # distill.select
     return register_onnx(root / "models/student.onnx", metrics, tags, params.registry.model_name,
                          params.registry.natural_tolerance, parent_run_id=parent_run_id, log=log,
                          promotion=params.registry.promotion, alpha=params.registry.alpha,
-                         per_image=per_image_path(root / "metrics/evaluate/student.json"),
-                         checkpoint=root / "models/student.pt")
+                         per_image=per_image_path(root / f"metrics/evaluate/{stem}.json"),
+                         checkpoint=root / f"models/{stem}.pt")
 
 
 def _shown(tags: dict, key: str) -> str:
@@ -406,7 +410,7 @@ def students_table(model_name: str) -> str:
     import mlflow
 
     client = mlflow.MlflowClient()
-    versions = sorted(client.search_model_versions(f"name = '{model_name}'"), key=lambda v: -int(v.version))
+    versions = sorted(client.search_model_versions(f"name = {filter_literal(model_name)}"), key=lambda v: -int(v.version))
     aliases: dict[str, list[str]] = {}
     if versions:  # search results leave aliases empty: take them from the registered model
         for alias, version in client.get_registered_model(model_name).aliases.items():

@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
+from typing import get_args
 
-from .flow import robustkd_pipeline
+from .flow import MethodName, PresetName, robustkd_pipeline
 
 ENTRYPOINT = "pipeline/flow.py:robustkd_pipeline"
 DESCRIPTION = ("The robustkd pipeline (DVC stages: data, teacher, distillation, evaluation under attack, ONNX "
@@ -29,8 +30,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--cron", default="0 2 * * *", help="cron schedule (default: every day at 02:00)")
     p.add_argument("--name", default="scheduled", help="deployment name (default: scheduled)")
-    p.add_argument("--preset", help="params/ preset applied before each run")
-    p.add_argument("--methods", nargs="+", help="methods compared in each run")
+    p.add_argument("--preset", choices=get_args(PresetName), help="params/ preset applied before each run")
+    p.add_argument("--methods", nargs="+", choices=get_args(MethodName), help="methods compared in each run")
     p.add_argument("--seed", type=int, help="run.seed of each run")
     p.add_argument("--project-dir", default=".", help="the workspace the runs use")
     p.add_argument("--work-pool", help="deploy to this work pool instead of serving from this process")

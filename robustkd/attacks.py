@@ -114,7 +114,7 @@ def kl_per_sample(target_logits: torch.Tensor, logits: torch.Tensor, tau: float 
 def cw_margin(logits: torch.Tensor, y: torch.Tensor, kappa: float = 50.0) -> torch.Tensor:
     """-max(z_y - max_{j != y} z_j + kappa, 0) per sample: the loss CW-inf *ascends*.
 
-    The reference implementations' margin loss (docs/methods.md, "CW-inf"). Its gradient is the
+    The reference implementations' margin loss (docs/methods.md#attacks-and-evaluation, "CW-inf"). Its gradient is the
     margin's until an image is misclassified by ``kappa``; then it is zero. (Clamping the other
     side, max(other - true, -kappa), would give no gradient to confidently correct images.)
     """

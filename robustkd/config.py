@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import re
+import types
 import typing
 from typing import Any, TypeVar
 
@@ -11,6 +12,14 @@ from .errors import InputError
 
 C = TypeVar("C")
 _FRACTION = re.compile(r"^\s*\d+(\.\d+)?\s*/\s*\d+(\.\d+)?\s*$")
+
+
+def did_you_mean(unknown: list[str], known) -> str:
+    """" (did you mean 'distill'?)" for misspelt keys close to an accepted one; "" otherwise."""
+    import difflib
+    guesses = [f"{k!r} -> {m[0]!r}" if len(unknown) > 1 else repr(m[0])
+               for k in unknown if (m := difflib.get_close_matches(k, list(known), n=1, cutoff=0.75))]
+    return f" (did you mean {', '.join(guesses)}?)" if guesses else ""
 
 
 def from_dict(cls: type[C], data: dict[str, Any] | None, where: str) -> C:
@@ -25,7 +34,8 @@ def from_dict(cls: type[C], data: dict[str, Any] | None, where: str) -> C:
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]  # C: any dataclass
     unknown = sorted(set(data) - set(fields))
     if unknown:
-        raise InputError(f"{where}: unknown key(s) {unknown}; accepted keys: {sorted(fields)}")
+        raise InputError(f"{where}: unknown key(s) {unknown}{did_you_mean(unknown, fields)}; "
+                         f"accepted keys: {sorted(fields)}")
     hints = typing.get_type_hints(cls)
     kwargs = {}
     for name, value in data.items():
@@ -44,7 +54,7 @@ def _convert(hint, value, where):
         return from_dict(hint, value, where)
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
-    if origin is typing.Union or str(origin) == "types.UnionType":
+    if origin is typing.Union or origin is types.UnionType:   # Optional[int] and int | None alike
         if value is None and type(None) in args:
             return None
         for arg in args:
@@ -54,7 +64,7 @@ def _convert(hint, value, where):
                 return _convert(arg, value, where)
             except InputError:
                 continue
-        raise InputError(f"{where}: expected {hint}, found {value!r}")
+        raise InputError(f"{where}: expected {describe_type(hint)}, found {value!r}")
     if origin is typing.Literal:
         if value not in args:
             raise InputError(f"{where}: expected one of {list(args)}, found {value!r}")
@@ -71,6 +81,9 @@ def _convert(hint, value, where):
     if hint is float:
         if isinstance(value, str) and _FRACTION.match(value):
             num, den = value.split("/")
+            if float(den) == 0:
+                raise InputError(f"{where}: expected a number or a fraction such as 8/255, found {value!r} "
+                                 "(division by zero)")
             return float(num) / float(den)  # "8/255": pixel units written as the field writes them
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise InputError(f"{where}: expected a number, found {value!r}")
@@ -88,6 +101,23 @@ def _convert(hint, value, where):
             raise InputError(f"{where}: expected a string, found {value!r}")
         return value
     return value
+
+
+_WORDS = {int: "an integer", float: "a number", bool: "true or false", str: "a string", type(None): "null"}
+
+
+def describe_type(hint) -> str:
+    """A type hint in words for a message: ``int | None`` -> "an integer or null"."""
+    origin = typing.get_origin(hint)
+    if origin is typing.Union or origin is types.UnionType:
+        return " or ".join(describe_type(arg) for arg in typing.get_args(hint))
+    if origin is typing.Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(hint))
+    if origin in (list, tuple):
+        return "a list"
+    if origin is dict or hint is dict or dataclasses.is_dataclass(hint):
+        return "a mapping"
+    return _WORDS.get(hint, str(hint))
 
 
 def to_dict(obj) -> dict:

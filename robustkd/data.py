@@ -28,6 +28,9 @@ class ImageSet:
     images: torch.Tensor
     labels: torch.Tensor
     classes: list[str]
+    # PIL modes of the decoded files ({"RGB": 990, "L": 10}) where they were read from image files;
+    # non-RGB ones were converted to RGB (the data card says how many).
+    source_modes: dict[str, int] | None = None
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -103,9 +106,11 @@ def load_image_folder(root: str | os.PathLike, per_class: int | None = None) -> 
                          f"(.png, .jpg, ...); {str(exc).splitlines()[0]}") from None
     samples = first_k_per_class(folder.samples, per_class) if per_class else folder.samples
     images = np.empty((len(samples), *IMAGE_SHAPE_HWC), dtype=np.uint8)
+    modes: dict[str, int] = {}
     for i, (path, _) in enumerate(samples):
         try:
             with Image.open(path) as img:
+                modes[img.mode] = modes.get(img.mode, 0) + 1
                 arr = np.asarray(img.convert("RGB"))
         except (OSError, ValueError) as exc:  # truncated or not an image (PIL.UnidentifiedImageError)
             raise InputError(f"{path}: expected a 32 x 32 RGB image, found a file that cannot be decoded "
@@ -114,7 +119,7 @@ def load_image_folder(root: str | os.PathLike, per_class: int | None = None) -> 
             raise InputError(f"{path}: expected a 32 x 32 RGB image, found shape {arr.shape}")
         images[i] = arr
     labels = np.array([label for _, label in samples], dtype=np.int64)
-    return ImageSet(to_chw_tensor(images), torch.from_numpy(labels), list(folder.classes))
+    return ImageSet(to_chw_tensor(images), torch.from_numpy(labels), list(folder.classes), dict(sorted(modes.items())))
 
 
 def check_same_classes(lists: dict[str, list[str]], source: str) -> list[str]:

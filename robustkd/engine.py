@@ -27,7 +27,11 @@ from .data import TrainBatches
 from .distributed import average_gradients, average_scalars, wrap_ddp
 from .errors import InputError, NonFiniteLoss
 from .methods.registry import Objective
-from .utils import atomic_torch_save, autocast, load_error_reason, make_generator, progress, select_device
+from .utils import (atomic_torch_save, autocast, load_error_reason, make_generator, progress,
+                    remove_unfinished_writes, select_device)
+
+# Set-aside checkpoints of other runs kept beside state.pt (the newest; older ones removed) [choice].
+STALE_KEPT = 3
 
 Callback = Callable[[int, dict], None]
 
@@ -219,15 +223,25 @@ class Trainer:
             os.replace(self.ckpt_path, stale)
         self.log(f"checkpoint {self.ckpt_path} is not of this run ({reason}); starting fresh, "
                  f"the old checkpoint kept as {stale.name}")
+        self._drop_old_set_asides()
+
+    def _drop_old_set_asides(self) -> None:
+        """Keep the newest ``STALE_KEPT`` set-aside checkpoints; older ones are removed, with one line,
+        so that repeated changes of settings do not fill the disk."""
+        assert self.ckpt_path is not None
+        kept = sorted(self.ckpt_path.parent.glob(f"{self.ckpt_path.name}.stale-*"),
+                      key=lambda p: p.stat().st_mtime, reverse=True)
+        for old in kept[STALE_KEPT:]:
+            if self.is_main:
+                old.unlink(missing_ok=True)
+            self.log(f"removed the set-aside checkpoint {old.name} (only the newest {STALE_KEPT} are kept)")
 
     def _remove_unfinished_writes(self) -> None:
         """Temporary files of a checkpoint write that a kill interrupted (robustkd.utils.atomic_path
         renames only complete files over state.pt): removed, with one line."""
         assert self.ckpt_path is not None   # called only for a run with a checkpoint folder
-        leftovers = sorted(self.ckpt_path.parent.glob(f".{self.ckpt_path.name}.*.tmp"))
-        if leftovers and self.is_main:
-            for path in leftovers:
-                path.unlink(missing_ok=True)
+        leftovers = remove_unfinished_writes(self.ckpt_path) if self.is_main else []
+        if leftovers:
             self.log(f"removed {len(leftovers)} unfinished checkpoint write(s) of a killed run "
                      f"({', '.join(p.name for p in leftovers)}); {self.ckpt_path.name} itself is complete")
 

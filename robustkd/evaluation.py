@@ -21,6 +21,15 @@ broken attack or a gradient-masked model):
 - AutoAttack's own warnings (logged by pyautoattack, e.g. Square succeeding where the
   white-box attacks did not, or points with zero gradient) are recorded.
 
+A compiled model (torch.compile) gets the same checks and the same verdict as its eager copy:
+every attack (PGD, CW, the masking checks, AutoAttack) runs on the eager module inside the
+compile wrapper (``attacks.unwrap``), and pyautoattack's process-global counters of its
+dynamic-defense check are reset before each of its runs (:func:`reset_autoattack_counters`), so
+neither the compiler's own tracing nor an earlier model can flag a model. Only the natural
+forward goes through the compiled module; the result says so (``compiled_parts``). Attacks run
+in fp32 with TF32 off (:func:`fp32_matmuls`; ``PRECISION``) and with the attacked model's
+parameters frozen (no weight gradients are computed by an input-gradient backward).
+
 A failed check does not raise: the result carries every figure it measured and the failed
 checks, with the reason, and is *flagged*; the caller decides whether that stops a pipeline.
 """
@@ -30,9 +39,10 @@ from __future__ import annotations
 import copy
 import hashlib
 import logging
+import sys
 import time
-from contextlib import contextmanager
-from dataclasses import dataclass, field
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator
 
 import torch
@@ -41,12 +51,13 @@ import torch.nn as nn
 from . import attacks
 from .errors import InputError
 from .stats import accuracy_record, percent
-from .utils import make_generator, progress
+from .utils import make_generator
 
 ATTACKS = ("natural", "pgd20", "cw", "autoattack")
 WORST_CASE = "worst_case"
 AUTOATTACK_LOGGER = "auto-attack"   # the logger pyautoattack writes its checks' warnings to
 LINF_SLACK = 1e-6                   # float rounding allowed above eps, in [0, 1] pixel units
+PRECISION = "fp32 (TF32 off)"       # what every attack and check runs in (fp32_matmuls)
 
 AttackFn = Callable[[torch.Tensor, torch.Tensor, int], tuple[torch.Tensor, torch.Tensor]]
 """(x batch, y batch, index of the batch's first image) -> (x_adv, the attack's predictions)."""
@@ -60,6 +71,9 @@ class EvalConfig:
     eps: float = 8 / 255
     pgd_steps: int = 20
     pgd_step_size: float = 2 / 255
+    # PGD's uniform random start projected into [0, 1] before the first gradient (the project's,
+    # IAD's); false: the first gradient at the unclamped x + U(-eps, eps) (ARD's official test())
+    pgd_clamp_start: bool = True
     cw_steps: int = 30
     cw_step_size: float = 0.003
     cw_kappa: float = 50.0
@@ -101,6 +115,111 @@ class EvalConfig:
             raise InputError(f"evaluation.sweep_eps must be increasing and >= 0, found {self.sweep_eps}")
 
 
+# ----------------------------------------------------------------------------- protocols
+@dataclass(frozen=True)
+class Protocol:
+    """A paper's evaluation settings by name (``evaluate.protocol``): the EvalConfig keys it sets,
+    and where each value comes from. Keys it does not set keep ``evaluate.config``'s values."""
+
+    name: str
+    settings: dict
+    sources: dict          # key -> source (repository, file, commit; paper; or "[choice]")
+    description: str
+
+
+PROTOCOLS: dict[str, Protocol] = {
+    # the project's documented protocol (docs/methods.md, "Attacks and evaluation"): evaluate.config
+    # as written (its defaults: PGD-20 2/255 uniform start, CW-inf 30 x 0.003 kappa 50, AutoAttack standard)
+    "project": Protocol("project", {}, {}, "the project's protocol: evaluate.config as written"),
+    # RSLAD, Zi et al., "Revisiting Adversarial Robustness Distillation: Robust Soft Labels Make Student
+    # Better", ICCV 2021, https://arxiv.org/abs/2108.07969; code github.com/zibojia/RSLAD @ c40e04f6.
+    "rslad": Protocol("rslad", {
+        "eps": 8 / 255, "pgd_steps": 20, "pgd_step_size": 0.003, "pgd_clamp_start": True,
+        "cw_steps": 30, "cw_step_size": 0.003, "cw_kappa": 50.0, "autoattack_version": "standard"},
+        {"eps": "zibojia/RSLAD resnet18_rslad_cifar10.py:72 @ c40e04f6 (epsilon=8.0/255.0)",
+         "pgd_steps": "zibojia/RSLAD resnet18_rslad_cifar10.py:72 @ c40e04f6 (attack_iters=20)",
+         "pgd_step_size": "zibojia/RSLAD resnet18_rslad_cifar10.py:72 @ c40e04f6 (step_size=0.003)",
+         "pgd_clamp_start": "[choice] attack_pgd is called but not defined in the repository: its start is "
+                            "unknown; the project's uniform start, clamped",
+         "cw_steps": "RSLAD paper, section 4 (CW-inf, 30 steps of 0.003); no CW code in the repository",
+         "cw_step_size": "RSLAD paper, section 4 (CW-inf, 30 steps of 0.003); no CW code in the repository",
+         "cw_kappa": "[choice] not given; kappa 50 as IAD's and the project's CW",
+         "autoattack_version": "RSLAD paper, section 4 (AutoAttack, standard version)"},
+        "RSLAD's: PGD-20 step 0.003, CW-inf 30 x 0.003, AutoAttack standard, eps 8/255"),
+    # ARD, Goldblum et al., "Adversarially Robust Distillation", AAAI 2020, https://arxiv.org/abs/1905.09747;
+    # code github.com/goldblum/AdversariallyRobustDistillation main.py @ 779ade36: test() attacks with
+    # the AttackPGD of its config (main.py:60-78, 100-104, 143-160).
+    "ard": Protocol("ard", {"eps": 8 / 255, "pgd_steps": 10, "pgd_step_size": 2 / 255, "pgd_clamp_start": False},
+                    {"eps": "goldblum/AdversariallyRobustDistillation main.py:101 @ 779ade36 (epsilon 8/255)",
+                     "pgd_steps": "goldblum/AdversariallyRobustDistillation main.py:102 @ 779ade36 (num_steps 10, "
+                                  "the attack test() uses)",
+                     "pgd_step_size": "goldblum/AdversariallyRobustDistillation main.py:103 @ 779ade36 (2/255)",
+                     "pgd_clamp_start": "goldblum/AdversariallyRobustDistillation main.py:70 @ 779ade36 (x + "
+                                        "U(-eps, eps), not clamped before the first gradient)",
+                     "cw": "[choice] ARD's code has no CW or AutoAttack: evaluate.config's values",
+                     "autoattack": "[choice] ARD's code has no CW or AutoAttack: evaluate.config's values"},
+                    "ARD's official test(): PGD-10 step 2/255, uniform start unclamped, eps 8/255"),
+    # IAD, Zhu et al., "Reliable Adversarial Distillation with Unreliable Teachers", ICLR 2022,
+    # https://arxiv.org/abs/2106.04928; code github.com/ZFancy/IAD basic_eval.py, attack_generator.py @ a8091a8c.
+    "iad": Protocol("iad", {
+        "eps": 8 / 255, "pgd_steps": 20, "pgd_step_size": 2 / 255, "pgd_clamp_start": True,
+        "cw_steps": 30, "cw_step_size": 2 / 255, "cw_kappa": 50.0, "autoattack_version": "standard"},
+        {"eps": "ZFancy/IAD basic_eval.py:51, 53 @ a8091a8c (epsilon=8/255)",
+         "pgd_steps": "ZFancy/IAD basic_eval.py:51 @ a8091a8c (PGD20: perturb_steps=20, loss cent)",
+         "pgd_step_size": "ZFancy/IAD basic_eval.py:51 @ a8091a8c (step_size=2/255)",
+         "pgd_clamp_start": "ZFancy/IAD attack_generator.py:25-26 @ a8091a8c (category Madry: x + U(-eps, eps), "
+                            "clamped to [0, 1])",
+         "cw_steps": "ZFancy/IAD basic_eval.py:53 @ a8091a8c (CW: perturb_steps=30, loss cw)",
+         "cw_step_size": "ZFancy/IAD basic_eval.py:53 @ a8091a8c (step_size=2/255)",
+         "cw_kappa": "ZFancy/IAD attack_generator.py:5 @ a8091a8c (cwloss confidence=50)",
+         "autoattack_version": "[choice] the IAD paper reports AutoAttack; basic_eval.py runs none: standard"},
+        "IAD's basic_eval.py: PGD-20 step 2/255, CW-inf 30 x 2/255 kappa 50, AutoAttack standard, eps 8/255"),
+    # AutoAttack standard: Croce & Hein, "Reliable evaluation of adversarial robustness with an ensemble of
+    # diverse parameter-free attacks", ICML 2020, https://arxiv.org/abs/2003.01690 (github.com/fra31/auto-attack;
+    # RobustBench's Linf CIFAR-10 threat model, eps 8/255).
+    "autoattack": Protocol("autoattack", {"eps": 8 / 255, "autoattack_version": "standard"},
+                           {"eps": "RobustBench Linf CIFAR-10 (8/255)",
+                            "autoattack_version": "Croce & Hein 2020: version standard (APGD-CE, APGD-T, FAB-T, "
+                                                  "Square)",
+                            "pgd/cw": "[choice] not part of AutoAttack: evaluate.config's values"},
+                           "AutoAttack standard (Croce & Hein 2020) at eps 8/255"),
+}
+
+
+def _same(a, b) -> bool:
+    if isinstance(a, float) or isinstance(b, float):
+        try:
+            return abs(float(a) - float(b)) <= 1e-12 * max(1.0, abs(float(b)))
+        except (TypeError, ValueError):
+            return False
+    return a == b
+
+
+def protocol_conflicts(cfg: EvalConfig, name: str) -> list[tuple[str, object, object]]:
+    """(key, value in cfg, the protocol's value) for each key protocol ``name`` sets that cfg
+    gives another value than both the protocol's and the project's default (EvalConfig's): such
+    a key is a contradiction, not an override. [] for an unknown name (checked elsewhere)."""
+    protocol = PROTOCOLS.get(name)
+    if protocol is None:
+        return []
+    project = EvalConfig()
+    return [(key, getattr(cfg, key), value) for key, value in protocol.settings.items()
+            if not _same(getattr(cfg, key), value) and not _same(getattr(cfg, key), getattr(project, key))]
+
+
+def apply_protocol(cfg: EvalConfig, name: str) -> EvalConfig:
+    """``cfg`` with protocol ``name``'s settings (the keys it does not set as they were)."""
+    protocol = PROTOCOLS.get(name)
+    if protocol is None:
+        raise InputError(f"evaluate.protocol: expected one of {list(PROTOCOLS)}, found {name!r}")
+    conflicts = protocol_conflicts(cfg, name)
+    if conflicts:
+        key, found, value = conflicts[0]
+        raise InputError(f"evaluate.config.{key}: {found!r} contradicts evaluate.protocol {name!r}, which sets "
+                         f"{value!r}; remove the key (or give it the protocol's value), or use protocol 'project'")
+    return replace(cfg, **protocol.settings)
+
+
 @dataclass
 class Check:
     """One check's verdict and, either way, what it measured."""
@@ -136,13 +255,22 @@ class EvaluationResult:
     autoattack_warnings: list[str] = field(default_factory=list)
     num_classes: int = 0
     # wall-clock seconds each attack took on this process (its share of the images, in parallel
-    # across processes): images / seconds is the evaluation's throughput per attack
+    # across processes): images / seconds is the evaluation's throughput per attack; the masking
+    # checks' attacks under their own names ("unbounded", "sweep_8", ...)
     seconds: dict[str, float] = field(default_factory=dict)
+    # the parts that ran through a torch.compile'd module ([] for an eager model): the natural
+    # forward only; every attack and check runs on the eager module (attacks.unwrap)
+    compiled_parts: list[str] = field(default_factory=list)
+    precision: str = PRECISION
+
+    def images_of_attack(self, name: str) -> int:
+        """Images attack ``name`` (an attack or a masking check's) ran on."""
+        return len(self.correct[name]) if name in self.correct else len(self.masking.get(name, ()))
 
     def images_per_s(self) -> dict[str, float]:
         """Throughput of each attack: its images over its wall-clock seconds."""
-        return {name: len(self.correct[name]) / max(sec, 1e-9) for name, sec in self.seconds.items()
-                if name in self.correct}
+        return {name: self.images_of_attack(name) / max(sec, 1e-9) for name, sec in self.seconds.items()
+                if name in self.correct or name in self.masking}
 
     @property
     def failed(self) -> list[str]:
@@ -176,14 +304,43 @@ def _batch_seed(seed: int, start: int) -> int:
     return seed * 1_000_003 + start
 
 
-def _batched_attack(attack: AttackFn, x, y, starts: list[int], batch_size, device, desc):
-    """Run ``attack(xb, yb, batch_start)`` on each batch of ``starts``; returns (x_adv, pred)."""
+class BatchProgress:
+    """One line per batch on ``stream`` (None: silent): the attack, batch i/n, images done,
+    images/s so far and the ETA. Lines, not carriage returns, so DVC, Prefect and CI logs stay
+    readable."""
+
+    def __init__(self, stream, desc: str, batches: int, images: int):
+        self.stream, self.desc, self.batches, self.images = stream, desc, batches, images
+        self.start = time.perf_counter()
+        self.done_batches = self.done_images = 0
+
+    def line(self, text: str) -> None:
+        if self.stream is not None:
+            print(f"[evaluate {self.desc}] {text}", file=self.stream, flush=True)
+
+    def step(self, images: int) -> None:
+        self.done_batches += 1
+        self.done_images += images
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        rate = self.done_images / elapsed
+        eta = (self.images - self.done_images) / max(rate, 1e-9)
+        self.line(f"batch {self.done_batches}/{self.batches}, {self.done_images}/{self.images} images, "
+                  f"{rate:.2f} images/s, {elapsed:.0f}s elapsed, eta {eta:.0f}s")
+
+
+def _batched_attack(attack: AttackFn, x, y, starts: list[int], batch_size, device, desc, progress=None):
+    """Run ``attack(xb, yb, batch_start)`` on each batch of ``starts``; returns (x_adv, pred).
+    ``progress``: a stream for one line per batch (None: silent)."""
     outs, preds = [], []
-    for i in progress(starts, total=len(starts), desc=desc):
+    sizes = [len(x[i:i + batch_size]) for i in starts]
+    bar = BatchProgress(progress, desc, len(starts), sum(sizes))
+    for i, size in zip(starts, sizes):
         xb, yb = x[i:i + batch_size].to(device), y[i:i + batch_size].to(device)
-        xa, pa = attack(xb, yb, i)
+        with _autoattack_progress(bar if desc == "autoattack" else None):
+            xa, pa = attack(xb, yb, i)
         outs.append(xa.detach().cpu())
         preds.append(pa.detach().cpu())
+        bar.step(size)
     if not outs:
         return x[:0].clone(), torch.empty(0, dtype=torch.long)
     return torch.cat(outs), torch.cat(preds)
@@ -197,11 +354,12 @@ def _select(t: torch.Tensor, starts: list[int], batch_size: int) -> torch.Tensor
 
 # ----------------------------------------------------------------------------- attacks
 def pgd_attack(model: nn.Module, cfg: EvalConfig, device, eps: float, alpha: float, steps: int,
-               start: str | None = "uniform") -> AttackFn:
+               start: str | None = "uniform", clamp_start: bool = True) -> AttackFn:
     """PGD on the cross-entropy; each batch's random start seeded by the batch's index."""
     def attack(xb, yb, first):
         gen = make_generator(_batch_seed(cfg.seed, first), device)
-        xa = attacks.pgd_ce(model, xb, yb, eps=eps, alpha=alpha, steps=steps, start=start, generator=gen)
+        xa = attacks.pgd_ce(model, xb, yb, eps=eps, alpha=alpha, steps=steps, start=start, generator=gen,
+                            clamp_start=clamp_start)
         with torch.no_grad():
             return xa, model(xa).argmax(1)
     return attack
@@ -218,12 +376,98 @@ def cw_attack(model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
 
 
 def autoattack_attack(model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
-    adversary = _autoattack_adversary(model, cfg, device)
+    # The eager module: a compiled one traces its first gradient-enabled forward through
+    # AOTAutograd, whose calls pyautoattack's dynamic-defense check counts (a false alarm).
+    adversary = _autoattack_adversary(attacks.unwrap(model), cfg, device)
 
     def attack(xb, yb, first):
-        # one call per batch, seeded at each call: a batch's result depends on it alone
+        # one call per batch, seeded at each call: a batch's result depends on it alone; the
+        # dynamic-defense counters zeroed first, so each call judges this model's forward alone
+        reset_autoattack_counters()
         return adversary.run_standard_evaluation(xb, yb, batch_size=len(xb))
     return attack
+
+
+def reset_autoattack_counters() -> None:
+    """Zero pyautoattack's dynamic-defense counters (``pyautoattack.checks.funcs``: calls to
+    functions named grad/backward/_make_grads seen during one forward). They are module globals
+    that pyautoattack never resets: once any forward in the process made such a call (a dynamic
+    defense, or torch.compile tracing a backward), every later run was flagged."""
+    try:
+        from pyautoattack import checks
+    except ImportError:   # pragma: no cover - installed with the pipeline extra
+        return
+    for key in checks.funcs:
+        checks.funcs[key] = 0
+
+
+@contextmanager
+def fp32_matmuls() -> Iterator[None]:
+    """fp32 matmuls and convolutions inside the block: TF32 off for CUDA matmuls
+    (``torch.backends.cuda.matmul.allow_tf32``) and for cuDNN (``torch.backends.cudnn.allow_tf32``,
+    on by default); the flags found are restored. TF32 rounds inputs to a 10-bit mantissa, which
+    changes gradients (and can mask them). The legacy flags only: torch refuses to read the
+    precision once the legacy and the new (``fp32_precision``) APIs are mixed."""
+    matmul, cudnn = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    try:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = matmul
+        torch.backends.cudnn.allow_tf32 = cudnn
+
+
+@contextmanager
+def frozen_parameters(model: nn.Module) -> Iterator[None]:
+    """The model's parameters with ``requires_grad`` off inside the block (restored after): an
+    attack's backward then computes the input gradient only, no weight gradient."""
+    params = list(attacks.unwrap(model).parameters())
+    before = [p.requires_grad for p in params]
+    try:
+        for p in params:
+            p.requires_grad_(False)
+        yield
+    finally:
+        for p, flag in zip(params, before):
+            p.requires_grad_(flag)
+
+
+class _ForwardAutoAttack(logging.Handler):
+    """pyautoattack's own progress (its DEBUG lines: "running apgd-ce", "robust accuracy after
+    APGD-CE: ... (total time ... s)") as progress lines of the batch being attacked."""
+
+    def __init__(self, bar: "BatchProgress"):
+        super().__init__(level=logging.DEBUG)
+        self.bar = bar
+
+    def emit(self, record: logging.LogRecord) -> None:
+        message = record.getMessage()
+        if record.levelno >= logging.WARNING:
+            self.bar.line(f"batch {self.bar.done_batches + 1}/{self.bar.batches}: AutoAttack warning: {message}")
+        elif message.startswith(("running ", "robust accuracy after ")):
+            self.bar.line(f"batch {self.bar.done_batches + 1}/{self.bar.batches}: {message}")
+
+
+@contextmanager
+def _autoattack_progress(bar: "BatchProgress | None") -> Iterator[None]:
+    """Inside the block, pyautoattack's per-attack DEBUG lines go to ``bar`` (and only there: the
+    logger does not propagate them meanwhile; its warnings are echoed on the bar's line)."""
+    if bar is None or bar.stream is None:
+        yield
+        return
+    logger = logging.getLogger(AUTOATTACK_LOGGER)
+    handler = _ForwardAutoAttack(bar)
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    logger.propagate = False
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
 
 
 def make_attack(name: str, model: nn.Module, cfg: EvalConfig, device) -> AttackFn:
@@ -234,7 +478,8 @@ def make_attack(name: str, model: nn.Module, cfg: EvalConfig, device) -> AttackF
                 return xb, model(xb).argmax(1)
         return natural
     if name == "pgd20":
-        return pgd_attack(model, cfg, device, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps)
+        return pgd_attack(model, cfg, device, cfg.eps, cfg.pgd_step_size, cfg.pgd_steps,
+                          clamp_start=cfg.pgd_clamp_start)
     if name == "cw":
         return cw_attack(model, cfg, device)
     if name == "autoattack":
@@ -286,7 +531,8 @@ def run_attack(model: nn.Module, x: torch.Tensor, y: torch.Tensor, name: str, cf
     (default: all), in the order of ``starts``; no checks (benchmarks time the attack alone)."""
     model.eval()
     starts = batch_starts(len(x), cfg.batch_size) if starts is None else starts
-    _, pred = _batched_attack(make_attack(name, model, cfg, device), x, y, starts, cfg.batch_size, device, name)
+    with fp32_matmuls(), frozen_parameters(model):
+        _, pred = _batched_attack(make_attack(name, model, cfg, device), x, y, starts, cfg.batch_size, device, name)
     return pred == _select(y, starts, cfg.batch_size)
 
 
@@ -305,12 +551,12 @@ def perturbation_stats(x_adv: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tens
 
 
 def measure(attack: AttackFn, name: str, x, y, starts: list[int], cfg: EvalConfig, device,
-            reference: nn.Module | None) -> dict[str, torch.Tensor]:
+            reference: nn.Module | None, progress=None) -> dict[str, torch.Tensor]:
     """Per-image figures of one attack on the batches ``starts``: the attack's own correctness
     ("own"), and with a ``reference`` model the recomputed correctness, |x_adv - x|_inf and
-    whether x_adv is in [0, 1]."""
+    whether x_adv is in [0, 1]. ``progress``: a stream for one line per batch (None: silent)."""
     bs = cfg.batch_size
-    x_adv, pred = _batched_attack(attack, x, y, starts, bs, device, name)
+    x_adv, pred = _batched_attack(attack, x, y, starts, bs, device, name, progress)
     x_mine, y_mine = _select(x, starts, bs), _select(y, starts, bs)
     out = {"own": pred == y_mine}
     if reference is not None:
@@ -326,8 +572,23 @@ def separate_copy(model: nn.Module) -> nn.Module:
 
 
 def _num_classes(model: nn.Module, x: torch.Tensor, device) -> int:
+    """The model's class count: from its options (robustkd.models.Classifier) or a
+    ``num_classes`` attribute, else one forward of the *eager* module (never a compiled graph
+    traced only to read a shape)."""
+    eager = attacks.unwrap(model)
+    options = getattr(eager, "options", None)
+    if isinstance(options, dict) and isinstance(options.get("num_classes"), int):
+        return options["num_classes"]
+    if isinstance(getattr(eager, "num_classes", None), int):
+        return eager.num_classes
     with torch.no_grad():
-        return int(model(x[:1].to(device)).shape[1])
+        return int(eager(x[:1].to(device)).shape[1])
+
+
+def compiled_parts(model: nn.Module) -> list[str]:
+    """What runs through a torch.compile'd module: the natural forward when ``model`` is one
+    (every attack and check unwraps it); nothing for an eager model."""
+    return ["natural"] if hasattr(model, "_orig_mod") else []
 
 
 # ----------------------------------------------------------------------------- checks
@@ -404,7 +665,8 @@ def check_autoattack_warnings(messages: list[str]) -> Check:
 def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: EvalConfig,
                    device, log: Callable[[str], None] = print, rank: int = 0,
                    world_size: int = 1, reference: nn.Module | None = None,
-                   subsets: dict[str, torch.Tensor] | None = None) -> EvaluationResult:
+                   subsets: dict[str, torch.Tensor] | None = None,
+                   progress="stderr") -> EvaluationResult:
     """Per-image correctness for each configured attack on (x, y), with the protocol's checks.
 
     ``subsets``: {attack: positions in x} for attacks run on part of the images only (the
@@ -416,7 +678,20 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
     whole batches and the per-image results are gathered: every rank returns the full result,
     equal to a single-process run on the same images. Failed checks flag the result; nothing
     is raised for them.
+
+    Every attack runs in fp32 with TF32 off (:func:`fp32_matmuls`) on the model's parameters
+    frozen; ``progress``: the stream for one line per attack and batch (AutoAttack's attacks and
+    the masking checks included), None for silence.
     """
+    progress = sys.stderr if progress == "stderr" else progress   # the stream at call time (captured in tests)
+    with ExitStack() as stack:
+        stack.enter_context(fp32_matmuls())
+        stack.enter_context(frozen_parameters(model))
+        return _evaluate_model(model, x, y, cfg, device, log, rank, world_size, reference, subsets, progress)
+
+
+def _evaluate_model(model, x, y, cfg: EvalConfig, device, log, rank, world_size, reference, subsets,
+                    progress) -> EvaluationResult:
     model = model.to(device).eval()
     if cfg.checks:
         reference = (reference if reference is not None else separate_copy(model)).to(device).eval()
@@ -433,13 +708,14 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
         start = time.perf_counter()
         with captured_warnings() as caught:
             local[name] = measure(make_attack(name, model, cfg, device), name, xs, ys, starts, cfg, device,
-                                  reference if name != "natural" else None)
+                                  reference if name != "natural" else None, progress)
         if device_type(device) == "cuda":
             torch.cuda.synchronize(device)
         seconds[name] = time.perf_counter() - start
         messages += caught
     n_mask = min(cfg.masking_images, len(x)) if cfg.checks else 0
-    masking_local = _measure_masking(model, x[:n_mask], y[:n_mask], cfg, device, rank, world_size)
+    masking_local = _measure_masking(model, x[:n_mask], y[:n_mask], cfg, device, rank, world_size, seconds,
+                                     progress)
     if world_size > 1:
         local = {name: _gather({name: m}, len(positions.get(name, x)), cfg.batch_size, world_size)[name]
                  for name, m in local.items()}
@@ -448,6 +724,7 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
     result = _assemble(local, masking_local, messages, cfg, _num_classes(model, x, device) if len(x) else 0,
                        positions)
     result.seconds = seconds
+    result.compiled_parts = compiled_parts(model)
     speed = result.images_per_s()
     for name, correct in result.correct.items():
         log(f"{name}: {percent(int(correct.sum()), len(correct))}% of {len(correct)} images "
@@ -455,13 +732,18 @@ def evaluate_model(model: nn.Module, x: torch.Tensor, y: torch.Tensor, cfg: Eval
     if result.worst_case is not None:
         log(f"worst case over attacks: {percent(int(result.worst_case.sum()), len(result.worst_case))}% "
             f"of {len(result.worst_case)} images")
+    masking_speed = {name: v for name, v in speed.items() if name in result.masking}
+    if masking_speed:
+        log("masking checks: " + ", ".join(f"{name} {v:.1f} images/s" for name, v in masking_speed.items()))
     for name in result.failed:
         log(f"CHECK FAILED {name}: {result.checks[name].detail}")
     return result
 
 
-def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size: int) -> dict:
-    """The gradient-masking attacks on (x, y): unbounded PGD and the eps sweep, from x itself.
+def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size: int,
+                     seconds: dict | None = None, progress=None) -> dict:
+    """The gradient-masking attacks on (x, y): unbounded PGD and the eps sweep, from x itself;
+    each one's wall-clock seconds into ``seconds`` (under its own name).
 
     No random start: at eps = 1 a uniform start is a random image, which would "succeed" even
     against a model whose gradient leads nowhere. Step sizes 2.5 eps / steps (Madry et al. 2018).
@@ -474,11 +756,19 @@ def _measure_masking(model, x, y, cfg: EvalConfig, device, rank: int, world_size
     def pgd_from_x(eps: float, steps: int) -> AttackFn:
         return pgd_attack(model, cfg, device, eps, 2.5 * eps / max(steps, 1), steps, start=None)
 
-    out["unbounded"] = measure(pgd_from_x(cfg.unbounded_eps, cfg.unbounded_steps), "unbounded", x, y, starts, cfg,
-                               device, None)
+    seconds = {} if seconds is None else seconds
+
+    def timed(name: str, attack: AttackFn) -> None:
+        start = time.perf_counter()
+        out[name] = measure(attack, f"masking {name}", x, y, starts, cfg, device, None, progress)
+        if device_type(device) == "cuda":
+            torch.cuda.synchronize(device)
+        seconds[name] = time.perf_counter() - start
+
+    timed("unbounded", pgd_from_x(cfg.unbounded_eps, cfg.unbounded_steps))
     for eps in cfg.sweep_eps:
-        attack = make_attack("natural", model, cfg, device) if eps == 0 else pgd_from_x(eps, cfg.sweep_steps)
-        out[sweep_key(eps)] = measure(attack, sweep_key(eps), x, y, starts, cfg, device, None)
+        timed(sweep_key(eps), make_attack("natural", model, cfg, device) if eps == 0
+              else pgd_from_x(eps, cfg.sweep_steps))
     return out
 
 
@@ -640,7 +930,8 @@ def attack_settings(cfg: EvalConfig) -> dict:
     all_settings = {
         "natural": {"attack": "none"},
         "pgd20": {"attack": "PGD", "loss": "cross-entropy", "steps": cfg.pgd_steps,
-                  "step_size": cfg.pgd_step_size, "random_start": "uniform"},
+                  "step_size": cfg.pgd_step_size, "random_start": "uniform",
+                  "start_clamped_to_0_1": cfg.pgd_clamp_start},
         "cw": {"attack": "CW-inf (PGD on the margin loss)", "kappa": cfg.cw_kappa, "steps": cfg.cw_steps,
                "step_size": cfg.cw_step_size, "random_start": "uniform"},
         "autoattack": {"attack": "AutoAttack", "package": "pyautoattack", "version": cfg.autoattack_version,

@@ -35,7 +35,7 @@ import torch
 
 from .errors import InputError
 from .models import Classifier, create_model
-from .utils import atomic_path
+from .utils import atomic_path, load_error_reason
 
 CIFAR100_MEAN = (0.5071, 0.4865, 0.4409)
 CIFAR100_STD = (0.2673, 0.2564, 0.2762)
@@ -110,7 +110,10 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
-        raise InputError(f"teacher file {path} cannot be read as a weights-only torch file: {exc}") from None
+        # load_error_reason, not torch's text: that ends with a hint to load with weights_only=False,
+        # which would run any code in the file.
+        raise InputError(f"teacher file {path} cannot be read as a weights-only torch file: "
+                         f"{load_error_reason(exc, path)}") from None
     if not isinstance(ckpt, dict):
         raise InputError(f"teacher file {path}: expected a state dict, found {type(ckpt).__name__}")
     for key in ("state_dict", "model_state_dict"):
@@ -126,6 +129,18 @@ def read_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
             key = key[len(prefix):] if key.startswith(prefix) else key
         state[key] = value
     return state
+
+
+def unreadable_reason(path: str | os.PathLike) -> str | None:
+    """None when ``path`` loads with ``weights_only=True``; else one line on why not (missing,
+    truncated, pickled code refused), without torch's hint to load it unsafely."""
+    if not Path(path).is_file():
+        return "the file does not exist"
+    try:
+        torch.load(path, map_location="meta", weights_only=True)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
+        return load_error_reason(exc, path)
+    return None
 
 
 def is_robustkd_checkpoint(path: str | os.PathLike) -> bool:

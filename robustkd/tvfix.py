@@ -1,4 +1,4 @@
-"""Make the PyPI torchvision wheel importable on a CPU-only torch (README, "The two commands").
+"""Make the PyPI torchvision wheel importable on a CPU-only torch (docs/development.md#installation).
 
 Cause: the torchvision 0.28.0 wheel on PyPI is a CUDA build. On a CPU torch its ``_C.so``
 fails to load (it needs ``libtorch_cuda.so``), and ``torchvision/_meta_registrations.py``

@@ -43,23 +43,63 @@ def autocast(device: torch.device, bf16: bool):
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
 
 
+def _umask() -> int:
+    """The process's umask (read by setting and restoring it: there is no getter before 3.13's os)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def _fsync(path: Path) -> None:
+    """Flush a file's (or a folder's) data to the disk, so that a rename after it survives a power cut."""
+    flags = os.O_RDONLY | (os.O_DIRECTORY if path.is_dir() else 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError:
+        return   # a folder that cannot be opened (some network file systems): the rename still is atomic
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass     # fsync unsupported on this file system
+    finally:
+        os.close(fd)
+
+
+def remove_unfinished_writes(path: str | os.PathLike) -> list[Path]:
+    """Temporary files that a killed :func:`atomic_path` left next to ``path`` (``.<name>.*.tmp``):
+    removed. One process writes a given output at a time (DVC's lock, rank 0 only), so every such
+    file is a leftover."""
+    path = Path(path)
+    leftovers = sorted(path.parent.glob(f".{path.name}.*.tmp")) if path.parent.is_dir() else []
+    for leftover in leftovers:
+        leftover.unlink(missing_ok=True)
+    return leftovers
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; rename it over ``path`` only on success.
 
-    A killed process leaves the previous file intact (rename is atomic on POSIX). A failed write
-    (full disk, no permission) raises :class:`~robustkd.errors.OutputError` naming the file and the
-    cause, and also leaves the previous file as it was.
+    A killed process leaves the previous file intact (rename is atomic on POSIX), and its temporary
+    file is removed by the next write of the same file. The data is fsynced before the rename and
+    the folder after it, so a power cut leaves the old file or the whole new one. The new file's
+    mode follows the umask (0644 under the usual 022), not mkstemp's 0600. A failed write (full disk,
+    no permission) raises :class:`~robustkd.errors.OutputError` naming the file and the cause, and
+    also leaves the previous file as it was.
     """
     path = Path(path)
     tmp_path = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_unfinished_writes(path)
         fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
         os.close(fd)
         tmp_path = Path(tmp)
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())
+        _fsync(tmp_path)
         os.replace(tmp_path, path)
+        _fsync(path.parent)
     except OutputError:
         raise
     except OSError as exc:

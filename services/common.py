@@ -91,12 +91,25 @@ def project_dir(cwd: Path | None = None) -> Path:
 
 def data_root(root: str) -> Path:
     """``data.root``: ``ROBUSTKD_DATA_ROOT`` when set; a relative path is relative to the project
-    (README: "the default profile reads CIFAR-10 from ../shared/datasets/cifar10"), wherever the
-    stage runs."""
+    (docs/pipeline.md#what-make-run-does: the default profile reads CIFAR-10 from
+    ../shared/datasets/cifar10), wherever the stage runs."""
     chosen = Path(os.environ.get("ROBUSTKD_DATA_ROOT") or root)
     if chosen.is_absolute() or (Path.cwd() / chosen).exists():
         return chosen
     return project_dir() / chosen
+
+
+def check_data_root(root: Path, source: str, download: bool) -> None:
+    """The data must be there before anything runs, unless a torchvision source will download it:
+    the error names the key, the folder and the two ways to fix it."""
+    if root.exists() or (source != "imagefolder" and download):
+        return
+    if source == "imagefolder":
+        raise InputError(f"data.root {root} does not exist: expected an ImageFolder tree there (train/<class>/*.png, "
+                         f"test/<class>/*.png); set data.root to your copy, or use `data.source: cifar10` "
+                         f"(with `data.download: true`) to download CIFAR-10 into it")
+    raise InputError(f"data.root {root} does not exist and data.download is false: expected the {source} "
+                     f"archive or its folder there; set data.download: true to download it")
 
 
 def setup_run(params: Params) -> torch.device:

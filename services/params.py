@@ -17,7 +17,7 @@ import yaml
 from robustkd.config import from_dict
 from robustkd.engine import OptimConfig
 from robustkd.errors import InputError
-from robustkd.evaluation import EvalConfig
+from robustkd.evaluation import PROTOCOLS, EvalConfig, apply_protocol, protocol_conflicts
 from robustkd.methods import DISTILL_METHODS, TEACHER_METHODS, build_config, get_method
 
 
@@ -66,6 +66,10 @@ class TeacherParams:
     settings: dict = field(default_factory=dict)   # the method's settings (robustkd.methods)
     optim: OptimConfig = field(default_factory=OptimConfig)
     monitor_pgd_steps: int = 10            # PGD steps of the per-epoch held-out check
+    # Which teacher checkpoint the student distils from: last (models/teacher.pt) or best
+    # (models/teacher_best.pt, the best held-out PGD accuracy: services/training.py BestKeeper).
+    # last [choice]: TRADES' official code distils nothing and keeps per-epoch files; best needs the monitor.
+    select: Literal["last", "best"] = "last"
     # With source: train and a ViT teacher (vit_b_4, deit_s_4), a local ImageNet 224/16 weights file
     # (timm key names; .pth/.bin/.safetensors) adapted to 32 x 32 / 4 x 4 patches (robustkd/vit.py);
     # empty: from scratch. The run records which (metrics/teacher_info.json "init", MLflow params).
@@ -108,22 +112,54 @@ class DistillParams:
     official_epochs: int | None = None
     method_optim: dict = field(default_factory=dict)
     monitor_pgd_steps: int = 10            # PGD steps of the per-epoch held-out check
+    # The student exported and registered: last (models/student.pt) or best (models/student_best.pt,
+    # the best held-out PGD accuracy; both are kept and evaluated, services/training.py BestKeeper).
+    # last [choice]: IAD's and AdaAD's official code select the best on the *test* set
+    # (ZFancy/IAD IAD-I.py L251-259, boyellow/AdaAD main.py L479-493); best needs the monitor.
+    select: Literal["last", "best"] = "last"
     reference_method: str = "natural_kd"   # the same student trained without adversarial examples
 
 
 @dataclass
 class EvaluateParams:
+    # A named evaluation protocol (robustkd.evaluation.PROTOCOLS: project | rslad | ard | iad |
+    # autoattack): "project" (default) is evaluate.config as written; another name sets the attack
+    # keys its paper's code uses (eps, PGD steps/step/start, CW steps/step/kappa, AutoAttack version),
+    # so that "evaluated under RSLAD's protocol" means exactly that. How explicit keys interact: a key
+    # the protocol sets may be left at the project's value (it is replaced, and the stage says so) or
+    # set to the protocol's; any other value contradicts it and stops the first stage with one line.
+    # Keys a protocol does not set (batch size, the attacks run, the checks, AutoAttack's custom
+    # list) keep evaluate.config's values; the image counts stay evaluate.per_class and friends.
+    protocol: str = "project"
     per_class: int | None = None           # the stratified subset "first k per class" (None: all)
     # AutoAttack (the expensive attack) on the first k per class of that subset (None: all of it)
     autoattack_per_class: int | None = None
     max_images: int | None = None          # at most the first N images of that subset (smoke runs; None: all)
     reference_attacks: list[str] = field(default_factory=lambda: ["natural", "pgd20"])
-    # torch.compile the attacked model (PGD, CW, AutoAttack's gradients); auto: on CUDA devices whose
-    # capability probe passes, eager elsewhere. The accuracy of each attack's x_adv is recomputed on
-    # an eager copy of the model (the "recomputed" check), so a compiled graph that differed shows.
-    # Evaluation stays fp32 (a reduced precision can mask gradients).
+    # torch.compile the evaluated model; auto: on CUDA devices whose capability probe passes, eager
+    # elsewhere. Only the natural forward runs compiled: every attack (PGD, CW, AutoAttack) and every
+    # check runs on the eager module, so a compiled model gets its eager copy's verdict (issue 24);
+    # the info file lists what ran compiled (compiled_parts). Evaluation runs in fp32 with TF32 off
+    # (robustkd.evaluation.fp32_matmuls: a reduced precision can mask gradients).
     compile: bool | Literal["auto"] = "auto"
+    # one progress line per attack and batch on stderr (AutoAttack's attacks and the masking checks
+    # included), with images/s and the ETA; false: quiet [choice]
+    progress: bool = True
+    # The models whose best held-out checkpoint (models/<name>_best.pt) is evaluated too, beside the
+    # last: metrics/evaluate/<name>_best.json. [student] [choice]; dvc.yaml declares these outputs.
+    best_checkpoints: list[str] = field(default_factory=lambda: ["student"])
     config: EvalConfig = field(default_factory=EvalConfig)
+
+    def __post_init__(self):
+        """The protocol applied to ``config`` (keys it replaced in ``protocol_replaced``); an unknown
+        name or a contradicting key is left for services.param_checks to report with the file."""
+        self.protocol_replaced: list[str] = []
+        self.protocol_conflicts = protocol_conflicts(self.config, self.protocol)
+        if self.protocol in PROTOCOLS and not self.protocol_conflicts:
+            before = self.config
+            self.config = apply_protocol(before, self.protocol)
+            self.protocol_replaced = [k for k in PROTOCOLS[self.protocol].settings
+                                      if getattr(before, k) != getattr(self.config, k)]
 
 
 @dataclass
@@ -139,7 +175,7 @@ class ExportParams:
 class RunParams:
     seed: int = 0
     device: str = "auto"                   # auto: CUDA when present
-    # The fast path (robustkd.capability, README "The fast path"): 'auto' turns bf16 autocast,
+    # The fast path (robustkd.capability, docs/performance.md#the-fast-path): 'auto' turns bf16 autocast,
     # channels_last and the compiled student on for CUDA devices whose capability probe passes and
     # leaves them off elsewhere; explicit values are probed too (a failing probe stops the stage
     # with one line naming the setting, the device and the cause).

@@ -155,9 +155,33 @@ UNAVAILABLE = ("database is locked", "database table is locked", "unable to open
                "status code 504", "disk I/O error")
 
 
+# The store's file is damaged: no retry helps, but the stage's own work must not be lost to it, so it
+# is treated as unavailable (one line, the stage goes on untracked) without the waits.
+CORRUPT = ("database disk image is malformed", "file is not a database", "malformed database schema")
+
+
+def store_corrupt(exc: BaseException) -> bool:
+    return any(p in f"{exc}" for p in CORRUPT)
+
+
 def store_unavailable(exc: BaseException) -> bool:
     text = f"{type(exc).__name__}: {exc}"
-    return isinstance(exc, (ConnectionError, TimeoutError)) or any(p in text for p in UNAVAILABLE)
+    return (isinstance(exc, (ConnectionError, TimeoutError)) or any(p in text for p in UNAVAILABLE)
+            or store_corrupt(exc))
+
+
+def filter_literal(value: str) -> str:
+    """``value`` as a string literal of an MLflow search filter (``name = {filter_literal(x)}``).
+
+    MLflow's parser (mlflow/utils/search_utils.py, ``_strip_quotes``) takes a value in single or
+    double quotes and strips them without unescaping, so a value is quoted with the kind it does not
+    hold; one holding both, a backslash or a control character cannot be written and is refused
+    (a name pasted into the filter unquoted could change the query)."""
+    value = str(value)
+    if "\\" in value or any(ord(c) < 32 for c in value) or ("'" in value and '"' in value):
+        raise ValueError(f"{value!r} cannot be written as an MLflow search filter value "
+                         "(it holds both quote kinds, a backslash or a control character)")
+    return f'"{value}"' if "'" in value else f"'{value}'"
 
 
 def with_retries(fn, attempts: int | None = None):
@@ -168,12 +192,16 @@ def with_retries(fn, attempts: int | None = None):
         try:
             return fn()
         except Exception as exc:  # noqa: BLE001 - connection refused, timeout, database is locked, ...
-            if k == attempts - 1 or not store_unavailable(exc):
+            if k == attempts - 1 or not store_unavailable(exc) or store_corrupt(exc):
                 raise
             time.sleep(2 ** k)
 
 
 def say_untracked(what: str, exc: BaseException) -> None:
+    if store_corrupt(exc):
+        print(f"tracking: {what} at {tracking_uri()} failed: the store is damaged ({short_error(exc)}); "
+              f"move that file aside to start a new store; the stage goes on untracked", file=sys.stderr, flush=True)
+        return
     print(f"tracking: {what} at {tracking_uri()} failed {_attempts()} times ({short_error(exc)}); "
           f"the stage goes on untracked", file=sys.stderr, flush=True)
 
@@ -317,13 +345,24 @@ def ensure_project_experiment(mlflow, name: str, root: Path) -> None:
     """Create the project's experiment with its artifacts under ``<project>/mlruns``: MLflow's
     default is ``./mlruns`` of whichever process creates the experiment first (the flow's, a
     test's), which would scatter a project's artifacts over working directories."""
-    if mlflow.get_experiment_by_name(name) is not None:
-        return
-    try:
-        mlflow.create_experiment(name, artifact_location=str(Path(root).resolve() / "mlruns" / name))
-    except Exception:  # noqa: BLE001 - another stage process created it first
-        if mlflow.get_experiment_by_name(name) is None:
-            raise
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            mlflow.create_experiment(name, artifact_location=str(Path(root).resolve() / "mlruns" / name),
+                                     tags={EXPERIMENT_KIND: MODEL_TRAINING})
+            return
+        except Exception:  # noqa: BLE001 - another stage process created it first
+            experiment = mlflow.get_experiment_by_name(name)
+            if experiment is None:
+                raise
+    if experiment.tags.get(EXPERIMENT_KIND) != MODEL_TRAINING:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND, MODEL_TRAINING)
+
+
+# MLflow 3's UI opens an experiment in its GenAI view (traces, token usage) unless this tag says it
+# is model training (the runs, charts and model registry view); mlflow/server/js: ExperimentKind.
+EXPERIMENT_KIND = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 
 
 @contextlib.contextmanager

@@ -17,7 +17,7 @@ from robustkd.models import create_model, load_checkpoint, save_checkpoint
 from services.common import (CHECKPOINTS, GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser,
                      read_params, setup_distributed)
 from services.params import dataset_key, method_settings, resolve_optim
-from services.training import run_training
+from services.training import best_path, run_training, selected_path
 
 
 def load_generated() -> GeneratedPool | None:
@@ -49,7 +49,7 @@ def main(args) -> None:
     if dist_info.is_main:
         args.tracker.log_imageset(train, PREPARED / "train.npz", "train", "training")
         args.tracker.log_imageset(heldout, PREPARED / "heldout.npz", "heldout", "validation")
-    teacher = load_checkpoint(MODELS / "teacher.pt").to(device)
+    teacher = load_checkpoint(selected_path(MODELS / "teacher.pt", params.teacher.select)).to(device)
     generated = load_generated()
     torch.manual_seed(params.run.seed)
     student = create_model(cfg.student.arch, train.num_classes, **cfg.student.options)
@@ -67,6 +67,8 @@ def main(args) -> None:
     name = args.name or ("student" if out_dir is None else method)
     model_path = (out_dir or MODELS) / f"{name}.pt"
     metrics_dir = out_dir or METRICS
+    meta = {"method": method, "teacher_arch": teacher.arch, "dataset": params.data.source, "optimiser": optim_how,
+            "reconstruction": objective.method.reconstruction}
     history = run_training(student, objective, optim, params, train, heldout, device,
                            CHECKPOINTS / name if out_dir is None else out_dir / "checkpoint",
                            metrics_dir / f"{name}_history.csv", metrics_dir / f"{name}_train.json",
@@ -74,18 +76,22 @@ def main(args) -> None:
                            fraction=params.ddpm.fraction if generated is not None else 0.0,
                            partner_labels=partner_labels, monitor_steps=cfg.monitor_pgd_steps,
                            extra_callbacks=[args.tracker.epoch_callback],
-                           rank=dist_info.rank, world_size=dist_info.world_size)
+                           rank=dist_info.rank, world_size=dist_info.world_size,
+                           best_file=best_path(model_path), best_meta=dict(meta))
     if not dist_info.is_main:
         return
-    save_checkpoint(student, model_path, method=method, teacher_arch=teacher.arch,
-                    dataset=params.data.source, epochs=len(history), optimiser=optim_how,
-                    reconstruction=objective.method.reconstruction)
+    save_checkpoint(student, model_path, **meta, epochs=len(history))
     import hashlib
+    selected = selected_path(model_path, cfg.select)
     args.tracker.set_tags({"method": method, "student": cfg.student.arch, "teacher": teacher.arch,
                            "optimiser": optim_how, "reconstruction": str(objective.method.reconstruction),
-                           # how the registry finds the training run of a registered student
-                           "checkpoint_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest()})
-    for path in (metrics_dir / f"{name}_train.json", metrics_dir / f"{name}_history.csv", model_path):
+                           # how the registry finds the training run of a registered student: the
+                           # checkpoint distill.select names (last or best) is the one exported
+                           "checkpoint": cfg.select,
+                           "checkpoint_sha256": hashlib.sha256(selected.read_bytes()).hexdigest(),
+                           "last_checkpoint_sha256": hashlib.sha256(model_path.read_bytes()).hexdigest()})
+    for path in (metrics_dir / f"{name}_train.json", metrics_dir / f"{name}_history.csv", model_path,
+                 best_path(model_path)):
         args.tracker.log_artifact(path)
     print(f"{method} student {cfg.student.arch} -> {model_path}: {history[-1]}")
 

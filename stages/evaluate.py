@@ -27,10 +27,11 @@ import torch
 from robustkd.capability import resolve_fast_path
 from robustkd.errors import InputError
 from robustkd.data import stratified_first_k, to_float
-from robustkd.evaluation import (WORST_CASE, EvaluationResult, attack_settings, check_details, evaluate_model,
-                                 sha256_tensor, summarize)
+from robustkd.evaluation import (PROTOCOLS, WORST_CASE, EvaluationResult, attack_settings, check_details,
+                                 evaluate_model, sha256_tensor, summarize)
 from robustkd.models import load_checkpoint
 
+from services.best_last import evaluate_best
 from services.results import info_path, per_image_path
 from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, save_arrays,
                      setup_distributed, write_json)
@@ -75,13 +76,15 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     if rank == 0:
         print(f"evaluating {model_path} ({model.arch}) on {len(test)} test images: {attacks}"
               + (f" over {world} processes" if world > 1 else ""))
+        print(protocol_line(params.evaluate))
     subsets = autoattack_positions(params, test.labels, test.num_classes, attacks)
     if rank == 0 and subsets:
         print(f"autoattack on the first {params.evaluate.autoattack_per_class} of each class: "
               f"{len(subsets['autoattack'])} of {len(test)} images")
     result = evaluate_model(attacked, to_float(test.images), test.labels, cfg, device,
                             log=print if rank == 0 else (lambda *_: None), rank=rank, world_size=world,
-                            reference=separate, subsets=subsets)
+                            reference=separate, subsets=subsets,
+                            progress=sys.stderr if rank == 0 and params.evaluate.progress else None)
     if rank != 0:
         return result
     summary = summarize(result, test.labels, test.classes)
@@ -100,10 +103,13 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
             "reported": "an image wrong without attack counts as wrong under every attack",
             "checks": check_details(result), "failed_checks": result.failed,
             "autoattack_warnings": result.autoattack_warnings, "flagged": result.flagged,
-            "compiled": attacked is not model, "processes": world,
-            "speed": {name: {"images": len(result.correct[name]), "seconds": round(sec, 3),
-                             "images_per_s": round(len(result.correct[name]) / max(sec, 1e-9), 2)}
-                      for name, sec in result.seconds.items() if name in result.correct},
+            "protocol": protocol_record(params.evaluate),
+            # what ran through torch.compile (the natural forward at most: every attack and check
+            # runs on the eager module, so the verdict is the eager model's), and in what precision
+            "compiled_parts": result.compiled_parts, "precision": result.precision, "processes": world,
+            "speed": {name: {"images": result.images_of_attack(name), "seconds": round(sec, 3),
+                             "images_per_s": round(result.images_of_attack(name) / max(sec, 1e-9), 2)}
+                      for name, sec in result.seconds.items()},
             "per_image": per_image_path(out_path).name}
     write_json(summary, out_path)
     write_json(info, info_path(out_path))
@@ -119,9 +125,27 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     return result
 
 
+def protocol_line(evaluate) -> str:
+    """One line: the protocol, what it means and the evaluate.config keys it replaced."""
+    protocol = PROTOCOLS[evaluate.protocol]
+    replaced = getattr(evaluate, "protocol_replaced", [])
+    return (f"evaluate.protocol {protocol.name}: {protocol.description}"
+            + (f" (replaced evaluate.config {', '.join(replaced)})" if replaced else ""))
+
+
+def protocol_record(evaluate) -> dict:
+    """The info file's record of the protocol: name, description, its settings and their sources."""
+    protocol = PROTOCOLS[evaluate.protocol]
+    return {"name": protocol.name, "description": protocol.description, "settings": dict(protocol.settings),
+            "sources": dict(protocol.sources), "replaced": list(getattr(evaluate, "protocol_replaced", []))}
+
+
 def compiled_for_attacks(model: torch.nn.Module, setting, device, verbose: bool) -> torch.nn.Module:
-    """The model the attacks run on: torch.compile'd where ``evaluate.compile`` (probed first,
-    robustkd/capability.py) says so, else the model itself. Evaluation stays fp32."""
+    """The model evaluated: torch.compile'd where ``evaluate.compile`` (probed first,
+    robustkd/capability.py) says so, else the model itself. Only its natural forward runs
+    compiled (robustkd.evaluation.compiled_parts: every attack and check unwraps it). Each model
+    gets its own compile: dynamo's caches and recompile limit are reset first, so a later model
+    of the stage does not fall back to eager silently. Evaluation stays fp32 (TF32 off)."""
     try:
         path = resolve_fast_path(torch.device(device), precision="fp32", channels_last=False, compile=setting)
     except InputError as exc:   # the probe's message names run.compile: this setting is evaluate.compile
@@ -131,7 +155,9 @@ def compiled_for_attacks(model: torch.nn.Module, setting, device, verbose: bool)
     if not path.compile:
         return model
     if verbose:
-        print("evaluate.compile: the attacked model is compiled (torch.compile, fp32)")
+        print("evaluate.compile: the natural forward runs compiled (torch.compile, fp32, TF32 off); "
+              "the attacks and checks run on the eager module")
+    torch._dynamo.reset()
     return cast(torch.nn.Module, torch.compile(model))   # an OptimizedModule: a Module
 
 
@@ -160,6 +186,13 @@ def main(args) -> None:
                 (MODELS / "reference.pt", out / "reference.json", params.evaluate.reference_attacks)]
     flagged = [str(model) for model, out_path, names in jobs
                if evaluate_file(model, out_path, params, names, device, args.tracker, dist_info).flagged]
+    if not args.model:   # the best held-out checkpoints beside the last (evaluate.best_checkpoints)
+        flagged += evaluate_best(
+            params.evaluate.best_checkpoints, MODELS, METRICS / "evaluate",
+            lambda name: params.evaluate.reference_attacks if name == "reference" else attacks,
+            lambda model, out_path, names: evaluate_file(model, out_path, params, names, device, args.tracker,
+                                                         dist_info).flagged,
+            is_main=dist_info.is_main)
     if flagged and params.evaluate.config.fail_on_check:
         print(f"error: evaluation checks failed for {', '.join(flagged)} (evaluate.config.fail_on_check: true); "
               "results written and flagged", file=sys.stderr)

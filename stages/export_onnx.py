@@ -14,6 +14,7 @@ from robustkd.errors import InputError
 from robustkd.models import load_checkpoint
 
 from services.onnx_export import INPUT_NAME, OUTPUT_NAME, export, median_latency_ms
+from services.training import selected_path
 from services.common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, write_json
 
 def main(args) -> None:
@@ -22,7 +23,7 @@ def main(args) -> None:
 
     params = read_params(args)
     cfg = params.export
-    model = load_checkpoint(MODELS / "student.pt").eval()
+    model = load_checkpoint(selected_path(MODELS / "student.pt", params.distill.select)).eval()  # last | best
     test = load_imageset(PREPARED / "test.npz")
     meta = model.checkpoint_meta
     path = MODELS / "student.onnx"

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from robustkd.errors import InputError
 
-from services.common import data_root, project_dir, write_json
+from services.common import check_data_root, data_root, project_dir, write_json
 from services.params import load_params
 from services.workspace import flow_running
 
@@ -78,6 +78,7 @@ def main(argv=None) -> int:
     try:
         params = load_params(args.params)
         root = data_root(params.data.root)
+        check_data_root(root, params.data.source, params.data.download)
         record = fingerprint(root)
         generated = generated_fingerprint(params.ddpm.source, params.ddpm.files, params.ddpm.diffusers.model_dir)
     except InputError as exc:

@@ -43,6 +43,22 @@ def card(data: ImageSet) -> dict:
             "sha256": imageset_sha256(data)}
 
 
+def file_modes(**splits: ImageSet) -> dict:
+    """The PIL modes of the image files read per split, and how many were converted to RGB (empty
+    for CIFAR archives, which hold RGB arrays)."""
+    return {name: {"modes": data.source_modes,
+                   "converted_to_rgb": sum(n for m, n in data.source_modes.items() if m != "RGB")}
+            for name, data in splits.items() if data.source_modes is not None}
+
+
+def say_conversions(name: str, data: ImageSet) -> None:
+    converted = {m: n for m, n in (data.source_modes or {}).items() if m != "RGB"}
+    if converted:
+        print(f"{name}: {sum(converted.values())} of {len(data)} images were not RGB "
+              f"({', '.join(f'{n} {m}' for m, n in converted.items())}); converted to RGB "
+              f"(counted in metrics/data_card.json)")
+
+
 def main(args) -> None:
     params = read_params(args)
     cfg = params.data
@@ -56,15 +72,18 @@ def main(args) -> None:
         return
     limit = None if cfg.train_per_class is None else cfg.train_per_class + cfg.heldout_per_class
     train_all = load_split(cfg, train=True, per_class=limit)
+    say_conversions("train", train_all)
     train, heldout = split_per_class(train_all, cfg.train_per_class, cfg.heldout_per_class)
     test = load_split(cfg, train=False, per_class=cfg.test_per_class)
+    say_conversions("test", test)
     check_same_classes({"train": train.classes, "held-out": heldout.classes, "test": test.classes},
                        f"data.root {cfg.root}")
     PREPARED.mkdir(parents=True, exist_ok=True)
     for name, data in [("train", train), ("heldout", heldout), ("test", test)]:
         save_imageset(data, PREPARED / f"{name}.npz")
     write_json({"source": cfg.source, "root": cfg.root, "classes": train.classes,
-                "train": card(train), "heldout": card(heldout), "test": card(test)},
+                "train": card(train), "heldout": card(heldout), "test": card(test),
+                "file_modes": file_modes(train_and_heldout=train_all, test=test)},
                METRICS / "data_card.json")
     args.tracker.log_metrics({f"{name}_images": len(data) for name, data in
                               [("train", train), ("heldout", heldout), ("test", test)]})

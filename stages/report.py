@@ -12,6 +12,7 @@ import csv
 from pathlib import Path
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_csv
+from services.best_last import best_last_markdown
 from services.results import read_evaluation
 from services.tables import TABLE_COLUMNS, accuracy_cell, checks_lines, paired_lines, read_json
 from robustkd.utils import atomic_path
@@ -135,6 +136,9 @@ def build_sections(params, evals, paths, histories, card, export, ddpm, comparis
     paired = paired_lines(paths, [("student", "teacher"), ("student", "reference")])
     if paired:
         sections.append({"id": "paired", "title": "Paired comparisons (same images)", "markdown": "\n".join(paired)})
+    best_last = best_last_markdown(paths["student"].parent, list(params.evaluate.best_checkpoints))
+    if best_last:   # services/best_last.py: the best held-out checkpoints beside the last
+        sections.append({"id": "best-last", "title": "Best and last checkpoints", "markdown": best_last})
     if figures.get("curves"):
         sections.append({"id": "curves", "title": "Training curves", "markdown": "",
                          "figures": [("curves", figures["curves"], "Training loss and held-out accuracy per epoch")]})

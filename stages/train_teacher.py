@@ -16,13 +16,14 @@ from robustkd.engine import state_hash
 from robustkd.errors import InputError
 from robustkd.methods import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
-from robustkd.teachers import download, is_robustkd_checkpoint, load_trades_release, load_zoo_teacher, zoo_entry
+from robustkd.teachers import (download, is_robustkd_checkpoint, load_trades_release, load_zoo_teacher,
+                               unreadable_reason, zoo_entry)
 from robustkd.vit import convert_atprm_checkpoint, is_vit, load_imagenet_weights
 
 from services.common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
                      setup_distributed, write_csv, write_json)
 from services.params import dataset_key
-from services.training import run_training
+from services.training import best_path, run_training
 
 
 def load_given(cfg):
@@ -42,6 +43,9 @@ def load_given(cfg):
         # of a DataParallel model, 'epoch', 'opt'}, normalisation in the data loader), strictly.
         model = convert_atprm_checkpoint(cfg.checkpoint, cfg.model.arch, **dict(cfg.model.options))
         return model, where, {"format": model.checkpoint_meta["format"], "epoch": model.checkpoint_meta["epoch"]}
+    unreadable = unreadable_reason(cfg.checkpoint)
+    if unreadable:   # refused or corrupt: say so, not "read as the TRADES release"
+        raise InputError(f"{where}: {unreadable}")
     # Not a robustkd checkpoint: the TRADES release format (a plain state dict of TRADES'
     # models/wideresnet.py WideResNet, [0, 1] inputs, no normalisation), into teacher.model.
     if cfg.model.arch != "wrn34_10":
@@ -105,6 +109,9 @@ def main(args) -> None:
         model, info = _given_teacher(args.params, cfg, load_imageset(PREPARED / "train.npz").classes)
         given = info.get("file", cfg.checkpoint)
         save_checkpoint(model, MODELS / "teacher.pt", source=given, **{k.replace(" ", "_"): v for k, v in info.items()})
+        save_checkpoint(model, best_path(MODELS / "teacher.pt"), source=given,  # a declared output: the same weights
+                        selection="last: a given teacher, nothing trained here",
+                        **{k.replace(" ", "_"): v for k, v in info.items()})
         write_json({}, METRICS / "teacher_train.json")  # nothing trained: no figures
         write_json({"source": cfg.source, "checkpoint": given, "model": model.arch,
                     "normalisation": {"mean": model.options["mean"], "std": model.options["std"]},
@@ -127,12 +134,15 @@ def main(args) -> None:
                            CHECKPOINTS / "teacher", METRICS / "teacher_history.csv",
                            METRICS / "teacher_train.json", monitor_steps=cfg.monitor_pgd_steps,
                            extra_callbacks=[args.tracker.epoch_callback],
-                           rank=dist_info.rank, world_size=dist_info.world_size, init=init)
+                           rank=dist_info.rank, world_size=dist_info.world_size, init=init,
+                           best_file=best_path(MODELS / "teacher.pt"),
+                           best_meta={"method": cfg.method, "dataset": params.data.source, **init})
     if not dist_info.is_main:
         return
     save_checkpoint(model, MODELS / "teacher.pt", method=cfg.method, epochs=len(history),
                     dataset=params.data.source, **init)
-    for path in (METRICS / "teacher_train.json", METRICS / "teacher_history.csv", MODELS / "teacher.pt"):
+    for path in (METRICS / "teacher_train.json", METRICS / "teacher_history.csv", MODELS / "teacher.pt",
+                 best_path(MODELS / "teacher.pt")):
         args.tracker.log_artifact(path)
     print(f"teacher {cfg.model.arch} trained with {cfg.method}: {history[-1]}")
 

@@ -1,7 +1,7 @@
 """Bad input where it enters, case by case: each case makes the input, runs the entry point and
 returns what the user sees. tests/test_input_checks.py asserts every message;
 
-    python -m tests.bad_inputs            # prints the README's table "Bad input and faults: what you see"
+    python -m tests.bad_inputs            # prints the table of docs/troubleshooting.md#bad-input-and-faults
     python -m tests.bad_inputs --faults   # and the fault cases of tests/test_faults.py (a minute)
 """
 
@@ -33,6 +33,7 @@ def stage_cli(tmp: Path, mutate_params=None, mutate_tree=None, raw_params: str |
     make_image_folder(tmp / "raw", train_per_class=2, test_per_class=1)
     p = tiny_params(str(tmp / "raw"))
     p["data"].update(train_per_class=1, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     if mutate_params:
         mutate_params(p)
     write_params(tmp / "params.yaml", p)
@@ -140,6 +141,26 @@ CASES = [
     ("params.yaml", "unknown method", "darwinn",
      lambda t: stage_cli(t, lambda p: set(p, "distill.method", "darwinn"))),
     ("params.yaml", "not YAML", "not valid YAML at line 2, column 1: expected ',' or ']'", lambda t: stage_cli(t, raw_params="data: [unclosed\n")),
+    ("params.yaml", "a word for a count", "data.train_per_class: expected an integer or null, found 'many'",
+     lambda t: stage_cli(t, lambda p: set(p, "data.train_per_class", "many"))),
+    ("params.yaml", "a fraction dividing by zero", "evaluate.config.eps: expected a number or a fraction such as "
+     "8/255, found '1/0' (division by zero)", lambda t: stage_cli(t, lambda p: set(p, "evaluate.config.eps", "1/0"))),
+    ("params.yaml", "export.per_class above data.test_per_class", "export.per_class: expected at most "
+     "data.test_per_class (1) test images per class, found 10",
+     lambda t: stage_cli(t, lambda p: set(p, "export.per_class", 10))),
+    ("params.yaml", "evaluate.per_class above data.test_per_class", "evaluate.per_class: expected at most "
+     "data.test_per_class (1) test images per class, found 100",
+     lambda t: stage_cli(t, lambda p: set(p, "evaluate.per_class", 100))),
+    ("params.yaml", "evaluate.autoattack_per_class above data.test_per_class",
+     "evaluate.autoattack_per_class: expected at most data.test_per_class (1)",
+     lambda t: stage_cli(t, lambda p: p["evaluate"].update(per_class=None, autoattack_per_class=5))),
+    ("params.yaml", "attention.images above the classes of CIFAR-10", "attention.images: expected at most the 10 "
+     "classes of cifar10", lambda t: stage_cli(t, lambda p: (set(p, "data.source", "cifar10"),
+                                                             set(p, "attention.images", 20)))),
+    ("params.yaml", "a CUDA device this machine lacks", "run.device: expected a device of this machine",
+     lambda t: stage_cli(t, lambda p: set(p, "run.device", "cuda:63"))),
+    ("params.yaml", "a registered model name with a quote", "registry.model_name: expected a name of letters",
+     lambda t: stage_cli(t, lambda p: set(p, "registry.model_name", "student' or name != '"))),
     ("image folder", "data.root does not exist", "does not exist",
      lambda t: stage_cli(t, lambda p: set(p, "data.root", str(t / "nowhere")))),
     ("image folder", "a file that is not an image", "cannot be decoded",
@@ -213,6 +234,7 @@ def mlflow_case(tmp: Path) -> str:
     make_image_folder(tmp / "raw", train_per_class=2, test_per_class=1)
     p = tiny_params(str(tmp / "raw"))
     p["data"].update(train_per_class=1, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     write_params(tmp / "params.yaml", p)
     env = {**os.environ, "ROBUSTKD_TRACKING": "on", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}",
            "PYTHONPATH": str(ROOT)}

@@ -161,3 +161,20 @@ def test_global_batch_is_shuffled_before_sharding_so_ranks_see_the_same_mix():
                 expected = real.images[k] if k < 64 else torch.from_numpy(gen.images[k - 64]).permute(2, 0, 1)
                 assert torch.equal((b.x[j] * 255).round().to(torch.uint8), expected)
     assert 0.25 < np.mean(generated_share[0::2]) < 0.75 and 0.25 < np.mean(generated_share[1::2]) < 0.75
+
+
+def test_non_rgb_image_files_are_counted_and_the_data_card_says_so(tmp_path, capsys):
+    """Grayscale, RGBA and CMYK files are converted to RGB, and counted (not silently)."""
+    from PIL import Image
+
+    from robustkd.data import load_image_folder
+    from stages.prepare_data import file_modes, say_conversions
+    for cls in ("a", "b"):
+        (tmp_path / cls).mkdir()
+        for i, mode in enumerate(["RGB", "L", "RGBA", "CMYK"]):
+            Image.new(mode, (32, 32)).save(tmp_path / cls / f"{i}.{'jpg' if mode == 'CMYK' else 'png'}")
+    data = load_image_folder(tmp_path)
+    assert data.source_modes == {"CMYK": 2, "L": 2, "RGB": 2, "RGBA": 2}
+    assert file_modes(test=data) == {"test": {"modes": data.source_modes, "converted_to_rgb": 6}}
+    say_conversions("test", data)
+    assert "test: 6 of 8 images were not RGB (2 CMYK, 2 L, 2 RGBA); converted to RGB" in capsys.readouterr().out

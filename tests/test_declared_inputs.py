@@ -9,10 +9,10 @@ following calls through stages/ and services/ (services/tracking.py records para
 import ast
 import os
 import re
-from pathlib import Path
 
 import pytest
 
+from .stage_deps import PIPELINES, module_path, needed_files, rewrite
 from .stage_fixtures import ROOT
 
 LAUNCH_READS = {"run.nproc_per_node", "run.nnodes"}   # stages/launch.py: the world size
@@ -37,44 +37,8 @@ def dvc_stages():
 STAGES = dvc_stages()
 
 
-def module_path(name: str) -> Path:
-    base = ROOT / name.replace(".", "/")
-    return base / "__init__.py" if base.is_dir() else base.with_suffix(".py")
-
-
 def parse(name: str) -> ast.Module:
     return ast.parse(module_path(name).read_text())
-
-
-def imported(name: str) -> set[str]:
-    """Project modules (robustkd.*, stages.*) that module ``name`` imports anywhere in it."""
-    package = name.rsplit(".", 1)[0]
-    out = set()
-    for node in ast.walk(parse(name)):
-        if isinstance(node, ast.Import):
-            names = [a.name for a in node.names]
-        elif isinstance(node, ast.ImportFrom):
-            base = package if node.level else ""
-            mod = f"{base}.{node.module}" if node.level and node.module else (node.module or base)
-            names = [mod] + [f"{mod}.{a.name}" for a in node.names]
-        else:
-            continue
-        for n in names:
-            while n and not module_path(n).is_file():
-                n = n.rpartition(".")[0]
-            if n.split(".")[0] in ("robustkd", "stages", "services"):
-                out.add(n)
-    return out
-
-
-def closure(name: str) -> set[str]:
-    seen, todo = set(), [name]
-    while todo:
-        mod = todo.pop()
-        if mod not in seen:
-            seen.add(mod)
-            todo += imported(mod) | ({mod.rsplit(".", 1)[0]} if "." in mod else set())
-    return seen
 
 
 def stage_module(cmd: str) -> tuple[str, list[str]]:
@@ -190,12 +154,38 @@ def covered(key: str, declared: list[str]) -> bool:
     return any(key == d or key.startswith(d + ".") for d in declared)
 
 
+CODE = re.compile(r"^(robustkd|services|stages)(/.*\.py)?$")
+
+
 @pytest.mark.parametrize("address, cmd, files, params", STAGES, ids=[s[0] for s in STAGES])
-def test_every_imported_module_is_a_declared_dependency(address, cmd, files, params):
-    module, _ = stage_module(cmd)
-    needed = sorted(os.path.relpath(module_path(m), ROOT) for m in closure(module))
-    missing = [f for f in needed if not any(f == d or f.startswith(d.rstrip("/") + "/") for d in files)]
-    assert not missing, f"{address}: {module} imports {missing}, not declared in deps {files}"
+def test_a_stage_declares_exactly_the_modules_its_code_imports(address, cmd, files, params):
+    """Both directions: a module the stage imports (directly or not) and is not declared, and a
+    declared module it never imports (which would make it stale for nothing). No whole folders."""
+    needed = set(needed_files(cmd))
+    declared = {f for f in files if CODE.match(f)}
+    folders = sorted(f for f in declared if not f.endswith(".py"))
+    assert not folders, f"{address}: declares whole folders {folders}; `python -m tests.stage_deps --write`"
+    missing, extra = sorted(needed - declared), sorted(declared - needed)
+    assert not missing and not extra, (f"{address}: imports but does not declare {missing}; declares but does "
+                                       f"not import {extra}; `python -m tests.stage_deps --write` fixes dvc.yaml")
+
+
+def test_the_exactness_check_sees_a_removed_and_an_added_module():
+    """The control: dvc.yaml with one module dep removed, and with one unimported module added,
+    each reported as changed by the check of tests/stage_deps.py."""
+    text = (ROOT / PIPELINES[0]).read_text()
+    assert rewrite(text)[1] == []
+    removed = text.replace("      - robustkd/attention.py\n", "", 1)
+    added = text.replace("      - stages/prepare_data.py\n", "      - stages/prepare_data.py\n      - robustkd/attention.py\n", 1)
+    assert removed != text and added != text
+    assert rewrite(removed)[1] and rewrite(added)[1] == ["prepare_data"]
+
+
+def test_imports_in_a_package_init_are_resolved_relative_to_the_package():
+    """``from . import at_prm`` in robustkd/methods/__init__.py is robustkd.methods.at_prm."""
+    from .stage_deps import closure
+    assert {"robustkd.methods.at_prm", "robustkd.methods.darwin_lf"} <= closure("robustkd.methods")
+    assert module_path("robustkd.methods").name == "__init__.py"
 
 
 @pytest.mark.parametrize("address, cmd, files, params", STAGES, ids=[s[0] for s in STAGES])

@@ -93,6 +93,36 @@ def test_a_second_set_aside_checkpoint_does_not_overwrite_the_first(tmp_path):
                                                                         "state.pt.stale-unreadable.1"]
 
 
+def test_only_the_newest_set_aside_checkpoints_are_kept(tmp_path):
+    from robustkd.engine import STALE_KEPT
+    lines: list[str] = []
+    for n in range(STALE_KEPT + 2):
+        a_torch_file(tmp_path / "state.pt")
+        truncated(tmp_path / "state.pt")
+        os.utime(tmp_path / "state.pt", (1_000_000 + n, 1_000_000 + n))   # written in this order
+        assert not trainer(tmp_path, lines).try_resume()
+    kept = sorted(int(p.stat().st_mtime) - 1_000_000 for p in tmp_path.glob("state.pt.stale-*"))
+    assert kept == list(range(2, STALE_KEPT + 2)), kept          # the newest ones, by write time
+    assert sum("only the newest" in line for line in lines) == 2, lines
+
+
+# ------------------------------------------------------------------ files as a user expects
+def test_atomic_writes_follow_the_umask_and_clean_a_killed_writes_leftover(tmp_path):
+    from robustkd.utils import atomic_path
+    out = tmp_path / "student.pt"
+    leftover = tmp_path / ".student.pt.abc123.tmp"     # what a kill during a write leaves
+    leftover.write_bytes(b"half")
+    old = os.umask(0o022)
+    try:
+        with atomic_path(out) as tmp:
+            tmp.write_bytes(b"whole")
+    finally:
+        os.umask(old)
+    assert out.read_bytes() == b"whole"
+    assert (out.stat().st_mode & 0o777) == 0o644      # mkstemp alone gives 0600
+    assert not leftover.exists() and not list(tmp_path.glob(".*.tmp"))
+
+
 # ------------------------------------------------------------------ full disk, unwritable outputs
 def test_a_full_disk_at_the_checkpoint_write_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path,
                                                                                             monkeypatch):
@@ -122,6 +152,7 @@ def prepared(tmp_path, monkeypatch):
     make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)
     p = tiny_params(str(tmp_path / "raw"))
     p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     write_params(tmp_path / "params.yaml", p)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ROBUSTKD_TRACKING", "off")
@@ -224,6 +255,7 @@ def test_an_unreachable_mlflow_server_leaves_the_stage_untracked_and_says_so(tmp
     make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)
     p = tiny_params(str(tmp_path / "raw"))
     p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     write_params(tmp_path / "params.yaml", p)
     env = {**os.environ, "ROBUSTKD_TRACKING": "on", "MLFLOW_TRACKING_URI": f"http://127.0.0.1:{closed_port()}",
            "ROBUSTKD_TRACKING_ATTEMPTS": "2", "PYTHONPATH": str(ROOT)}
@@ -236,6 +268,22 @@ def test_an_unreachable_mlflow_server_leaves_the_stage_untracked_and_says_so(tmp
     assert "opening the MLflow run at http://127.0.0.1:" in said[0] and "failed 2 times" in said[0]
     assert said[0].endswith("the stage goes on untracked")
     assert (tmp_path / "data/prepared/train.npz").is_file() and (tmp_path / "metrics/data_card.json").is_file()
+
+
+def test_a_damaged_mlflow_store_leaves_the_stage_untracked_in_one_line_and_its_outputs_written(tmp_path):
+    make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)
+    p = tiny_params(str(tmp_path / "raw"))
+    p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    write_params(tmp_path / "params.yaml", p)
+    (tmp_path / "mlflow.db").write_bytes(b"not sqlite " * 1000)       # "file is not a database"
+    env = {**os.environ, "ROBUSTKD_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
+           "ROBUSTKD_TRACKING_ATTEMPTS": "3", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.run([sys.executable, "-m", "stages.prepare_data"], cwd=tmp_path, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("tracking:")]
+    assert len(said) == 1 and "the store is damaged" in said[0] and "goes on untracked" in said[0], said
+    assert (tmp_path / "metrics/data_card.json").is_file()
 
 
 @pytest.mark.slow   # SQLite's busy timeout (5 s) per try, and MLflow's own store set-up

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.flow import StageFailed, WorkspaceBusy, main, repro_stage, workspace_lock
+from pipeline.flow import StageFailed, main, repro_stage, workspace_lock
 
 ROOT = Path(__file__).resolve().parents[1]
 BIN = str(Path(sys.executable).parent)
@@ -29,7 +29,15 @@ def stop(proc: subprocess.Popen) -> None:
     proc.wait(timeout=30)
 
 
-def test_a_second_flow_in_the_workspace_refuses_with_one_line(tmp_path, capsys):
+def with_the_cpu_preset(project: Path, monkeypatch) -> None:
+    """A project whose ``--preset cpu`` validates (the flow checks params and the data folder first)."""
+    (project / "params").mkdir(exist_ok=True)
+    (project / "params/cpu.yaml").write_text((ROOT / "params/cpu.yaml").read_text())
+    monkeypatch.setenv("ROBUSTKD_DATA_ROOT", str(project))
+
+
+def test_a_second_flow_in_the_workspace_refuses_with_one_line(tmp_path, capsys, monkeypatch):
+    with_the_cpu_preset(tmp_path, monkeypatch)
     (tmp_path / "params.yaml").write_text("profile: mine\n")
     first = holder(f"from pathlib import Path; import time; from pipeline.flow import workspace_lock\n"
                    f"with workspace_lock(Path({str(tmp_path)!r})):\n    print('held', flush=True); time.sleep(120)",
@@ -77,11 +85,12 @@ def test_a_stage_whose_dvc_lock_is_held_fails_with_one_line_and_is_retried(tmp_p
     assert repro_stage("quick", str(tmp_path), {}, lines.append)["ran"]   # the lock is free again
 
 
-def test_a_flow_does_not_start_under_a_running_dvc_command(tmp_path, capsys):
+def test_a_flow_does_not_start_under_a_running_dvc_command(tmp_path, capsys, monkeypatch):
     """A `dvc repro` or workspace `dvc exp run` holds DVC's repo lock for its whole run: a flow refuses
     to start (or waits) instead of swapping params.yaml and interleaving its stages with it."""
     env = {**os.environ, "DVC_NO_ANALYTICS": "1", "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
     subprocess.run("git init -q && dvc init -q", shell=True, cwd=tmp_path, env=env, check=True)
+    with_the_cpu_preset(tmp_path, monkeypatch)
     (tmp_path / "params.yaml").write_text("profile: mine\n")
     dvc = holder("from dvc.repo import Repo; import time\nr = Repo('.'); r.lock.lock()\n"
                  "print('held', flush=True); time.sleep(120)", tmp_path)
@@ -133,3 +142,72 @@ def test_an_experiment_in_the_workspace_does_not_run_under_a_flow(tmp_path):
     finally:
         stop(flow)
     assert fingerprint(tmp_path).returncode == 0
+
+
+def test_a_killed_flows_mlflow_runs_are_ended_as_killed_by_the_next_flow(tmp_path):
+    """A flow killed with SIGKILL leaves its parent run and its stage's run RUNNING; the next flow of
+    the same workspace (holding the lock) ends both as KILLED; another workspace's run is left alone."""
+    import mlflow
+
+    from pipeline.flow import close_stale_flow_runs
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    exp = client.create_experiment("robustkd", artifact_location=str(tmp_path / "mlruns"))
+    here, elsewhere = tmp_path / "ws", tmp_path / "other"
+    killed = client.create_run(exp, tags={"stage": "flow", "workspace": str(here.resolve())})
+    stage = client.create_run(exp, tags={"stage": "distill", "mlflow.parentRunId": killed.info.run_id})
+    foreign = client.create_run(exp, tags={"stage": "flow", "workspace": str(elsewhere.resolve())})
+    said: list[str] = []
+    assert close_stale_flow_runs(client, exp, here, log=said.append) == [killed.info.run_id]
+    status = {r: client.get_run(r).info.status for r in (killed.info.run_id, stage.info.run_id, foreign.info.run_id)}
+    assert status == {killed.info.run_id: "KILLED", stage.info.run_id: "KILLED", foreign.info.run_id: "RUNNING"}
+    assert len(said) == 1 and "ended as KILLED with 1 stage run(s)" in said[0]
+
+
+def test_a_stopped_flow_stops_its_stage_process(tmp_path, monkeypatch):
+    """The stage's dvc process does not outlive the flow: an exception while it runs (SIGTERM turned
+    into pipeline.flow.Stopped) terminates it."""
+    import pipeline.flow as flow_module
+    from pipeline.flow import Stopped, repro_stage
+    pids: list[int] = []
+
+    def log(line):
+        pids.append(int(line.split()[1]))
+        raise Stopped(143)
+    fake_dvc = tmp_path / "dvc"
+    fake_dvc.write_text("#!/bin/sh\necho \"pid $$\"\nexec sleep 60\n")
+    fake_dvc.chmod(0o755)
+    monkeypatch.setattr(flow_module, "dvc_executable", lambda: str(fake_dvc))
+    with pytest.raises(Stopped):
+        repro_stage("x", str(tmp_path), {}, log)
+    assert pids and not Path(f"/proc/{pids[0]}").exists(), "the stage process is still running"
+
+
+def test_dvcs_per_stage_hints_are_not_passed_into_the_flow_log(tmp_path, monkeypatch):
+    import pipeline.flow as flow_module
+    fake_dvc = tmp_path / "dvc"
+    fake_dvc.write_text("#!/bin/sh\necho 'Running stage x:'\necho 'To track the changes with git, run:'\necho\n"
+                        "printf '\\tgit add dvc.lock\\n'\necho 'To enable auto staging, run:'\n"
+                        "printf '\\tdvc config core.autostage true\\n'\necho 'Use `dvc push` to send your updates to remote storage.'\n")
+    fake_dvc.chmod(0o755)
+    monkeypatch.setattr(flow_module, "dvc_executable", lambda: str(fake_dvc))
+    lines: list[str] = []
+    assert flow_module.repro_stage("x", str(tmp_path), {}, lines.append)["ran"]
+    assert lines == ["Running stage x:"], lines
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda text: text.replace("\ndistill:", "\ndistil:", 1), "unknown key(s) ['distil'] (did you mean 'distill'?)"),
+    (lambda text: text.replace("root: ../shared/datasets/cifar10", "root: no/such/folder", 1),
+     "no/such/folder does not exist: expected an ImageFolder tree there"),
+])
+def test_a_user_error_under_make_run_is_one_line_and_writes_nothing(tmp_path, capsys, edit, said):
+    """`make run` (pipeline.flow) checks params.yaml and the data folder before Prefect, DVC or
+    MLflow start: one line, exit 1, no file written in the project (no dvc.lock, no mlflow.db)."""
+    text = (ROOT / "params.yaml").read_text()
+    assert edit(text) != text
+    (tmp_path / "params.yaml").write_text(edit(text))
+    with pytest.raises(SystemExit) as exit_:
+        main(["--project-dir", str(tmp_path)])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 1 and len(err) == 1 and said in err[0], err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["params.yaml"]

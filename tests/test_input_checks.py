@@ -23,6 +23,7 @@ def test_prepare_data_refuses_a_test_tree_with_other_classes(tmp_path, monkeypat
     (tmp_path / "raw/test/c9").rename(tmp_path / "raw/test/c99")
     p = tiny_params(str(tmp_path / "raw"))
     p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     write_params(tmp_path / "params.yaml", p)
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("ROBUSTKD_TRACKING", "off")
@@ -47,7 +48,7 @@ def test_data_root_resolves_from_dvc_temporary_workspaces_and_the_environment(tm
 
 @pytest.mark.parametrize("case", CASES, ids=[f"{w}: {c}" for w, c, _, _ in CASES])
 def test_bad_input_gives_one_clear_line(case):
-    """Every case of the README's table "Bad input and faults: what you see" (tests/bad_inputs.py):
+    """Every case of the table of docs/troubleshooting.md#bad-input-and-faults (tests/bad_inputs.py):
     the message names the problem, user errors exit 2 from the CLIs, no traceback."""
     where, _, expected, fn = case
     message = run_case(fn)

@@ -138,3 +138,64 @@ def test_autoattack_custom_and_the_evaluation_cap_are_checked(tmp_path):
         params["evaluate"]["config"].update(edit.get("config", {}))
         with pytest.raises(InputError, match=words):
             load_params(write_params(tmp_path / "params.yaml", params))
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda p: p["data"].update(train_per_class="many"), "data.train_per_class: expected an integer or null, found 'many'"),
+    (lambda p: p["data"].update(test_per_class=[3]), "data.test_per_class: expected an integer or null"),
+    (lambda p: p["evaluate"]["config"].update(eps="1/0"), "evaluate.config.eps: expected a number or a fraction"),
+    (lambda p: p["teacher"]["settings"].update(eps="8/0"), "teacher.settings.eps: expected a number or a fraction"),
+    (lambda p: p["export"].update(per_class=10), "export.per_class: expected at most data.test_per_class (3)"),
+    (lambda p: p["evaluate"].update(per_class=4), "evaluate.per_class: expected at most data.test_per_class (3)"),
+    (lambda p: p["evaluate"].update(per_class=None, autoattack_per_class=4),
+     "evaluate.autoattack_per_class: expected at most data.test_per_class (3)"),
+    (lambda p: p["data"].update(source="cifar10", test_per_class=None) or p["evaluate"].update(per_class=1001),
+     "evaluate.per_class: expected at most the 1000 test images per class of cifar10"),
+    (lambda p: p["data"].update(source="cifar100", test_per_class=101), "data.test_per_class: expected at most the 100"),
+    (lambda p: p["data"].update(source="cifar100", train_per_class=500, heldout_per_class=1),
+     "data.train_per_class + data.heldout_per_class: expected at most the 500 training images"),
+    (lambda p: p["data"].update(source="cifar10") or p["attention"].update(images=11),
+     "attention.images: expected at most the 10 classes of cifar10"),
+    (lambda p: p["run"].update(device="cuda:63"), "run.device: expected a device of this machine"),
+    (lambda p: p["run"].update(device="gpu"), "run.device: expected auto, cpu, cuda, cuda:N or mps"),
+    (lambda p: p["registry"].update(model_name="x' or name != '"), "registry.model_name: expected a name"),
+    (lambda p: p["registry"].update(model_name="a/b"), "registry.model_name: expected a name"),
+])
+def test_counts_devices_fractions_and_names_are_checked_at_load(tmp_path, edit, words):
+    """Each cross-key count, device string, fraction and registry name stops load_params with one
+    line naming the key (before any stage ran), never a TypeError or ZeroDivisionError later."""
+    msg = error_of(params_with(tmp_path, edit))
+    assert words in msg and len(msg.splitlines()) == 1, msg
+
+
+def test_counts_within_the_prepared_test_set_and_known_devices_load(tmp_path):
+    def edit(p):
+        p["evaluate"].update(per_class=3, autoattack_per_class=3)
+        p["export"].update(per_class=3)
+        p["run"].update(device="cpu")
+    load_params(params_with(tmp_path, edit))
+    load_params(params_with(tmp_path, lambda p: p["data"].update(source="cifar10", test_per_class=None)
+                            or p["attention"].update(images=10)))
+
+
+def test_a_model_name_with_a_quote_is_quoted_in_mlflow_search_filters(tmp_path, monkeypatch):
+    """services.tracking.filter_literal: pipeline/registry.py finds a version of a model whose name
+    holds a quote (pasted into the filter unquoted, the search failed and found nothing)."""
+    import mlflow
+
+    from pipeline.registry import find_registered
+    from services.tracking import filter_literal
+
+    assert filter_literal("robustkd-student") == "'robustkd-student'" and filter_literal("it's") == '"it\'s"'
+    for bad in ("a'\"b", "a\\b", "a\nb"):
+        with pytest.raises(ValueError, match="cannot be written"):
+            filter_literal(bad)
+    monkeypatch.chdir(tmp_path)
+    client = mlflow.MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+                                 registry_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    for name in ("it's", "its"):
+        client.create_registered_model(name)
+        client.create_model_version(name, source=str(tmp_path), tags={"onnx_sha256": f"sha-{name}"})
+    found = find_registered(client, "it's", "sha-it's")
+    assert found is not None and found.name == "it's" and int(found.version) == 1
+    assert find_registered(client, "it's", "sha-its") is None

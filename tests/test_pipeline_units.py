@@ -232,3 +232,28 @@ def test_comparison_groups_and_paired_p_values():
     assert p == pytest.approx(2 / 2 ** 6) and "6" in how            # 6 discordant pairs, all one way
     assert paired_p_value(new, (idx + 1, old[1]))[0] is None
     assert paired_p_value(None, old) == (None, "per-image AutoAttack outcomes missing")
+
+
+def test_the_prefect_port_is_a_make_variable_that_the_ui_follows():
+    """`make prefect-server PREFECT_PORT=N`: the server listens on N and its UI calls the API on N
+    (PREFECT_UI_API_URL); `make schedule` deploys to the same port."""
+    import subprocess
+    out = subprocess.run(["make", "-n", "prefect-server", "schedule", "PREFECT_PORT=4311", "VENV=.venv"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    assert "--port 4311" in out and "PREFECT_UI_API_URL=http://127.0.0.1:4311/api" in out, out
+    assert "PREFECT_API_URL=http://127.0.0.1:4311/api" in out and "4200" not in out, out
+
+
+def test_the_deployment_form_offers_the_presets_and_methods_as_choices():
+    """Prefect's parameter schema of the flow: preset is one of params/'s presets, methods a list of
+    the registry's distillation methods, each optional with its default and description."""
+    from prefect.utilities.callables import parameter_schema
+
+    from pipeline.flow import robustkd_pipeline
+    from services.params import DISTILL_METHODS
+    from services.presets import preset_names
+    props = parameter_schema(robustkd_pipeline.fn).model_dump()["properties"]
+    assert props["preset"]["anyOf"][0]["enum"] == preset_names(ROOT) and props["preset"]["default"] is None
+    assert props["methods"]["anyOf"][0]["items"]["enum"] == list(DISTILL_METHODS)
+    assert props["seed"]["anyOf"][0]["type"] == "integer" and props["register_model"]["default"] is True
+    assert all(props[k].get("description") for k in ("preset", "methods", "seed", "register_model"))

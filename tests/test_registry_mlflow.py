@@ -152,3 +152,21 @@ def test_mlflow_models_serve_answers_for_the_champion(registered):
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(timeout=60)
+
+
+def test_the_project_experiment_opens_in_the_model_training_view(tmp_path, monkeypatch):
+    """MLflow 3 shows an untagged experiment in its GenAI view; the project's is tagged model training,
+    also when it was created before (by an older version) without the tag."""
+    import mlflow
+
+    from services.tracking import EXPERIMENT_KIND, MODEL_TRAINING, ensure_project_experiment
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    try:
+        ensure_project_experiment(mlflow, "fresh", tmp_path)
+        old = mlflow.create_experiment("older")
+        ensure_project_experiment(mlflow, "older", tmp_path)
+        for name in ("fresh", "older"):
+            assert mlflow.get_experiment_by_name(name).tags.get(EXPERIMENT_KIND) == MODEL_TRAINING
+        assert mlflow.get_experiment_by_name("older").experiment_id == old
+    finally:
+        mlflow.set_tracking_uri(None)

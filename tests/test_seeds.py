@@ -19,6 +19,7 @@ def prepared(tmp_path_factory):
     make_image_folder(wd / "raw", train_per_class=4, test_per_class=1)
     p = tiny_params(str(wd / "raw"))
     p["data"].update(train_per_class=3, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     for section in ("teacher", "distill"):
         p[section]["optim"].update(epochs=1, batch_size=10)
     write_params(wd / "params.yaml", p)

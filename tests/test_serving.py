@@ -171,3 +171,19 @@ def test_bounded_load_with_micro_batching(server):
     # every request went through the batcher, each image once
     assert after["requests"] - before["requests"] == 200 and after["images"] - before["images"] == 400
     assert after["largest_batch"] <= 32
+
+
+def test_predict_from_the_registry_outside_the_project_is_one_line_and_makes_no_store(tmp_path, monkeypatch, capsys):
+    """`robustkd-predict --model models:/...` where there is no MLflow store: one line naming it and the
+    fix, exit 2, and no empty mlflow.db left behind (MLflow would create one)."""
+    from PIL import Image
+
+    from pipeline.predict import main
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    Image.new("RGB", (32, 32)).save(tmp_path / "x.png")
+    with pytest.raises(SystemExit) as err:
+        main(["--model", "models:/robustkd-student@champion", "x.png"])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert err.value.code == 2 and len(lines) == 1 and "no MLflow store at" in lines[0], lines
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["x.png"]

@@ -3,6 +3,7 @@ RobustBench zoo, built from transcriptions of the official architecture (tests/o
 give the transcription's logits once imported; any key that is neither used nor explicitly dropped
 is an error naming it."""
 
+import os
 import re
 
 import pytest
@@ -224,3 +225,30 @@ def test_dvc_repro_takes_the_released_trades_teacher_from_the_zoo_folder(tmp_pat
     torch.save({"state_dict": randomise(trades_wideresnet(), seed=8).state_dict()}, file)
     status = sh("dvc status train_teacher", repo).stdout
     assert "train_teacher" in status and "teachers/zoo" in status, status
+
+
+class _Code:
+    def __reduce__(self):
+        return (os.system, ("echo this must never run",))
+
+
+@pytest.mark.parametrize("arch", ["resnet10_w8", "wrn34_10"])
+def test_a_given_teacher_holding_code_is_refused_without_the_unsafe_hint(tmp_path, arch):
+    """Refused pickles are explained as such (not 'read as the TRADES release'), and torch's advice to
+    re-run with weights_only=False, which would run the code, is never passed on."""
+    from types import SimpleNamespace
+
+    from robustkd.errors import InputError
+    from robustkd.teachers import read_state_dict
+    from stages.train_teacher import load_given
+    path = tmp_path / "teacher.pt"
+    torch.save({"state": _Code()}, path)
+    cfg = SimpleNamespace(source="checkpoint", checkpoint=str(path),
+                          model=SimpleNamespace(arch=arch, options={}))
+    for load in (lambda: load_given(cfg), lambda: read_state_dict(path)):
+        with pytest.raises(InputError) as err:
+            load()
+        msg = str(err.value)
+        assert "refused by torch.load(weights_only=True)" in msg, msg
+        assert "set to `False`" not in msg and "weights_only=False" not in msg, msg
+        assert "TRADES release" not in msg, msg

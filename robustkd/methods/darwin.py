@@ -287,7 +287,7 @@ def _ablation(name, tables, label, use_iakd=True, use_dbkd=True, weighting="adap
                                           "weighting": weighting, "gamma": gamma})
 
 
-# The slides' ablations (docs/methods.md, "DARWIN ablations"): modules ARKD; ARKD+IAKD; ARKD+DBKD;
+# The slides' ablations (docs/methods.md#darwin, "Ablations"): modules ARKD; ARKD+IAKD; ARKD+DBKD;
 # all three, each with the default adaptive weighting (gamma 0.5); weighting uniform (w = 1),
 # gamma = 0 (w = i/n), gamma = 1 (the adaptive term alone), gamma = 0.5, each with all three
 # modules. "full" is both tables' shared row (all modules, gamma 0.5): trained once.
