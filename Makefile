@@ -21,7 +21,7 @@ export DVC_NO_ANALYTICS=1
 export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
-.PHONY: setup run test test-unit test-stage test-e2e test-presets test-gpu lint typecheck plots lock preset compare ablation benchmark benchmark-gpu clean mlflow-ui prefect-server schedule serve
+.PHONY: setup run test test-unit test-stage test-e2e test-presets test-gpu lint typecheck plots lock preset compare ablation benchmark benchmark-gpu gpu-check clean mlflow-ui prefect-server schedule serve
 LINT_PATHS := robustkd stages services pipeline
 
 setup: $(VENV)/.installed
@@ -98,9 +98,18 @@ ablation: setup
 benchmark: setup
 	$(PY) -m benchmarks.bench $(BENCH_ARGS)
 
+# The GPU targets need no setup step and no network (an offline GPU machine): they run on GPU_PY, a
+# Python whose torch is already installed there (with pytest, numpy; timm for the AT-PRM case).
+GPU_PY ?= python3
 # The fast path on one GPU in < 5 min (benchmarks/gpu.py): paper preset, per-method full-run hours
-benchmark-gpu: setup
-	$(PY) -m benchmarks.gpu $(BENCH_ARGS)
+benchmark-gpu:
+	$(GPU_PY) -m benchmarks.gpu $(BENCH_ARGS)
+
+# One GPU lease, at most 8 min (benchmarks/gpu_check.py): the GPU test tier (pytest -m gpu), then the
+# benchmark (DARWIN default path, fp32 eager, RSLAD and TRADES): benchmarks/results-gpu-check.json.
+# GPU_CHECK_ARGS="--device cpu --budget-s 120": the smoke run on a CPU (CI).
+gpu-check:
+	$(GPU_PY) -m benchmarks.gpu_check $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf data models metrics reports checkpoints

@@ -146,7 +146,8 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
         if compiled_cache is not None and key in compiled_cache:
             run_model = compiled_cache[key]
         else:
-            run_model = torch.compile(model, mode=None if fast.compile_mode == "default" else fast.compile_mode)
+            run_model = torch.compile(model, mode=None if fast.compile_mode == "default" else fast.compile_mode,
+                                      dynamic=False)   # as the Trainer: one graph per shape
             if compiled_cache is not None:
                 compiled_cache[key] = run_model
     obj = _objective(method, preset["steps"], preset["train_images"], student, teacher).to(device)
@@ -211,7 +212,7 @@ def run_group(group: str, args) -> list[dict]:
         t0 = {k: v.clone() for k, v in teacher.state_dict().items()}
         cache: dict = {}
         results = []
-        for method in [*DISTILL_METHODS, "trades"]:
+        for method in args.methods or [*DISTILL_METHODS, "trades"]:
             student.load_state_dict(s0)
             teacher.load_state_dict(t0)
             try:
@@ -221,6 +222,8 @@ def run_group(group: str, args) -> list[dict]:
                 r = {"method": method, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0][:200]}"}
             r["case"] = f"method_{method}"
             results.append(r)
+            # each finished case at once: a group stopped by the budget still reports these
+            print(CASE_PREFIX + json.dumps(r), flush=True)
             print(f"# {r['case']}: {r.get('images_per_s', r.get('error'))}", file=sys.stderr, flush=True)
         return results
     name, precision, cl, comp, mode, mult = next(c for c in DARWIN_CASES if c[0] == group)
@@ -229,14 +232,32 @@ def run_group(group: str, args) -> list[dict]:
     return [r]
 
 
+CASE_PREFIX = "CASE "   # a finished case of a group, printed as soon as it is measured
+
+
+def finished_cases(stdout) -> list[dict]:
+    """The cases a group printed before it ended (or was stopped)."""
+    if isinstance(stdout, bytes):
+        stdout = stdout.decode(errors="replace")
+    return [json.loads(ln[len(CASE_PREFIX):]) for ln in (stdout or "").splitlines() if ln.startswith(CASE_PREFIX)]
+
+
 def _child(group: str, args, timeout_s: float) -> list[dict]:
     cmd = [sys.executable, "-m", "benchmarks.gpu", "--group", group, "--preset", args.preset,
            "--device", args.device, "--timed-steps", str(args.timed_steps), "--threads", str(args.threads)]
+    if getattr(args, "methods", None):
+        cmd += ["--methods", *args.methods]
     start = time.perf_counter()
     try:
         proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(timeout_s, 1))
-    except subprocess.TimeoutExpired:
-        return [{"case": group, "error": f"timeout after {timeout_s:.0f} s", "wall_s": time.perf_counter() - start}]
+    except subprocess.TimeoutExpired as exc:
+        wall = time.perf_counter() - start
+        done = finished_cases(exc.stdout)
+        for r in done:
+            r["wall_s"] = wall
+        return done + [{"case": group if not done else f"{group}_rest",
+                        "error": f"timeout after {timeout_s:.0f} s ({len(done)} case(s) of the group finished)",
+                        "wall_s": wall}]
     wall = time.perf_counter() - start
     if proc.returncode != 0:
         if proc.returncode < 0:
@@ -301,6 +322,8 @@ def main(argv=None) -> None:
     p.add_argument("--budget-s", type=float, default=280, help="the whole run's time; cases past it are skipped")
     p.add_argument("--threads", type=int, default=0)
     p.add_argument("--out", help="JSON file (default: benchmarks/results-gpu-fastpath.json)")
+    p.add_argument("--methods", nargs="+", help="the methods group's methods (default: every student method "
+                   "and the TRADES teacher)")
     p.add_argument("--group", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.group:

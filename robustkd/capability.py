@@ -16,6 +16,11 @@ on the same machine and software passed. Failures are never cached (a fixed syst
 Test hook: ``ROBUSTKD_PROBE_FAULT="bf16=SIGILL,compile=error"`` makes the child of the named
 setting kill itself with that signal (or raise, for ``error``) instead of probing, so the
 handling of a crashing setting is tested on any machine.
+
+Exclusive-process GPUs: a child cannot open a CUDA context while the parent holds one, so on a GPU
+in an exclusive compute mode (``nvidia-smi``), or when a child answers "busy or unavailable", the
+probe runs in this process (errors caught, crashes not); ``ROBUSTKD_PROBE_IN_PROCESS=1`` forces it.
+A failed probe is printed on stderr and kept in ``FastPath.probe_failures`` (the run's record).
 """
 
 from __future__ import annotations
@@ -56,14 +61,27 @@ def device_name(device: torch.device) -> str:
     return str(device)
 
 
-def _child(setting: str, device_str: str, mode: str) -> None:
-    """The probe itself: a tiny conv net's forward and backward under ``setting``."""
+def _fault(setting: str, in_process: bool) -> None:
+    """The test hook (``ROBUSTKD_PROBE_FAULT``); in the process itself a signal becomes an error."""
     fault = dict(item.split("=", 1) for item in os.environ.get(FAULT_ENV, "").split(",") if "=" in item)
     if setting in fault:
         what = fault[setting]
-        if what == "error":
-            raise RuntimeError(f"injected fault for {setting} ({FAULT_ENV})")
+        if what == "error" or in_process:
+            raise RuntimeError(f"injected fault for {setting} ({FAULT_ENV}: {what})")
         os.kill(os.getpid(), getattr(signal, what))
+
+
+def _probe_body(setting: str, device_str: str, mode: str) -> None:
+    """The probe itself: a tiny conv net under ``setting``, run as the training step runs it.
+
+    Each iteration is one training step's pattern: an attack step (eval mode, parameters frozen,
+    the gradient of the input only, robustkd.attacks) on the compiled model, then the loss's
+    forward in train mode and its backward into the weights; under ``reduce-overhead`` a CUDA
+    graph generation per step (``cudagraph_mark_step_begin``, as the Trainer does). Three
+    iterations: reduce-overhead records its graphs on a later call. (The former probe took an
+    input gradient and a weight gradient from one graph, a double backward no step runs.)"""
+    from .attacks import frozen_parameters, model_modes
+
     device = torch.device(device_str)
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3, padding=1), torch.nn.BatchNorm2d(16), torch.nn.ReLU(),
@@ -76,21 +94,72 @@ def _child(setting: str, device_str: str, mode: str) -> None:
         net.to(memory_format=torch.channels_last)
         x = x.contiguous(memory_format=torch.channels_last)
     if setting == "compile":
-        model = torch.compile(net, mode=None if mode == "default" else mode)
-    amp = (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if setting == "bf16"
-           else torch.autocast(device_type=device.type, enabled=False))
-    for _ in range(3 if setting == "compile" else 1):   # reduce-overhead records graphs on a later call
-        xr = x.clone().requires_grad_(True)
-        with amp:
-            out = model(xr)
+        model = torch.compile(net, mode=None if mode == "default" else mode, dynamic=False)
+    graphs = setting == "compile" and mode == "reduce-overhead" and device.type == "cuda"
+
+    def amp():
+        return (torch.autocast(device_type=device.type, dtype=torch.bfloat16) if setting == "bf16"
+                else torch.autocast(device_type=device.type, enabled=False))
+
+    finite = torch.ones((), dtype=torch.bool, device=device)
+    for _ in range(3 if setting == "compile" else 1):
+        if graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        with model_modes([model], [False]), frozen_parameters(model):      # the attack step
+            xr = x.clone().requires_grad_(True)
+            with amp():
+                out = model(xr)
+            grad_x, = torch.autograd.grad(torch.nn.functional.cross_entropy(out.float(), y), xr)
+        x_adv = (x + 2 / 255 * grad_x.sign()).clamp(0, 1)
+        model.train()                                                        # the loss and its backward
+        with amp():
+            out = model(x_adv)
         loss = torch.nn.functional.cross_entropy(out.float(), y)
-        grad_x, = torch.autograd.grad(loss, xr, retain_graph=True)   # the attacks' input gradient
-        loss.backward()                                                # the training step's
-        if not (torch.isfinite(loss) and torch.isfinite(grad_x).all()):
-            raise FloatingPointError(f"non-finite loss or gradient under {setting}")
+        net.zero_grad(set_to_none=True)
+        loss.backward()
+        finite = finite & torch.isfinite(loss) & torch.isfinite(grad_x).all()
+    if not bool(finite):    # one host read, after the steps
+        raise FloatingPointError(f"non-finite loss or gradient under {setting}")
     if device.type == "cuda":
         torch.cuda.synchronize()
+
+
+def _child(setting: str, device_str: str, mode: str) -> None:
+    _fault(setting, in_process=False)
+    _probe_body(setting, device_str, mode)
     print("probe ok")
+
+
+IN_PROCESS_ENV = "ROBUSTKD_PROBE_IN_PROCESS"   # 1: always probe in this process, 0: never, unset: auto
+BUSY = "busy or unavailable"   # cudaErrorDevicesUnavailable: another process holds an exclusive GPU
+
+
+def exclusive_compute(device: torch.device) -> bool:
+    """Whether ``device`` is a CUDA GPU in an exclusive compute mode (``nvidia-smi``, which does not
+    touch CUDA in this process). There a child cannot open a context while the parent holds one,
+    so every child probe would fail; the probes run in this process instead."""
+    if device.type != "cuda":
+        return False
+    visible = [v.strip() for v in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if v.strip()]
+    index = device.index or 0
+    which = visible[index] if index < len(visible) else str(index)
+    try:
+        proc = subprocess.run(["nvidia-smi", "--query-gpu=compute_mode", "--format=csv,noheader", "-i", which],
+                              capture_output=True, text=True, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return proc.returncode == 0 and "exclusive" in proc.stdout.lower()
+
+
+def _in_process(setting: str, device: torch.device, mode: str) -> tuple[bool, str]:
+    """The probe in this process: no protection from a crash, only from errors."""
+    try:
+        _fault(setting, in_process=True)
+        _probe_body(setting, str(device), mode)
+        return True, ""
+    except Exception as exc:  # noqa: BLE001 - any failure of the setting is its probe's answer
+        lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+        return False, f"in process: {type(exc).__name__}: {lines[-1][:300] if lines else ''}".rstrip(": ")
 
 
 def _cause(proc: subprocess.CompletedProcess) -> str:
@@ -179,14 +248,20 @@ def probe(setting: str, device: torch.device, mode: str = "default", timeout_s: 
     timeout_s = timeout_s or float(os.environ.get(TIMEOUT_ENV, "600"))
     cmd = [sys.executable, "-m", "robustkd.capability", setting, str(device), mode]
     start = time.perf_counter()
-    try:
-        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this robustkd, not another
-        env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
-        ok = proc.returncode == 0 and "probe ok" in proc.stdout
-        cause = "" if ok else _cause(proc)
-    except subprocess.TimeoutExpired:
-        ok, cause = False, f"no answer within {timeout_s:.0f} s ({TIMEOUT_ENV})"
+    where = os.environ.get(IN_PROCESS_ENV, "")
+    if where == "1" or (where != "0" and exclusive_compute(device)):
+        ok, cause = _in_process(setting, device, key[2])
+    else:
+        try:
+            root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))   # this robustkd, not another
+            env = {**os.environ, "PYTHONPATH": os.pathsep.join([root, os.environ.get("PYTHONPATH", "")])}
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=env)
+            ok = proc.returncode == 0 and "probe ok" in proc.stdout
+            cause = "" if ok else _cause(proc)
+        except subprocess.TimeoutExpired:
+            ok, cause = False, f"no answer within {timeout_s:.0f} s ({TIMEOUT_ENV})"
+        if not ok and BUSY in cause and where != "0":   # an exclusive GPU that nvidia-smi did not report
+            ok, cause = _in_process(setting, device, key[2])
     result = ProbeResult(setting, str(device), ok, cause, time.perf_counter() - start)
     _CACHE[key] = result
     if ok:
@@ -207,6 +282,8 @@ class FastPath:
     compile: bool = False
     compile_mode: str = "default"
     notes: list[str] = field(default_factory=list)
+    # every probe that failed: {"key", "setting", "device", "cause"} (also printed and in ``notes``)
+    probe_failures: list[dict] = field(default_factory=list)
 
     def describe(self) -> str:
         parts = ["bf16 autocast (losses in float32)" if self.bf16 else "fp32",
@@ -216,21 +293,26 @@ class FastPath:
 
     def record(self) -> dict:
         return {"bf16": self.bf16, "channels_last": self.channels_last, "compile": self.compile,
-                "compile_mode": self.compile_mode if self.compile else "none"}
+                "compile_mode": self.compile_mode if self.compile else "none",
+                "probe_failures": list(self.probe_failures)}
 
 
 def _settle(key: str, value: str, setting: str, wanted_on_auto: bool, device: torch.device,
-            mode: str, notes: list[str], fallback: str) -> bool:
+            mode: str, path: "FastPath", fallback: str) -> bool:
     """``value``: 'auto' | 'on' | 'off'. Probe when the setting would be used; on failure raise
-    one clear line (explicit) or fall back with a note (auto)."""
+    one clear line (explicit) or fall back with a note (auto) that is also printed on stderr at
+    once and recorded in ``path.probe_failures``: a fast path lost on a GPU is never silent."""
     if value == "off" or (value == "auto" and not wanted_on_auto):
         return False
     result = probe(setting, device, mode)
     if result.ok:
         return True
     where = device_name(device)
+    path.probe_failures.append({"key": key, "setting": setting, "device": where, "cause": result.cause})
     if value == "auto":
-        notes.append(f"{key}: auto: {setting} failed its probe on {where} ({result.cause}); using {fallback}")
+        note = f"{key}: auto: {setting} failed its probe on {where} ({result.cause}); using {fallback}"
+        path.notes.append(note)
+        print(f"robustkd: probe failed: {note}", file=sys.stderr, flush=True)
         return False
     raise InputError(f"{key}: {setting} is not usable on {where}: its probe was {result.cause}; "
                      f"set {key} to {fallback!r} or 'auto'")
@@ -259,10 +341,10 @@ def resolve_fast_path(device: torch.device, precision: str = "auto", channels_la
                      "using the default mode")
         mode = "default"
     path = FastPath(notes=notes, compile_mode=mode)
-    path.bf16 = _settle("run.precision", tri(precision), "bf16", fast, device, mode, notes, "fp32")
+    path.bf16 = _settle("run.precision", tri(precision), "bf16", fast, device, mode, path, "fp32")
     path.channels_last = _settle("run.channels_last", tri(channels_last), "channels_last", fast, device,
-                                 mode, notes, "false")
-    path.compile = _settle("run.compile", tri(compile), "compile", fast, device, mode, notes, "false")
+                                 mode, path, "false")
+    path.compile = _settle("run.compile", tri(compile), "compile", fast, device, mode, path, "false")
     return path
 
 

@@ -411,6 +411,16 @@ class MixedBatchSampler:
             yield real, gen
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``t`` on ``device``. A CPU tensor bound for a CUDA device is copied from pinned (page-locked)
+    memory with ``non_blocking=True``: the host does not wait for the copy, which the stream orders
+    before the kernels that read it. Elsewhere a plain ``.to``."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def shard(index: torch.Tensor, rank: int, world_size: int) -> torch.Tensor:
     """Rank ``rank``'s contiguous slice of a global batch (equal sizes required)."""
     if world_size == 1:
@@ -498,7 +508,7 @@ class TrainBatches:
                 pair_aug = crop_flip_params(len(idx), gen) if self.augment else None
             mine = shard(torch.arange(len(idx)), self.rank, self.world_size)
             x, y = self._gather(src[mine], idx[mine], None if aug is None else aug[mine])
-            pool_index = (idx[mine] + src[mine] * num_real).to(self.device)
+            pool_index = to_device(idx[mine] + src[mine] * num_real, self.device)
             if pair is None:
                 yield Batch(x, y, index=pool_index)
             else:
@@ -530,21 +540,21 @@ class TrainBatches:
         for the GPU (a host synchronisation per batch)."""
         dev = self.device
         real = src == 0
-        if bool(real.all()):
-            idx_dev = idx.to(dev)
+        if bool(real.all()):   # a CPU tensor: no device synchronisation
+            idx_dev = to_device(idx, dev)
             x_u8, y = self.real_images[idx_dev], self.real_labels[idx_dev].long()
         else:
             x_u8 = torch.empty((len(idx), *self.real_images.shape[1:]), dtype=torch.uint8, device=dev)
             y = torch.empty(len(idx), dtype=torch.long, device=dev)
             rpos, gpos = real.nonzero().squeeze(1), (~real).nonzero().squeeze(1)
             if len(rpos):
-                rows = idx[rpos].to(dev)
-                x_u8[rpos.to(dev)] = self.real_images[rows]
-                y[rpos.to(dev)] = self.real_labels[rows]
+                rows, rpos_dev = to_device(idx[rpos], dev), to_device(rpos, dev)
+                x_u8[rpos_dev] = self.real_images[rows]
+                y[rpos_dev] = self.real_labels[rows]
             if len(gpos):
-                gen_idx = idx[gpos]
-                x_u8[gpos.to(dev)] = self.generated.gather(gen_idx).to(dev)
-                y[gpos.to(dev)] = self.generated.labels[gen_idx].to(dev)
+                gen_idx, gpos_dev = idx[gpos], to_device(gpos, dev)
+                x_u8[gpos_dev] = to_device(self.generated.gather(gen_idx), dev)
+                y[gpos_dev] = to_device(self.generated.labels[gen_idx], dev)
         x = to_float(x_u8)
         if aug is not None:
             x = apply_crop_flip(x, aug)

@@ -16,6 +16,7 @@ One process (no ``WORLD_SIZE`` in the environment, or 1) runs exactly as before.
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 
@@ -64,6 +65,9 @@ def init_distributed(device_preference: str = "auto", backend: str = "auto") -> 
         backend = "nccl" if device.type == "cuda" else "gloo"
     if not dist.is_initialized():
         dist.init_process_group(backend=backend, device_id=device if device.type == "cuda" else None)
+        # Destroyed at the end of every torchrun stage, whichever way the stage ends (NCCL warns
+        # and may hang at exit on a group never destroyed); cleanup() twice is harmless.
+        atexit.register(cleanup)
     return DistInfo(rank, world, local_rank, backend), device
 
 

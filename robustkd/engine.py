@@ -325,12 +325,18 @@ class Trainer:
             if self.teacher is not None:
                 self.teacher.to(memory_format=torch.channels_last)
         self.try_resume()
-        # Under torchrun: DistributedDataParallel (gradients averaged over ranks). The attacks
-        # unwrap it, so only the loss's forwards go through DDP.
-        self.model = wrap_ddp(self.model, self.device, self.run_cfg.sync_bn)
+        # Compiled first, then (under torchrun) DistributedDataParallel around the compiled model:
+        # the attacks take DDP off (robustkd.attacks.attack_view) and keep the compiled model, so
+        # the whole step runs compiled and only the loss's forwards go through DDP's reducer.
+        # Static shapes [choice]: one graph per shape (the training loader drops the last partial
+        # batch, robustkd.data.MixedBatchSampler), no dynamic-shape kernels.
         if self.fast.compile:
             mode = self.fast.compile_mode
-            self.model = torch.compile(self.model, mode=None if mode == "default" else mode)
+            self.model = torch.compile(self.model, mode=None if mode == "default" else mode, dynamic=False)
+            if mode == "reduce-overhead" and self.batches.world_size > 1:
+                self.log("run.compile_mode: reduce-overhead under DDP: graphs whose batch-norm buffers DDP "
+                         "broadcasts may run without CUDA graphs (pytorch/pytorch#139207)")
+        self.model = wrap_ddp(self.model, self.device, self.run_cfg.sync_bn)
         for epoch in range(self.start_epoch, self.optim_cfg.epochs):
             metrics = self._train_epoch(epoch)
             if self.evaluate is not None and self.is_main:

@@ -25,14 +25,22 @@ def _grouped_forward(bn: nn.BatchNorm2d, groups: int, x: torch.Tensor) -> torch.
     if n % groups:
         raise ValueError(f"grouped batch norm: batch of {n} does not split into {groups} equal groups")
     b = n // groups
-    # (G*B, C, H, W) -> (B, G*C, H, W): per-(group, channel) statistics over (B, H, W) are exactly
-    # what plain batch norm computes per channel, so the fused kernel does the work.
-    xg = x.reshape(groups, b, c, h, w).transpose(0, 1).reshape(b, groups * c, h, w)
     weight = bn.weight.repeat(groups) if bn.weight is not None else None
     bias = bn.bias.repeat(groups) if bn.bias is not None else None
+    nhwc = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+    # (G*B, C, H, W) -> (B, G*C, H, W): per-(group, channel) statistics over (B, H, W) are exactly
+    # what plain batch norm computes per channel, so the fused kernel does the work.
+    if nhwc:   # the same regrouping on the NHWC storage: the output stays channels_last (no NCHW copies)
+        xg = x.permute(0, 2, 3, 1).reshape(groups, b, h, w, c).permute(1, 2, 3, 0, 4)
+        xg = xg.reshape(b, h, w, groups * c).permute(0, 3, 1, 2)
+    else:
+        xg = x.reshape(groups, b, c, h, w).transpose(0, 1).reshape(b, groups * c, h, w)
     y = F.batch_norm(xg, None, None, weight, bias, True, 0.0, bn.eps)
     if bn.track_running_stats and bn.running_mean is not None:
         _update_running_stats(bn, x.detach().reshape(groups, b, c, h, w), groups)
+    if nhwc:
+        y = y.permute(0, 2, 3, 1).reshape(b, h, w, groups, c).permute(3, 0, 1, 2, 4)
+        return y.reshape(n, h, w, c).permute(0, 3, 1, 2)
     return y.reshape(b, groups, c, h, w).transpose(0, 1).reshape(n, c, h, w)
 
 

@@ -103,15 +103,16 @@ TIERS = {
              "test_standin_ddpm", "test_stats", "test_vit", "methods/test_adaad", "methods/test_ard",
              "methods/test_at_prm", "methods/test_crdnd", "methods/test_darwin", "methods/test_gacd",
              "methods/test_iad", "methods/test_registry", "methods/test_rslad", "methods/test_trades",
-             "test_layout", "test_docs_links"],
+             "test_layout", "test_docs_links", "test_fast_step"],
     "stage": ["test_attention", "test_capability", "test_ddpm_diffusers", "test_evaluation", "test_evaluation_compiled",
               "test_input_checks", "test_protocols",
               "test_params_checks", "test_presets", "test_seeds", "test_stages", "test_teachers",
               "test_declared_inputs", "test_serving", "test_serving_hostile",
-              "test_best_checkpoint", "test_tables"],
+              "test_best_checkpoint", "test_tables", "test_gpu_check"],
     "e2e": ["test_ablation", "test_compose", "test_distributed", "test_dvc_pipeline", "test_faults", "test_flow",
             "test_flow_lock", "test_pipeline_units", "test_prefect_deployment", "test_registry_mlflow",
             "test_report_browser", "test_tracking_postgres"],
+    "gpu": ["test_gpu"],
 }
 TIER_MARKERS = ("unit", "stage", "e2e", "presets", "gpu")
 FILE_TIER = {f"tests/{name}.py": tier for tier, names in TIERS.items() for name in names}

@@ -109,3 +109,46 @@ def test_params_name_the_replacement_of_run_bf16(tmp_path):
     path.write_text(yaml.safe_dump(raw))
     with pytest.raises(InputError, match=r"run.precision: expected one of \['auto', 'fp32', 'bf16'\], found 'fp16'"):
         load_params(path)
+
+
+def test_a_failed_probe_is_printed_and_recorded(monkeypatch, capsys):
+    """Never a silent fallback: the failure is on stderr at once and in the run's record."""
+    monkeypatch.setenv(FAULT_ENV, "compile=error")
+    path = resolve_fast_path(CPU, "fp32", False, "auto", fast_default=True)   # auto, as on a GPU
+    assert not path.compile
+    failures = path.record()["probe_failures"]
+    assert [(f["key"], f["setting"], f["device"]) for f in failures] == [("run.compile", "compile", "cpu")]
+    assert "RuntimeError: injected fault" in failures[0]["cause"]
+    err = capsys.readouterr().err
+    assert "probe failed: run.compile: auto: compile failed its probe on cpu" in err and "injected fault" in err
+
+
+def test_probes_run_in_process_where_a_child_cannot_use_the_gpu(monkeypatch):
+    """Exclusive-process GPUs: the probe runs in this process (forced here by the variable that
+    an exclusive compute mode sets in effect); its answer and its failures are the same."""
+    calls = []
+    real_run = capability.subprocess.run
+    monkeypatch.setattr(capability.subprocess, "run", lambda *a, **k: calls.append(a) or real_run(*a, **k))
+    monkeypatch.setenv(capability.IN_PROCESS_ENV, "1")
+    monkeypatch.setenv(capability.CACHE_ENV, "0")
+    assert probe("channels_last", CPU).ok and calls == []          # no child
+    monkeypatch.setenv(FAULT_ENV, "bf16=SIGILL")                    # in process: an error, not a kill
+    result = probe("bf16", CPU)
+    assert not result.ok and result.cause.startswith("in process: RuntimeError: injected fault")
+    assert not capability.exclusive_compute(CPU)
+
+
+def test_the_compile_probe_runs_the_training_steps_pattern(monkeypatch):
+    """An attack step (eval, frozen parameters, input gradient) and a loss step (train, weight
+    gradients) on the compiled net, in this process so that the calls can be watched."""
+    seen = []
+    real_compile = torch.compile
+
+    def watching_compile(model, **kw):
+        model.register_forward_pre_hook(lambda m, _i: seen.append(
+            (m.training, any(p.requires_grad for p in m.parameters()))))
+        return real_compile(model, **{**kw, "backend": "eager"})
+
+    monkeypatch.setattr(torch, "compile", watching_compile)
+    capability._probe_body("compile", "cpu", "default")
+    assert seen == [(False, False), (True, True)] * 3

@@ -63,3 +63,32 @@ def test_gacd_memory_bank_and_heads_stay_identical_across_ranks(tmp_path):
         assert torch.allclose(a[k], b[k], atol=1e-6), k
     # an epoch over the 32 images moved every row: momentum update, then unit norm
     assert torch.allclose(a["state.memory.memory_v1"].norm(dim=1), torch.ones(32), atol=1e-5)
+
+
+def test_the_process_group_is_destroyed_when_a_stage_ends(tmp_path):
+    """Each rank joins through robustkd.distributed.init_distributed and exits without calling
+    cleanup() (as a stage that raises does): the group is destroyed at exit all the same. An
+    exit handler registered before the join runs after the library's (LIFO) and reports."""
+    import socket
+
+    script = tmp_path / "rank.py"
+    script.write_text(
+        "import atexit, sys, torch.distributed as dist\n"
+        "atexit.register(lambda: print('initialised at exit:', dist.is_initialized(), flush=True))\n"
+        f"sys.path.insert(0, {str(HERE.parent)!r})\n"
+        "from robustkd.distributed import init_distributed\n"
+        "info, _ = init_distributed('cpu')\n"
+        "assert info.world_size == 2\n")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = []
+    for rank in range(2):
+        env = {**os.environ, "RANK": str(rank), "LOCAL_RANK": str(rank), "WORLD_SIZE": "2",
+               "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, str(script)], env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    outs = [p.communicate(timeout=300) for p in procs]
+    for p, (out, err) in zip(procs, outs):
+        assert p.returncode == 0, err[-3000:]
+        assert "initialised at exit: False" in out, out + err[-2000:]

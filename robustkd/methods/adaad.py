@@ -37,13 +37,14 @@ class AdaadConfig:
 
 
 def adaad_attack(student, teacher, x, cfg: AdaadConfig, step):
-    plain = attacks.unwrap(student)
+    view = attacks.attack_view(student)   # compiled kept, DDP skipped
 
     def loss_at(point):
         with step.autocast():
-            return kl_per_sample(teacher(point), plain(point))
+            return kl_per_sample(teacher(point), view(point))
 
-    with model_modes([plain, teacher], [cfg.attack_bn_mode == "train", False]):
+    with model_modes([view, teacher], [cfg.attack_bn_mode == "train", False]), \
+            attacks.frozen_parameters(view, teacher):
         return attacks.ascend(loss_at, x, cfg.eps, cfg.step_size, cfg.steps, cfg.random_start,
                               cfg.clamp_start, generator=step.generator)
 

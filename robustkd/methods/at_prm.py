@@ -45,7 +45,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..attacks import model_modes, unwrap
+from ..attacks import attack_view, frozen_parameters, model_modes, unwrap
 from ..errors import InputError
 from .common import ALPHA, EPS, check_attack
 from .registry import Method, Schedule, register
@@ -191,12 +191,13 @@ def prm_ard_attack(model, x: torch.Tensor, target: torch.Tensor, cfg: AtPrmConfi
                    generator: torch.Generator | None = None, autocast=contextlib.nullcontext) -> torch.Tensor:
     """The official ``pgd_attack()`` of the AT branch: soft-target CE ascended from a uniform start,
     with PRM's per-iteration mask on ``delta`` and ARD's gates during the whole attack."""
-    model = unwrap(model)
+    model = attack_view(model)   # compiled kept, DDP skipped
     x = x.detach()
     delta = (_rand(x.shape, generator, x.device) * 2 - 1) * cfg.eps
     delta = torch.min(torch.max(delta, -x), 1 - x)          # clamp(delta, lower_limit - X, upper_limit - X)
     gates = attention_gates(model, drop_rate, generator) if cfg.ard else contextlib.nullcontext()
-    with model_modes([model], [cfg.attack_bn_mode == "train"]), gates, torch.enable_grad():
+    with model_modes([model], [cfg.attack_bn_mode == "train"]), frozen_parameters(model), gates, \
+            torch.enable_grad():
         for _ in range(cfg.steps):
             mask, _ = prm_mask(x, drop_rate, cfg.patch_size, generator)
             if cfg.prm:

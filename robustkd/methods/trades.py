@@ -13,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+import torch
 import torch.nn.functional as F
 
 from .. import attacks
@@ -41,8 +42,8 @@ class TradesConfig:
 def trades_loss(model, teacher, batch, cfg: TradesConfig, step):
     x, y = batch.x, batch.y
     mode = model.training
-    with model_modes([model], [False]), step.autocast():
-        target = model(x).detach().float()
+    with model_modes([model], [False]), torch.no_grad(), step.autocast():   # a detached target: no graph
+        target = model(x).float()
     x_adv = attacks.pgd_kl(model, x, target, eps=cfg.eps, alpha=cfg.step_size, steps=cfg.steps,
                            start=cfg.random_start, clamp_start=cfg.clamp_start, bn_mode=cfg.attack_bn_mode,
                            generator=step.generator, autocast=step.autocast)
