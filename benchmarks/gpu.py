@@ -360,13 +360,19 @@ def main(argv=None) -> None:
     text, summary = summarise(results, preset)
     summary["wall_s"] = args.budget_s - (deadline - time.perf_counter())
     report = {"preset": args.preset, "settings": preset, "machine": machine, "results": results, "summary": summary}
-    out = Path(args.out or "benchmarks/results-gpu-fastpath.json")
+    out = write_report(report, Path(args.out or "benchmarks/results-gpu-fastpath.json"), text, summary)
+    print(f"written to {out}")
+
+
+def write_report(report: dict, out: Path, text: str, summary: dict) -> Path:
+    """The JSON report written to ``out``; the table and the summary printed."""
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print()
     print(text)
     print()
     print(json.dumps(summary, indent=2))
-    print(f"written to {out}")
+    return out
 
 
 if __name__ == "__main__":

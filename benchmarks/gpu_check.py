@@ -22,7 +22,6 @@ Writes benchmarks/results-gpu-check.json (``--out``) and prints the tier's count
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import re
 import subprocess
@@ -142,13 +141,7 @@ def main(argv=None) -> dict:
     report = {"machine": machine, "budget_s": args.budget_s, "tier": tier, "preset": args.preset,
               "settings": gpu.PRESETS[args.preset], "results": results, "summary": summary,
               "wall_s": round(time.perf_counter() - start, 1)}
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2) + "\n")
-    print()
-    print(text)
-    print()
-    print(json.dumps(summary, indent=2))
+    out = gpu.write_report(report, Path(args.out), text, summary)
     print(f"gpu-check: {report['wall_s']:.0f} s in all; written to {out}")
     return report
 
