@@ -579,8 +579,9 @@ def _num_classes(model: nn.Module, x: torch.Tensor, device) -> int:
     options = getattr(eager, "options", None)
     if isinstance(options, dict) and isinstance(options.get("num_classes"), int):
         return options["num_classes"]
-    if isinstance(getattr(eager, "num_classes", None), int):
-        return eager.num_classes
+    declared = getattr(eager, "num_classes", None)
+    if isinstance(declared, int):
+        return declared
     with torch.no_grad():
         return int(eager(x[:1].to(device)).shape[1])
 

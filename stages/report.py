@@ -34,10 +34,16 @@ def run_caption(params) -> str:
             f"{params.profile} profile")
 
 
+def image_counts(rows: list[tuple[str, dict]]) -> list[int]:
+    """The distinct image counts of the rows' headline blocks, in order (one when the table
+    compares like with like)."""
+    return sorted({int(images) for _, m in rows if (images := (m.get(HEADLINE) or {}).get("images")) is not None})
+
+
 def accuracy_table(rows: list[tuple[str, dict]], when: str = "") -> str:
     """The headline table: natural, PGD-20, CW, AutoAttack and the per-image worst case over them,
     every column on the same images (the count in the caption and in each row)."""
-    counts = sorted({(m.get(HEADLINE) or {}).get("images") for _, m in rows} - {None})
+    counts = image_counts(rows)
     head = "| model | method | " + " | ".join(label for _, label in TABLE_COLUMNS) + " | images | checks |"
     lines = [head, "|" + "---|" * (len(TABLE_COLUMNS) + 4)]
     for name, m in rows:
@@ -173,7 +179,7 @@ def per_class_text(per_class: dict) -> str:
 def build_sections(params, evals, paths, histories, card, export, ddpm, comparison, figures) -> list[dict]:
     """The report's sections, each {"id", "title", "markdown", "figures": [(alt, path, caption)]}."""
     when = figures.get("when", "")
-    counts = sorted({(m.get(HEADLINE) or {}).get("images") for _, m in evals} - {None})
+    counts = image_counts(evals)
     same = f" (the same {counts[0]:,} images)" if len(counts) == 1 else ""
     sections = [{"id": "accuracy", "title": "Accuracy under attack" + same, "markdown": accuracy_table(evals, when),
                  "figures": [("accuracy", figures["accuracy"],
