@@ -1,6 +1,5 @@
 """A tiny profile and a tiny ImageFolder tree, for stage and DVC tests."""
 
-import copy
 import os
 import shutil
 import subprocess
@@ -32,29 +31,13 @@ def make_image_folder(root: Path, train_per_class=7, test_per_class=3, seed=0, c
 
 
 def tiny_params(data_root: str) -> dict:
-    params = yaml.safe_load((ROOT / "params.yaml").read_text())
-    p = copy.deepcopy(params)
-    p["profile"] = "tiny"
-    p["data"].update(root=data_root, train_per_class=6, heldout_per_class=1, test_per_class=3)
-    p["teacher"]["model"] = {"arch": "resnet10_w8", "options": {}}
-    p["teacher"]["settings"] = {"steps": 1}
-    p["teacher"]["optim"].update(epochs=2, batch_size=10)
-    p["distill"]["optim"].update(epochs=2, batch_size=10)
-    p["distill"]["monitor_pgd_steps"] = 2
-    p["teacher"]["monitor_pgd_steps"] = 2
-    for m in p["distill"]["settings"]:
-        if m != "natural_kd":
-            p["distill"]["settings"][m] = {"steps": 2}
-    p["evaluate"]["per_class"] = 2
-    p["evaluate"]["autoattack_per_class"] = 1     # AutoAttack on a stratified half: the subset path runs
-    p["evaluate"]["config"].update(attacks=["natural", "pgd20", "cw", "autoattack"], pgd_steps=3,
-                                   cw_steps=3, batch_size=16)
-    p["export"].update(latency_batch_sizes=[1, 4], latency_repeats=2, per_class=1)
-    p["run"]["threads"] = 1
-    p["compare"]["methods"] = ["darwin", "rslad"]
-    p["compare"]["schedule"] = "shared"    # the official recipes' batch of 128 exceeds the tiny set
-    p["compare"]["seeds"] = [0]
-    return p
+    """The tiny preset (params/tiny.yaml, a profile a person can run too) on the ImageFolder tree at
+    ``data_root``."""
+    from services.presets import load_preset
+
+    params = load_preset(ROOT, "tiny")
+    params["data"]["root"] = data_root
+    return params
 
 
 def write_params(path: Path, params: dict) -> Path:
