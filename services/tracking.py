@@ -364,6 +364,28 @@ def ensure_project_experiment(mlflow, name: str, root: Path) -> None:
 EXPERIMENT_KIND = "mlflow.experimentKind"
 MODEL_TRAINING = "custom_model_development"
 
+# run.* keys whose value the stage resolves (auto -> bf16 or fp32, ...): logged once resolved, by
+# services.training.run_training (the fast path as taken), never as the raw "auto".
+RESOLVED_BY_STAGE = ("precision", "channels_last", "compile", "compile_mode")
+
+
+def stage_params(raw: dict, sections: tuple[str, ...] = ()) -> dict:
+    """The params a stage's MLflow run records: its own ``sections`` only (all when empty), and of
+    ``distill`` only the settings and per-method optimiser of the method that runs (a run never lists
+    another method's settings), without the run.* values the stage resolves itself."""
+    out = {k: raw[k] for k in sections if k in raw} if sections else dict(raw)
+    distill = out.get("distill")
+    if isinstance(distill, dict) and "method" in distill:
+        method = distill["method"]
+        distill = dict(distill)
+        for key in ("settings", "method_optim"):
+            if isinstance(distill.get(key), dict):
+                distill[key] = {m: v for m, v in distill[key].items() if m == method}
+        out["distill"] = distill
+    if isinstance(out.get("run"), dict):
+        out["run"] = {k: v for k, v in out["run"].items() if k not in RESOLVED_BY_STAGE}
+    return out
+
 
 @contextlib.contextmanager
 def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: bool = True,
@@ -401,8 +423,7 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
         _CURRENT.append(tracker)
         try:
             if params is not None:  # the typed, resolved values (defaults included, 8/255 as a number)
-                raw = asdict(params)
-                tracker.log_params({k: raw[k] for k in sections} if sections else raw)
+                tracker.log_params(stage_params(asdict(params), sections))
             yield tracker
             status = "FINISHED"
         finally:

@@ -151,6 +151,13 @@ def data_hash(train: ImageSet, heldout: ImageSet | None, generated: GeneratedPoo
     return out
 
 
+def resolved_fast_path(record: dict) -> dict:
+    """The run.* settings as the trainer resolved them (``auto`` -> what ran on this device): the
+    values MLflow records under run.precision, run.channels_last, run.compile, run.compile_mode."""
+    return {"precision": "bf16" if record["bf16"] else "fp32", "channels_last": record["channels_last"],
+            "compile": record["compile"], "compile_mode": record["compile_mode"]}
+
+
 def run_training(model, objective: Objective, optim: OptimConfig, params: Params, train: ImageSet,
                  heldout: ImageSet | None, device: torch.device, checkpoint_dir: Path, history_csv: Path,
                  metrics_json: Path, teacher=None, generated: GeneratedPool | None = None,
@@ -190,6 +197,7 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
         write_json(info, info_path(metrics_json))
         tracker = tracking.current()
         tracker.log_params({"method": {"name": objective.name, **asdict(objective.config)},
+                            "run": resolved_fast_path(trainer.fast.record()),
                             **({"init": init} if init else {})})
         tracker.set_tags({f"input.{k.replace(' ', '_')}": v for k, v in trainer.inputs.items()})
     resumed = trainer.try_resume()

@@ -257,3 +257,15 @@ def test_the_deployment_form_offers_the_presets_and_methods_as_choices():
     assert props["methods"]["anyOf"][0]["items"]["enum"] == list(DISTILL_METHODS)
     assert props["seed"]["anyOf"][0]["type"] == "integer" and props["register_model"]["default"] is True
     assert all(props[k].get("description") for k in ("preset", "methods", "seed", "register_model"))
+
+
+def test_stage_params_keep_the_stage_own_sections_and_the_method_that_runs():
+    from services.tracking import stage_params
+
+    raw = {"distill": {"method": "darwin", "settings": {"darwin": {"eps": 0.03}, "rslad": {"eps": 0.03}},
+                       "method_optim": {"rslad": {"lr": 0.05}}},
+           "run": {"seed": 0, "precision": "auto", "compile": "auto"}, "export": {"opset": 18}}
+    logged = stage_params(raw, ("distill", "run"))
+    assert logged == {"distill": {"method": "darwin", "settings": {"darwin": {"eps": 0.03}}, "method_optim": {}},
+                      "run": {"seed": 0}}
+    assert raw["distill"]["settings"]["rslad"]  # the params themselves untouched

@@ -240,6 +240,12 @@ def test_mlflow_records_the_method_that_ran_and_its_inputs(workdir):
     assert reference.data.params["run.seed"] == "7"  # --seed is the seed that ran and is recorded
     darwin = next(r for r in runs if r.data.tags.get("method") == "darwin")
     assert float(darwin.data.params["method.eps"]) == pytest.approx(8 / 255)  # a number, not "8/255"
+    # only the method that ran, and the fast path as resolved on this machine (fp32 on a CPU), not "auto"
+    assert {k for k in darwin.data.params if k.startswith("distill.settings.")} <= {
+        k for k in darwin.data.params if k.startswith("distill.settings.darwin.")}
+    assert not any(k.startswith("distill.settings.rslad") for k in reference.data.params)
+    assert darwin.data.params["run.precision"] == "fp32" and darwin.data.params["run.compile"] == "False"
+    assert "/" not in darwin.data.params["distill.settings.darwin.eps"]
     info = json.loads((workdir / "metrics/student_info.json").read_text())
     for key in ("teacher weights", "data", "model", "seed"):
         assert darwin.data.tags[f"input.{key.replace(' ', '_')}"] == info["inputs"][key]
