@@ -274,6 +274,7 @@ def test_a_damaged_mlflow_store_leaves_the_stage_untracked_in_one_line_and_its_o
     make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)
     p = tiny_params(str(tmp_path / "raw"))
     p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)   # at most data.test_per_class (checked at load)
     write_params(tmp_path / "params.yaml", p)
     (tmp_path / "mlflow.db").write_bytes(b"not sqlite " * 1000)       # "file is not a database"
     env = {**os.environ, "ROBUSTKD_TRACKING": "on", "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}",
