@@ -143,6 +143,20 @@ class PassCounter:
             h.remove()
 
 
+def trains_teacher(method: str) -> bool:
+    """A teacher method (``Method.role``) trains the teacher model itself: its passes are the
+    teacher's alone, counted as the trained model's."""
+    from robustkd.methods import get_method
+
+    return get_method(method).role == "teacher"
+
+
+def counted_models(method: str, student, teacher) -> dict:
+    """The models whose passes a step of ``method`` makes: the trained one alone for a teacher
+    method, student and teacher for a distillation."""
+    return {"model": teacher} if trains_teacher(method) else {"student": student, "teacher": teacher}
+
+
 # ---------------------------------------------------------------- cases
 def build(preset: dict, device, student_path: str | None = None, teacher_path: str | None = None):
     import torch
@@ -178,7 +192,7 @@ def sync(device):
 def train_case(case: str, preset: dict, device) -> dict:
     import torch
 
-    from robustkd.methods import DataInfo, create_objective
+    from robustkd.methods import DataInfo, attack_steps, create_objective
     from robustkd.reference import darwin_loss_reference
     from robustkd.utils import autocast, make_generator
 
@@ -187,16 +201,16 @@ def train_case(case: str, preset: dict, device) -> dict:
     batch = fixed_batch(preset["batch"], device)
     bf16 = case == "darwin_bf16"
     amp = lambda: autocast(device, bf16)  # noqa: E731
-    settings = {"steps": n}
+    method = case[len("method_"):] if case.startswith("method_") else case.split("_")[0]
+    settings = attack_steps(method, n)
     if case.startswith("darwin_batching_"):
         settings["batching"] = case.rsplit("_", 1)[1]
     if case == "darwin_joint_bn":
         settings["loss_forward"] = "joint"
-    method = case[len("method_"):] if case.startswith("method_") else case.split("_")[0]
-    model = teacher.train() if method == "trades" else student.train()
+    model = teacher.train() if trains_teacher(method) else student.train()
     pool = torch.arange(preset["batch"]) % 10
     batch.index = torch.arange(preset["batch"], device=device)
-    objective = create_objective(method, {} if method == "natural_kd" else settings,
+    objective = create_objective(method, settings,
                                  data=DataInfo(10, pool, student.feature_dim, teacher.feature_dim)).to(device)
     if case.endswith("_channels_last"):
         model.to(memory_format=torch.channels_last)
@@ -220,8 +234,7 @@ def train_case(case: str, preset: dict, device) -> dict:
         return loss.item(), {k: float(v) for k, v in parts.items()}
 
     opt = torch.optim.SGD(list(model.parameters()) + list(objective.parameters()), lr=0.01, momentum=0.9)
-    counter = PassCounter({"student": student, "teacher": teacher} if method != "trades" else {"model": model},
-                          preset["batch"])
+    counter = PassCounter(counted_models(method, student, teacher), preset["batch"])
     counter.enabled = True
     mem = PeakMemory(device).__enter__()  # from before the first step: its allocations are the peak's
     t0 = time.perf_counter()
@@ -268,7 +281,7 @@ def estimate_flops(counts: dict, student, teacher, method: str, batch: int, devi
     """FLOPs of one step from the counted passes: forward = 1, backward = 2 forwards (an upper
     bound: the attacks' input-gradient backwards skip the weight gradients). The FLOP counter
     cannot run the step itself (it does not support the attacks' autograd.grad)."""
-    models = {"model": teacher} if method == "trades" else {"student": student, "teacher": teacher}
+    models = counted_models(method, student, teacher)
     total = 0.0
     for name, model in models.items():
         per_image = forward_flops_per_image(model, device)

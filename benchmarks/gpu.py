@@ -83,14 +83,13 @@ def _batch(n: int, device, channels_last: bool):
 def _flops_per_step(method: str, student, teacher, batch: int, device, steps: int) -> float | None:
     """FLOPs of one step from the passes of one eager fp32 step on a small batch."""
 
-    from benchmarks.bench import PassCounter, estimate_flops
+    from benchmarks.bench import PassCounter, counted_models, estimate_flops, trains_teacher
     from robustkd.utils import make_generator
 
     small = min(batch, 16)
-    model = teacher if method == "trades" else student
+    model = teacher if trains_teacher(method) else student
     obj = _objective(method, steps, 4096, student, teacher).to(device)
-    counter = PassCounter({"model": model} if method == "trades" else {"student": student, "teacher": teacher},
-                          small)
+    counter = PassCounter(counted_models(method, student, teacher), small)
     counter.enabled = True
     import warnings
 
@@ -109,10 +108,9 @@ def _objective(method: str, steps: int, pool: int, student, teacher):
     """``method``'s objective; GACD's memory bank over a pool of the training set's size."""
     import torch
 
-    from robustkd.methods import DataInfo, create_objective
+    from robustkd.methods import DataInfo, attack_steps, create_objective
 
-    settings = {} if method == "natural_kd" else {"steps": steps}
-    return create_objective(method, settings, data=DataInfo(10, torch.arange(pool) % 10,
+    return create_objective(method, attack_steps(method, steps), data=DataInfo(10, torch.arange(pool) % 10,
                                                             student.feature_dim, teacher.feature_dim))
 
 
@@ -122,6 +120,7 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
     loss, backward, SGD step; no host synchronisation inside the timed steps)."""
     import torch
 
+    from benchmarks.bench import trains_teacher
     from robustkd.capability import resolve_fast_path
     from robustkd.models import create_model
     from robustkd.utils import autocast, make_generator
@@ -132,8 +131,8 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
     for p in teacher.parameters():
         p.requires_grad_(False)
     fast = resolve_fast_path(device, precision, channels_last, compile_, compile_mode)
-    model = teacher if method == "trades" else student
-    if method == "trades":
+    model = teacher if trains_teacher(method) else student
+    if trains_teacher(method):
         for p in teacher.parameters():
             p.requires_grad_(True)
     flops = _flops_per_step(method, student, teacher, batch, device, preset["steps"])

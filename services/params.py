@@ -353,7 +353,7 @@ def resolve_optim(params: Params, method: str, num_classes: int,
         if sched is None:
             raise InputError(f"method {method!r} has no official schedule; set distill.schedule: shared")
         base = sched.optim_dict()
-        how = f"official ({sched.source})"
+        how = f"official ({sched.source})" if sched.official else f"the method's recipe ({sched.source})"
         if d.official_epochs:
             scale = d.official_epochs / sched.epochs
             base["epochs"] = d.official_epochs

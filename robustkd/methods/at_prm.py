@@ -230,6 +230,7 @@ register(Method(
     name="at_prm", config=AtPrmConfig, loss=at_prm_loss, role="teacher",
     summary="AT-PRM: PGD-AT of a ViT with PRM and ARD warm-ups (teacher)",
     source=SOURCE,
+    tiny={"ard": False},   # ARD gates attention blocks: the stand-ins are CNNs (ARD makes no pass of its own)
     # 40 epochs, bs 64, SGD 0.1 / 0.9, wd 1e-4; lr 0.1 -> 0.01 at epoch 35 -> 0.001 at 38 (per step,
     # lr_schedule(epoch_now)); gradient norm clipped to 1.0 (optim.grad_clip in the presets).
     schedules={"cifar10": Schedule(epochs=40, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64,

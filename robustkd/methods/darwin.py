@@ -316,11 +316,13 @@ def darwin_objective(model, teacher, batch, cfg: DarwinConfig, step):
 
 # The paper's schedule is not public [choice]: the field's common 200-epoch recipe.
 DARWIN_SCHEDULE = Schedule(epochs=200, lr=0.1, weight_decay=2e-4, milestones=(100, 150),
-                           source="not published; ARD/IAD's 200-epoch recipe [choice]")
+                           source="not published; ARD/IAD's 200-epoch recipe [choice]", official=False)
 
 register(Method(
     name="darwin", config=DarwinConfig, loss=darwin_objective, role="student",
     summary="DARWIN: ARKD + intermediate-path IAKD + dual-branch DBKD",
     source="Dong et al., CVPR 2024 (slides); no official code; docs/methods.md#darwin",
-    uses_labels=False, needs_partners=lambda cfg: cfg.use_dbkd, check_run=check_run,
+    # labels: the untargeted attack's CE, the targeted path's class, the weights' class index and
+    # the partner's class; the slides' column marks DARWIN x (docs/methods.md, "Labels")
+    uses_labels=True, slides_labels=False, needs_partners=lambda cfg: cfg.use_dbkd, check_run=check_run,
     schedules={"cifar10": DARWIN_SCHEDULE, "cifar100": DARWIN_SCHEDULE}))

@@ -26,5 +26,5 @@ register(Method(
     name="darwin_lf", config=DarwinLfConfig, loss=darwin_objective, role="student",
     summary="DARWIN-LF: DARWIN with the teacher's predictions in place of labels",
     source="this project's reading of the slides' 'DARWIN-LF' (docs/methods.md#darwin-lf)",
-    uses_labels=False, needs_partners=lambda cfg: cfg.use_dbkd, check_run=check_run,
+    uses_labels=False, slides_labels=False, needs_partners=lambda cfg: cfg.use_dbkd, check_run=check_run,
     schedules={"cifar10": DARWIN_SCHEDULE, "cifar100": DARWIN_SCHEDULE}))
