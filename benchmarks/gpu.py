@@ -20,7 +20,7 @@ order of importance (a time budget, ``--budget-s``, skips what does not fit and 
 
 Each group runs in its own process (a crash is reported as a failed case, with the signal's
 name, and the others still run). FLOPs per step are counted from the passes of one eager step
-(``benchmarks.bench.PassCounter``: forward = 1, backward = 2 forwards), so "fraction of the
+(``benchmarks.common.PassCounter``: forward = 1, backward = 2 forwards), so "fraction of the
 FLOP limit" is the step's images/s over the images/s the measured bf16 peak would allow.
 Full-run hours: 50,000 images x the method's official epochs / images/s (one GPU).
 """
@@ -83,7 +83,7 @@ def _batch(n: int, device, channels_last: bool):
 def _flops_per_step(method: str, student, teacher, batch: int, device, steps: int) -> float | None:
     """FLOPs of one step from the passes of one eager fp32 step on a small batch."""
 
-    from benchmarks.bench import PassCounter, counted_models, estimate_flops, trains_teacher
+    from benchmarks.common import PassCounter, counted_models, estimate_flops, trains_teacher
     from robustkd.utils import make_generator
 
     small = min(batch, 16)
@@ -120,7 +120,7 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
     loss, backward, SGD step; no host synchronisation inside the timed steps)."""
     import torch
 
-    from benchmarks.bench import trains_teacher
+    from benchmarks.common import trains_teacher
     from robustkd.capability import resolve_fast_path
     from robustkd.models import create_model
     from robustkd.utils import autocast, make_generator
@@ -198,7 +198,7 @@ def run_group(group: str, args) -> list[dict]:
     device = select_device(args.device)
     preset = PRESETS[args.preset]
     if group == "matmul":
-        from benchmarks.bench import matmul_case
+        from benchmarks.common import matmul_case
 
         return [matmul_case(device)]
     if group == "methods":

@@ -331,6 +331,15 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     return apply_crop_flip(x, crop_flip_params(len(x), generator, pad, flip), pad)
 
 
+
+def imageset_sha256(data: ImageSet) -> str:
+    """The data card's hash of an image set: sha256 of its uint8 images then its int64 labels
+    (the prepare_data stage's metrics and the MLflow dataset input record it)."""
+    import hashlib
+
+    return hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()
+
+
 # ---------------------------------------------------------------- sampling
 class PartnerSampler:
     """DARWIN's partner: a class drawn uniformly from the *other* classes, then an image

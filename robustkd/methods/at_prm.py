@@ -141,7 +141,7 @@ def attention_gates(model: torch.nn.Module, drop_rate: float, generator: torch.G
     """ARD: while open, each transformer block's attention-branch output passes a gradient gate with
     ``gamma = 0 if U(0, 1) > drop_rate else 1`` drawn at every forward of the block. Yields the
     number of gated blocks; the hooks are removed on exit."""
-    from ..vit import attention_blocks
+    from ..models.vit import attention_blocks
 
     blocks = attention_blocks(model)
 
