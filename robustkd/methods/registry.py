@@ -96,6 +96,8 @@ class Method:
     slides_labels: bool | None = None
     reconstruction: bool = False                   # no official code: rebuilt from descriptions
     needs_partners: Callable[[Any], bool] = lambda cfg: False
+    # How the data pipeline draws the partners (robustkd.data.TrainBatches' partner_* keywords)
+    partner_options: Callable[[Any], dict] = lambda cfg: {}
     needs_index: bool = False                      # batches carry pool indices (memory banks)
     build_state: Callable[[Any, DataInfo], nn.Module] | None = None
     schedules: dict[str, Schedule] = field(default_factory=dict)    # official, per dataset
@@ -183,6 +185,11 @@ class Objective(nn.Module):
     @property
     def needs_partners(self) -> bool:
         return self.method.needs_partners(self.config)
+
+    @property
+    def partner_options(self) -> dict:
+        """The method's partner settings for the data pipeline (empty: its defaults)."""
+        return self.method.partner_options(self.config) if self.needs_partners else {}
 
     @property
     def needs_index(self) -> bool:
