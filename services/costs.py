@@ -1,10 +1,10 @@
 """What a full run of a preset costs: training FLOPs and GPU-hours on one H200.
 
-The passes of one training step are counted as benchmarks/bench.py counts them (PassCounter: a
+The passes of one training step are counted as benchmarks/common.py counts them (PassCounter: a
 forward and a backward hook on each model's first convolution, in units of one batch), here on
 tiny stand-in models (the counts depend on the method and its settings, not on the architecture),
 then priced with the preset's real architectures' forward FLOPs per image (torch's FLOP counter on
-the meta device; a backward counted as 2 forwards, as in bench.py's estimate_flops). Throughput is
+the meta device; a backward counted as 2 forwards, as in benchmarks/common.py's estimate_flops). Throughput is
 the one measured on an H200 for the DARWIN paper preset (ResNet-18 student, WRN-34-10 teacher,
 n = 10, batch 128): 402 images/s in fp32 eager, 806 with bf16 + channels_last + compile. Every preset is priced at the FLOP rate those imply (the same
 fraction of the GPU for every model and method: an assumption). Training only (teacher when
