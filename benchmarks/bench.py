@@ -46,6 +46,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchmarks.common import (PassCounter, PeakMemory, counted_models, estimate_flops,  # noqa: E402
+                               matmul_case, sync, trains_teacher)
+
 PRESETS = {
     "cpu": {"student": "resnet10_w8", "teacher": "resnet10_w16", "batch": 128, "steps": 10,
             "timed_steps": 2, "eval_images": 100, "aa_images": 100, "train_images": 3000, "epochs": 6},
@@ -71,79 +74,8 @@ def all_train_cases() -> list[str]:
     return TRAIN_CASES + registry_cases()
 
 
-# ---------------------------------------------------------------- memory
-def _rss_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    return 0
 
 
-class PeakMemory:
-    """Peak memory of the measured block: CUDA allocator peak, or resident-set high-water mark
-    (reset through /proc/self/clear_refs) above the RSS at the start."""
-
-    def __init__(self, device):
-        self.device = device
-
-    def __enter__(self):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            torch.cuda.reset_peak_memory_stats()
-            self.base = torch.cuda.memory_allocated()
-        else:
-            try:
-                Path("/proc/self/clear_refs").write_text("5")
-            except OSError:
-                pass
-            self.base = _rss_kib("VmRSS") * 1024
-        return self
-
-    def __exit__(self, *exc):
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.synchronize()
-            self.peak_mib = (torch.cuda.max_memory_allocated() - self.base) / 2**20
-        else:
-            self.peak_mib = max(_rss_kib("VmHWM") * 1024 - self.base, 0) / 2**20
-        return False
-
-
-# ---------------------------------------------------------------- pass counting
-class PassCounter:
-    """Forward and backward passes per model, in units of one batch of ``batch`` images."""
-
-    def __init__(self, models: dict, batch: int):
-        self.batch = batch
-        self.counts = {f"{name}_{kind}": 0.0 for name in models for kind in ("fwd", "bwd")}
-        self.handles = []
-        for name, model in models.items():
-            first = next(m for m in model.modules() if m.__class__.__name__ == "Conv2d")
-            self.handles.append(first.register_forward_hook(self._fwd(name)))
-            self.handles.append(first.register_full_backward_hook(self._bwd(name)))
-        self.enabled = False
-
-    def _fwd(self, name):
-        def hook(module, inputs, output):
-            if self.enabled:
-                self.counts[f"{name}_fwd"] += len(inputs[0]) / self.batch
-        return hook
-
-    def _bwd(self, name):
-        def hook(module, grad_input, grad_output):
-            if self.enabled:
-                self.counts[f"{name}_bwd"] += len(grad_output[0]) / self.batch
-        return hook
-
-    def remove(self):
-        for h in self.handles:
-            h.remove()
-
-
-# ---------------------------------------------------------------- cases
 def build(preset: dict, device, student_path: str | None = None, teacher_path: str | None = None):
     import torch
 
@@ -168,17 +100,10 @@ def fixed_batch(batch: int, device):
     return Batch(x.to(device), y.to(device), xp.to(device), yp.to(device))
 
 
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def train_case(case: str, preset: dict, device) -> dict:
     import torch
 
-    from robustkd.methods import DataInfo, create_objective
+    from robustkd.methods import DataInfo, attack_steps, create_objective
     from robustkd.reference import darwin_loss_reference
     from robustkd.utils import autocast, make_generator
 
@@ -187,16 +112,16 @@ def train_case(case: str, preset: dict, device) -> dict:
     batch = fixed_batch(preset["batch"], device)
     bf16 = case == "darwin_bf16"
     amp = lambda: autocast(device, bf16)  # noqa: E731
-    settings = {"steps": n}
+    method = case[len("method_"):] if case.startswith("method_") else case.split("_")[0]
+    settings = attack_steps(method, n)
     if case.startswith("darwin_batching_"):
         settings["batching"] = case.rsplit("_", 1)[1]
     if case == "darwin_joint_bn":
         settings["loss_forward"] = "joint"
-    method = case[len("method_"):] if case.startswith("method_") else case.split("_")[0]
-    model = teacher.train() if method == "trades" else student.train()
+    model = teacher.train() if trains_teacher(method) else student.train()
     pool = torch.arange(preset["batch"]) % 10
     batch.index = torch.arange(preset["batch"], device=device)
-    objective = create_objective(method, {} if method == "natural_kd" else settings,
+    objective = create_objective(method, settings,
                                  data=DataInfo(10, pool, student.feature_dim, teacher.feature_dim)).to(device)
     if case.endswith("_channels_last"):
         model.to(memory_format=torch.channels_last)
@@ -220,8 +145,7 @@ def train_case(case: str, preset: dict, device) -> dict:
         return loss.item(), {k: float(v) for k, v in parts.items()}
 
     opt = torch.optim.SGD(list(model.parameters()) + list(objective.parameters()), lr=0.01, momentum=0.9)
-    counter = PassCounter({"student": student, "teacher": teacher} if method != "trades" else {"model": model},
-                          preset["batch"])
+    counter = PassCounter(counted_models(method, student, teacher), preset["batch"])
     counter.enabled = True
     mem = PeakMemory(device).__enter__()  # from before the first step: its allocations are the peak's
     t0 = time.perf_counter()
@@ -249,31 +173,6 @@ def train_case(case: str, preset: dict, device) -> dict:
     if flops is not None:
         out["flops_per_step"] = flops
     return out
-
-
-def forward_flops_per_image(model, device) -> float:
-    """FLOPs of one image through ``model`` (torch.utils.flop_counter on an eval-mode forward)."""
-    import torch
-    from torch.utils.flop_counter import FlopCounterMode
-
-    mode = model.training
-    model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
-        model(torch.rand(2, 3, 32, 32, device=device))
-    model.train(mode)
-    return fc.get_total_flops() / 2
-
-
-def estimate_flops(counts: dict, student, teacher, method: str, batch: int, device) -> float:
-    """FLOPs of one step from the counted passes: forward = 1, backward = 2 forwards (an upper
-    bound: the attacks' input-gradient backwards skip the weight gradients). The FLOP counter
-    cannot run the step itself (it does not support the attacks' autograd.grad)."""
-    models = {"model": teacher} if method == "trades" else {"student": student, "teacher": teacher}
-    total = 0.0
-    for name, model in models.items():
-        per_image = forward_flops_per_image(model, device)
-        total += per_image * batch * (counts.get(f"{name}_fwd", 0) + 2 * counts.get(f"{name}_bwd", 0))
-    return total
 
 
 def eval_case(case: str, preset: dict, device, student_path: str | None) -> dict:
@@ -340,26 +239,6 @@ def onnx_case(preset: dict, device, student_path: str | None) -> dict:
                                  "torch_peak_mib": m_t.peak_mib, "onnxruntime_peak_mib": m_o.peak_mib,
                                  "max_abs_diff": diff}
     return out
-
-
-def matmul_case(device) -> dict:
-    """Measured bf16 (GPU) / fp32 (CPU) matmul throughput: the denominator of 'fraction of peak'."""
-    import torch
-
-    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    size = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(size, size, device=device, dtype=dtype)
-    b = torch.randn(size, size, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    sync(device)
-    reps = 50 if device.type == "cuda" else 10
-    t0 = time.perf_counter()
-    for _ in range(reps):
-        a @ b
-    sync(device)
-    elapsed = time.perf_counter() - t0
-    return {"case": "matmul", "kind": "matmul", "dtype": str(dtype), "tflops": 2 * size**3 * reps / elapsed / 1e12}
 
 
 def run_case(args) -> dict:

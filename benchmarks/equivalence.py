@@ -54,7 +54,7 @@ def train(model, method: str, settings: dict, train_set, device, precision: str,
     from robustkd.methods import create_objective
 
     objective = create_objective(method, settings)
-    batches = TrainBatches(train_set, batch, device, with_partners=objective.needs_partners)
+    batches = TrainBatches(train_set, batch, device, with_partners=objective.needs_partners, **objective.partner_options)
     trainer = Trainer(model, objective, batches,
                       OptimConfig(epochs=epochs, batch_size=batch, lr=lr, schedule="cosine"),
                       RunConfig(seed=seed, device=str(device), precision=precision, progress_every_s=1e9),

@@ -20,7 +20,7 @@ order of importance (a time budget, ``--budget-s``, skips what does not fit and 
 
 Each group runs in its own process (a crash is reported as a failed case, with the signal's
 name, and the others still run). FLOPs per step are counted from the passes of one eager step
-(``benchmarks.bench.PassCounter``: forward = 1, backward = 2 forwards), so "fraction of the
+(``benchmarks.common.PassCounter``: forward = 1, backward = 2 forwards), so "fraction of the
 FLOP limit" is the step's images/s over the images/s the measured bf16 peak would allow.
 Full-run hours: 50,000 images x the method's official epochs / images/s (one GPU).
 """
@@ -83,14 +83,13 @@ def _batch(n: int, device, channels_last: bool):
 def _flops_per_step(method: str, student, teacher, batch: int, device, steps: int) -> float | None:
     """FLOPs of one step from the passes of one eager fp32 step on a small batch."""
 
-    from benchmarks.bench import PassCounter, estimate_flops
+    from benchmarks.common import PassCounter, counted_models, estimate_flops, trains_teacher
     from robustkd.utils import make_generator
 
     small = min(batch, 16)
-    model = teacher if method == "trades" else student
+    model = teacher if trains_teacher(method) else student
     obj = _objective(method, steps, 4096, student, teacher).to(device)
-    counter = PassCounter({"model": model} if method == "trades" else {"student": student, "teacher": teacher},
-                          small)
+    counter = PassCounter(counted_models(method, student, teacher), small)
     counter.enabled = True
     import warnings
 
@@ -109,10 +108,9 @@ def _objective(method: str, steps: int, pool: int, student, teacher):
     """``method``'s objective; GACD's memory bank over a pool of the training set's size."""
     import torch
 
-    from robustkd.methods import DataInfo, create_objective
+    from robustkd.methods import DataInfo, attack_steps, create_objective
 
-    settings = {} if method == "natural_kd" else {"steps": steps}
-    return create_objective(method, settings, data=DataInfo(10, torch.arange(pool) % 10,
+    return create_objective(method, attack_steps(method, steps), data=DataInfo(10, torch.arange(pool) % 10,
                                                             student.feature_dim, teacher.feature_dim))
 
 
@@ -122,6 +120,7 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
     loss, backward, SGD step; no host synchronisation inside the timed steps)."""
     import torch
 
+    from benchmarks.common import trains_teacher
     from robustkd.capability import resolve_fast_path
     from robustkd.models import create_model
     from robustkd.utils import autocast, make_generator
@@ -132,8 +131,8 @@ def measure(method: str, preset: dict, device, precision, channels_last, compile
     for p in teacher.parameters():
         p.requires_grad_(False)
     fast = resolve_fast_path(device, precision, channels_last, compile_, compile_mode)
-    model = teacher if method == "trades" else student
-    if method == "trades":
+    model = teacher if trains_teacher(method) else student
+    if trains_teacher(method):
         for p in teacher.parameters():
             p.requires_grad_(True)
     flops = _flops_per_step(method, student, teacher, batch, device, preset["steps"])
@@ -199,7 +198,7 @@ def run_group(group: str, args) -> list[dict]:
     device = select_device(args.device)
     preset = PRESETS[args.preset]
     if group == "matmul":
-        from benchmarks.bench import matmul_case
+        from benchmarks.common import matmul_case
 
         return [matmul_case(device)]
     if group == "methods":

@@ -195,7 +195,8 @@ def dual_branch_paths(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pair
                       target: torch.Tensor, eps: float = EPS_DEFAULT, alpha: float = ALPHA_DEFAULT,
                       steps: int = 10, start: str | None = "uniform", bn_mode: str = "eval",
                       generator: torch.Generator | None = None, autocast=contextlib.nullcontext,
-                      joint: bool = True) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+                      joint: bool = True, clamp_start: bool = True, target_loss: LossFn | None = None
+                      ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """DARWIN's two paths, advanced together: the untargeted path from x (ascending CE(., y))
     and the targeted path from the partner x' (descending CE(., target)).
 
@@ -203,25 +204,34 @@ def dual_branch_paths(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_pair
     (samples are independent, so the result equals two separate attacks). With 'train'-mode
     batch norm each branch keeps its own forward, so each is normalised by its own batch.
     ``joint=False`` runs the branches one after the other even in eval mode (faster on CPUs, where
-    large batches fall out of cache). Returns ([xh(1)..xh(n)], [xt(1)..xt(n)]).
+    large batches fall out of cache). ``clamp_start``: see :func:`random_start`. ``target_loss``
+    (logits -> per-sample loss) is what the targeted path descends instead of CE(., target).
+    Returns ([xh(1)..xh(n)], [xt(1)..xt(n)]).
     """
     b = len(x)
     if bn_mode == "train" or not joint:
         up = pgd_ce(model, x, y, eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode,
-                    return_path=True, generator=generator, autocast=autocast)
-        tp = pgd_targeted(model, x_pair, target, eps=eps, alpha=alpha, steps=steps, start=start,
-                          bn_mode=bn_mode, return_path=True, generator=generator, autocast=autocast)
+                    return_path=True, generator=generator, autocast=autocast, clamp_start=clamp_start)
+        kw = dict(eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode, return_path=True,
+                  generator=generator, autocast=autocast, clamp_start=clamp_start)
+        if target_loss is None:
+            tp = pgd_targeted(model, x_pair, target, **kw)
+        else:
+            tp = pgd(model, x_pair, lambda z: -target_loss(z), **kw)
         return up, tp
     both_x = torch.cat([x, x_pair])
     labels = torch.cat([y, target])
     sign = torch.cat([torch.ones(b, device=x.device), -torch.ones(len(x_pair), device=x.device)])
 
     def loss_fn(z):
+        if target_loss is not None:
+            return torch.cat([F.cross_entropy(z[:b].float(), y, reduction="none"), -target_loss(z[b:])])
         return sign * F.cross_entropy(z.float(), labels, reduction="none")
 
     # Each branch draws its own start, in the split order: one draw of 2N numbers is not two
     # draws of N on CUDA, and the seed must mean the same starts whichever batching runs.
-    both_start = torch.cat([random_start(x, eps, start, generator), random_start(x_pair, eps, start, generator)])
+    both_start = torch.cat([random_start(x, eps, start, generator, clamp=clamp_start),
+                            random_start(x_pair, eps, start, generator, clamp=clamp_start)])
     path = pgd(model, both_x, loss_fn, eps=eps, alpha=alpha, steps=steps, start=start, bn_mode=bn_mode,
                return_path=True, generator=generator, autocast=autocast, x_start=both_start)
     return [p[:b] for p in path], [p[b:] for p in path]

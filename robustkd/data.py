@@ -331,12 +331,29 @@ def random_crop_flip(x: torch.Tensor, generator: torch.Generator | None = None, 
     return apply_crop_flip(x, crop_flip_params(len(x), generator, pad, flip), pad)
 
 
-# ---------------------------------------------------------------- sampling
-class PartnerSampler:
-    """DARWIN's partner: a class drawn uniformly from the *other* classes, then an image
-    drawn uniformly from that class (docs/methods.md, "DARWIN")."""
 
-    def __init__(self, labels: torch.Tensor, num_classes: int):
+def imageset_sha256(data: ImageSet) -> str:
+    """The data card's hash of an image set: sha256 of its uint8 images then its int64 labels
+    (the prepare_data stage's metrics and the MLflow dataset input record it)."""
+    import hashlib
+
+    return hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()
+
+
+# ---------------------------------------------------------------- sampling
+PARTNER_SAMPLING = ("uniform_other_class", "uniform_other_image")
+
+
+class PartnerSampler:
+    """DARWIN's partner (docs/methods.md, "DARWIN"; the method's ``partner_sampling`` [choice]):
+    'uniform_other_class' - a class drawn uniformly from the *other* classes, then an image drawn
+    uniformly from that class; 'uniform_other_image' - an image drawn uniformly from all images
+    of the other classes (each class then weighs by its image count)."""
+
+    def __init__(self, labels: torch.Tensor, num_classes: int, mode: str = "uniform_other_class"):
+        if mode not in PARTNER_SAMPLING:
+            raise InputError(f"partner_sampling must be one of {list(PARTNER_SAMPLING)}, found {mode!r}")
+        self.mode = mode
         labels = torch.as_tensor(labels, dtype=torch.long).cpu()
         self.num_classes = num_classes
         order = torch.argsort(labels, stable=True)
@@ -350,8 +367,10 @@ class PartnerSampler:
                              f"{len(self.present)} class(es) with images")
 
     def sample(self, y: torch.Tensor, generator: torch.Generator | None = None) -> torch.Tensor:
-        """Indices of one partner for each label in ``y`` (a class != y, uniform)."""
+        """Indices of one partner for each label in ``y`` (a class != y)."""
         y = torch.as_tensor(y, dtype=torch.long).cpu()
+        if self.mode == "uniform_other_image":
+            return self._uniform_other_image(y, generator)
         k = len(self.present)
         # Position of y among present classes; draw one of the k-1 others uniformly.
         pos = torch.searchsorted(self.present, y)
@@ -363,6 +382,16 @@ class PartnerSampler:
         r = torch.rand(y.shape, generator=generator)
         within = (r * self.counts[cls]).long().clamp(max=self.counts[cls] - 1)
         return self.order[self.offsets[cls] + within]
+
+    def _uniform_other_image(self, y: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """A uniform position among the images of other classes: positions in the class-sorted
+        order, y's own block skipped."""
+        counts = self.counts[y.clamp(max=self.num_classes - 1)] * (y < self.num_classes)
+        offsets = self.offsets[y.clamp(max=self.num_classes - 1)]
+        others = len(self.order) - counts
+        pos = (torch.rand(y.shape, generator=generator) * others).long().clamp(max=others - 1)
+        pos = torch.where(pos >= offsets, pos + counts, pos)
+        return self.order[pos]
 
 
 class MixedBatchSampler:
@@ -464,13 +493,17 @@ class TrainBatches:
     CPU from a generator seeded by (seed, epoch), identical on all ranks; each rank then keeps
     its slice. So a run resumed at epoch k, or spread over ranks, sees the same images.
     ``partner_labels`` (real pool) and ``generated.labels`` decide the partner's class: pass
-    teacher pseudo-labels there for DARWIN-LF.
+    teacher pseudo-labels there for DARWIN-LF. ``partner_sampling``, ``partner_pool`` ('same': a
+    partner from its anchor's pool; 'real': always a real image) and ``partner_augment`` (the
+    partner's own crop and flip) are the method's settings (DARWIN's [choice]s, docs/choices.md).
     """
 
     def __init__(self, real: ImageSet, batch_size: int, device: torch.device,
                  generated: GeneratedPool | None = None, fraction: float = 0.0,
                  with_partners: bool = False, augment: bool = True, batches_per_epoch: int | None = None,
-                 partner_labels: torch.Tensor | None = None, rank: int = 0, world_size: int = 1):
+                 partner_labels: torch.Tensor | None = None, rank: int = 0, world_size: int = 1,
+                 partner_sampling: str = "uniform_other_class", partner_pool: str = "same",
+                 partner_augment: bool = True):
         self.real_images = real.images.to(device)
         self.real_labels = real.labels.to(device)
         self.generated = generated if generated is not None and len(generated) else None
@@ -480,12 +513,15 @@ class TrainBatches:
         self.sampler = MixedBatchSampler(len(real), len(self.generated) if self.generated else 0, batch_size,
                                          fraction if self.generated else 0.0, batches_per_epoch)
         self.partners_real = self.partners_gen = None
+        if partner_pool not in ("same", "real"):
+            raise InputError(f"partner_pool must be 'same' or 'real', found {partner_pool!r}")
+        self.partner_pool, self.partner_augment = partner_pool, bool(partner_augment)
         if with_partners:
             self.partner_labels_real = torch.as_tensor(
                 real.labels if partner_labels is None else partner_labels, dtype=torch.long).cpu()
-            self.partners_real = PartnerSampler(self.partner_labels_real, real.num_classes)
-            if self.generated is not None:
-                self.partners_gen = PartnerSampler(self.generated.labels, real.num_classes)
+            self.partners_real = PartnerSampler(self.partner_labels_real, real.num_classes, partner_sampling)
+            if self.generated is not None and partner_pool == "same":
+                self.partners_gen = PartnerSampler(self.generated.labels, real.num_classes, partner_sampling)
 
     def __len__(self) -> int:
         return len(self.sampler)
@@ -504,15 +540,15 @@ class TrainBatches:
             aug = crop_flip_params(len(idx), gen) if self.augment else None
             pair = None
             if self.partners_real is not None:
-                pair = self._partners(src, idx, gen)
-                pair_aug = crop_flip_params(len(idx), gen) if self.augment else None
+                pair_src, pair = self._partners(src, idx, gen)
+                pair_aug = crop_flip_params(len(idx), gen) if self.augment and self.partner_augment else None
             mine = shard(torch.arange(len(idx)), self.rank, self.world_size)
             x, y = self._gather(src[mine], idx[mine], None if aug is None else aug[mine])
             pool_index = to_device(idx[mine] + src[mine] * num_real, self.device)
             if pair is None:
                 yield Batch(x, y, index=pool_index)
             else:
-                xp, yp = self._gather(src[mine], pair[mine], None if pair_aug is None else pair_aug[mine])
+                xp, yp = self._gather(pair_src[mine], pair[mine], None if pair_aug is None else pair_aug[mine])
                 yield Batch(x, y, xp, yp, index=pool_index)
 
     def pool_labels(self) -> torch.Tensor:
@@ -523,14 +559,20 @@ class TrainBatches:
         return torch.cat(parts)
 
     def _partners(self, src, idx, gen):
-        """Partner indices (into the same pool as each sample) for a global batch."""
+        """(pool, index) of each sample's partner in a global batch: from the sample's own pool
+        (``partner_pool: same``) or from the real one (``real``, by the generated file's labels)."""
         pair = torch.empty_like(idx)
         real = src == 0
+        if self.partner_pool == "real":
+            labels = self.partner_labels_real[idx.clamp(max=len(self.partner_labels_real) - 1)]
+            if (~real).any():
+                labels = torch.where(real, labels, self.generated.labels[torch.where(real, 0, idx)])
+            return torch.zeros_like(src), self.partners_real.sample(labels, gen)
         if real.any():
             pair[real] = self.partners_real.sample(self.partner_labels_real[idx[real]], gen)
         if (~real).any():
             pair[~real] = self.partners_gen.sample(self.generated.labels[idx[~real]], gen)
-        return pair
+        return src, pair
 
     def _gather(self, src, idx, aug):
         """Images and labels of (pool, index) pairs, in the given order, augmented on the device.

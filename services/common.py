@@ -155,13 +155,6 @@ def save_imageset(data: ImageSet, path: str | os.PathLike) -> None:
                 classes=np.array(data.classes))
 
 
-def imageset_sha256(data: ImageSet) -> str:
-    """The data card's hash of an image set: sha256 of its uint8 images then its int64 labels."""
-    import hashlib
-
-    return hashlib.sha256(data.images.numpy().tobytes() + data.labels.numpy().tobytes()).hexdigest()
-
-
 def load_imageset(path: str | os.PathLike) -> ImageSet:
     images, labels = load_npz(path)
     with np.load(path, allow_pickle=False) as npz:

@@ -1,10 +1,10 @@
 """What a full run of a preset costs: training FLOPs and GPU-hours on one H200.
 
-The passes of one training step are counted as benchmarks/bench.py counts them (PassCounter: a
+The passes of one training step are counted as benchmarks/common.py counts them (PassCounter: a
 forward and a backward hook on each model's first convolution, in units of one batch), here on
 tiny stand-in models (the counts depend on the method and its settings, not on the architecture),
 then priced with the preset's real architectures' forward FLOPs per image (torch's FLOP counter on
-the meta device; a backward counted as 2 forwards, as in bench.py's estimate_flops). Throughput is
+the meta device; a backward counted as 2 forwards, as in benchmarks/common.py's estimate_flops). Throughput is
 the one measured on an H200 for the DARWIN paper preset (ResNet-18 student, WRN-34-10 teacher,
 n = 10, batch 128): 402 images/s in fp32 eager, 806 with bf16 + channels_last + compile. Every preset is priced at the FLOP rate those imply (the same
 fraction of the GPU for every model and method: an assumption). Training only (teacher when
@@ -18,7 +18,7 @@ import functools
 import torch
 
 from robustkd.data import Batch
-from robustkd.methods import DataInfo, create_objective
+from robustkd.methods import DataInfo, create_objective, standin_settings
 from robustkd.models import create_model
 
 from .params import Params, dataset_key, method_settings, resolve_optim
@@ -64,10 +64,9 @@ def _count_passes(method: str, settings_json: str, num_classes: int, batch: int)
     b = Batch(torch.rand(batch, 3, 32, 32, generator=g), y, torch.rand(batch, 3, 32, 32, generator=g),
               (y + 1) % num_classes, torch.arange(batch))
     pool = torch.arange(max(batch, 64)) % num_classes
-    # The stand-ins are CNNs: GACD's memory bank shrunk, AT-PRM's attention gates (no pass of their
-    # own) off, as a CNN has no attention blocks to gate.
-    standin = {"gacd": {"nce_k": 16}, "at_prm": {"ard": False}}.get(method, {})
-    objective = create_objective(method, {**settings, **standin},
+    # The stand-ins are CNNs: each method's Method.tiny (a memory bank shrunk, attention gates
+    # that make no pass of their own off) keeps the passes of the real settings.
+    objective = create_objective(method, standin_settings(method, settings),
                                  dataset="cifar100" if num_classes == 100 else "cifar10",
                                  data=DataInfo(num_classes, pool, student.feature_dim, teacher.feature_dim))
     counts = {f"{m}_{k}": 0.0 for m in ("student", "teacher") for k in ("fwd", "bwd")}

@@ -20,6 +20,7 @@ from pathlib import Path
 import yaml
 
 from robustkd.errors import InputError
+from robustkd.methods import attack_steps
 from robustkd.utils import atomic_path
 
 from .params import load_params
@@ -86,12 +87,12 @@ def smoke(params: dict, data_root: str) -> dict:
         "run": {"device": "cpu", "nproc_per_node": 1, "nnodes": 1, "compile": False},
         "attention": {"images": 1},
     })
-    if p["teacher"]["method"] != "natural":
-        p["teacher"]["settings"] = {**(p["teacher"].get("settings") or {}), "steps": 1}
+    if short := attack_steps(p["teacher"]["method"], 1):   # methods without attack steps: as they are
+        p["teacher"]["settings"] = {**(p["teacher"].get("settings") or {}), **short}
     settings = p["distill"].get("settings") or {}
     for method in (p["distill"]["method"], p["distill"]["reference_method"]):
-        if method != "natural_kd":
-            settings[method] = {**(settings.get(method) or {}), "steps": 2}
+        if short := attack_steps(method, 2):
+            settings[method] = {**(settings.get(method) or {}), **short}
         p["distill"].setdefault("method_optim", {})[method] = {
             **(p["distill"]["method_optim"].get(method) or {}), **SMOKE_OPTIM}
     p["distill"]["settings"] = settings

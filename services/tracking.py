@@ -258,7 +258,7 @@ class MlflowTracker(NullTracker):
         from mlflow.data.dataset_source_registry import resolve_dataset_source
         from mlflow.data.meta_dataset import MetaDataset
 
-        from services.common import imageset_sha256
+        from robustkd.data import imageset_sha256
 
         sha = imageset_sha256(data)
         with warnings.catch_warnings():

@@ -173,7 +173,7 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     step = getattr(objective.config, "step_size", 2 / 255)
     batches = TrainBatches(train, optim.batch_size, device, generated=generated, fraction=fraction,
                            with_partners=objective.needs_partners, partner_labels=partner_labels,
-                           rank=rank, world_size=world_size)
+                           rank=rank, world_size=world_size, **objective.partner_options)
     history = HistoryWriter(history_csv, metrics_json)  # numbers only: DVC compares them
     run_cfg = RunConfig(seed=params.run.seed, device=str(device), precision=params.run.precision,
                         channels_last=params.run.channels_last, compile=params.run.compile,

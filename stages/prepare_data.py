@@ -5,10 +5,10 @@ from __future__ import annotations
 
 import torch
 
-from robustkd.data import ImageSet, check_same_classes, load_image_folder, load_torchvision_cifar
+from robustkd.data import ImageSet, check_same_classes, imageset_sha256, load_image_folder, load_torchvision_cifar
 from robustkd.errors import InputError
 
-from services.common import (METRICS, PREPARED, cli, data_root, imageset_sha256, parser, read_params, save_imageset,
+from services.common import (METRICS, PREPARED, cli, data_root, parser, read_params, save_imageset,
                              write_json)
 from services.params import DataParams
 

@@ -18,7 +18,7 @@ from robustkd.methods import create_objective
 from robustkd.models import create_model, load_checkpoint, save_checkpoint
 from robustkd.teachers import (download, is_robustkd_checkpoint, load_trades_release, load_zoo_teacher,
                                unreadable_reason, zoo_entry)
-from robustkd.vit import convert_atprm_checkpoint, is_vit, load_imagenet_weights
+from robustkd.models.vit import convert_atprm_checkpoint, is_vit, load_imagenet_weights
 
 from services.common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
                      setup_distributed, write_csv, write_json)

@@ -20,7 +20,7 @@ from robustkd.data import ImageSet, TrainBatches, to_float  # noqa: E402
 from robustkd.distributed import cleanup, init_distributed  # noqa: E402
 from robustkd.engine import OptimConfig, RunConfig, Trainer  # noqa: E402
 from robustkd.evaluation import EvalConfig, evaluate_model  # noqa: E402
-from robustkd.methods import DataInfo, create_objective  # noqa: E402
+from robustkd.methods import DataInfo, create_objective, get_method, standin_settings  # noqa: E402
 from robustkd.models import create_model  # noqa: E402
 
 
@@ -42,19 +42,20 @@ def main(out: Path) -> None:
     info, device = init_distributed("cpu")
     train = data(32, seed=1)
     method = os.environ.get("DDP_TEST_METHOD", "darwin")
-    if method == "gacd":   # needs penultimate features: the registry's small ResNet
+    settings = standin_settings(method, json.loads(os.environ.get("DDP_TEST_SETTINGS", "{}")))
+    if get_method(method).build_state is not None:   # heads over penultimate features: a registry ResNet
         torch.manual_seed(0)
         student, teacher = create_model("resnet10_w8"), create_model("resnet10_w8").eval()
-        objective = create_objective("gacd", {"steps": 1, "nce_k": 8},
+        objective = create_objective(method, settings,
                                      data=DataInfo(10, train.labels, student.feature_dim, teacher.feature_dim))
     else:
         student, teacher = small_cnn(0), small_cnn(1).eval()
-        objective = create_objective(method, {"steps": 2, "random_start": False} if method == "darwin" else {})
+        objective = create_objective(method, settings)
     batches = TrainBatches(train, 16, device, with_partners=True, rank=info.rank, world_size=info.world_size)
     trainer = Trainer(student, objective, batches, OptimConfig(epochs=1, batch_size=16, lr=0.05, schedule="constant"),
                       RunConfig(seed=0, device="cpu", progress_every_s=1e9), teacher=teacher, is_main=info.is_main)
     history = trainer.fit()
-    if method == "gacd":   # every rank's memory bank and heads, to compare across ranks
+    if objective.state is not None:   # every rank's memory bank and heads, to compare across ranks
         out.mkdir(parents=True, exist_ok=True)
         torch.save(objective.state_dict(), out / f"objective_rank{info.rank}.pt")
         cleanup()

@@ -178,3 +178,34 @@ def test_non_rgb_image_files_are_counted_and_the_data_card_says_so(tmp_path, cap
     assert file_modes(test=data) == {"test": {"modes": data.source_modes, "converted_to_rgb": 6}}
     say_conversions("test", data)
     assert "test: 6 of 8 images were not RGB (2 CMYK, 2 L, 2 RGBA); converted to RGB" in capsys.readouterr().out
+
+
+def test_partner_sampling_uniform_other_image_weighs_classes_by_their_images():
+    labels = torch.tensor([0] * 10 + [1] * 30 + [2] * 60)
+    s = PartnerSampler(labels, 3, "uniform_other_image")
+    y = torch.zeros(20_000, dtype=torch.long)
+    picked = labels[s.sample(y, torch.Generator().manual_seed(0))]
+    assert (picked != 0).all()
+    share = (picked == 1).float().mean().item()
+    assert share == pytest.approx(30 / 90, abs=0.02)      # 'uniform_other_class' would give 1/2
+    by_class = labels[PartnerSampler(labels, 3).sample(y, torch.Generator().manual_seed(0))]
+    assert (by_class == 1).float().mean().item() == pytest.approx(0.5, abs=0.02)
+    with pytest.raises(InputError, match="partner_sampling must be one of"):
+        PartnerSampler(labels, 3, "nearest")
+
+
+def test_partner_pool_real_and_unaugmented_partners():
+    from robustkd.data import GeneratedPool
+
+    g = torch.Generator().manual_seed(0)
+    real = ImageSet(torch.randint(0, 256, (20, 3, 32, 32), generator=g, dtype=torch.uint8), torch.arange(20) % 4,
+                    [str(i) for i in range(4)])
+    gen_imgs = np.full((12, 32, 32, 3), 7, dtype=np.uint8)          # generated images: constant 7
+    generated = GeneratedPool(gen_imgs, np.arange(12) % 4)
+    batches = TrainBatches(real, 8, torch.device("cpu"), generated=generated, fraction=0.5, with_partners=True,
+                           partner_pool="real", partner_augment=False)
+    real_float = real.images.float() / 255
+    for b in batches.epoch(0, 0):
+        assert (b.y_pair != b.y).all()
+        for xp in b.x_pair:                                           # every partner a real, un-augmented image
+            assert any(torch.allclose(xp, r) for r in real_float)

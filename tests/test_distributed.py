@@ -13,10 +13,16 @@ import torch
 HERE = Path(__file__).resolve().parent
 
 
+# The worker's settings per method (on top of the method's Method.tiny): DARWIN without random
+# starts, as the test was written; GACD one attack step.
+SETTINGS = {"darwin": {"steps": 2, "random_start": False}, "gacd": {"steps": 1}}
+
+
 def run_worker(out: Path, nproc: int, method: str = "darwin") -> dict:
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR",
                                                           "MASTER_PORT")}
     env["DDP_TEST_METHOD"] = method
+    env["DDP_TEST_SETTINGS"] = json.dumps(SETTINGS[method])
     if nproc == 1:
         cmd = [sys.executable, str(HERE / "ddp_worker.py"), str(out)]
     else:

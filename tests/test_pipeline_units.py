@@ -153,6 +153,9 @@ def test_official_schedules_rescale_to_the_profile_and_take_overrides(tmp_path):
     rslad, how = resolve_optim(params, "rslad", 100)
     assert rslad.lr == 0.05 and rslad.milestones == pytest.approx([4.3, 5.2, 5.7]) and "rslad" in how
     assert resolve_optim(params, "adaad", 10)[0].weight_decay == 5e-4
+    for chosen in ("crdnd", "gacd", "darwin"):   # no official recipe: recorded as the method's choice
+        how = resolve_optim(params, chosen, 10)[1]
+        assert how.startswith("the method's recipe (") and "[choice]" in how, how
     shared, how = resolve_optim(params, "ard", 10, schedule="shared")
     assert shared.schedule == raw["distill"]["optim"]["schedule"] and how.startswith("shared")
 

@@ -25,7 +25,7 @@ MODEL = "robustkd-student"
 def registered(tmp_path_factory):
     """A distill stage run (with its datasets and checkpoint hash) and the student registered."""
     from robustkd.data import ImageSet
-    from services.common import imageset_sha256
+    from robustkd.data import imageset_sha256
     from services.tracking import MLFLOW_ENV, keep_environment, setup_mlflow, stage_run
 
     from pipeline import registry
@@ -104,7 +104,8 @@ def test_stage_run_logs_its_dataset_with_the_data_card_hash(registered):
 def test_imageset_hash_is_the_data_cards(tmp_path):
     """The hash runs log is the one prepare_data writes in the data card (after the npz round trip)."""
     from robustkd.data import ImageSet
-    from services.common import imageset_sha256, load_imageset, save_imageset
+    from robustkd.data import imageset_sha256
+    from services.common import load_imageset, save_imageset
     from stages.prepare_data import card
 
     data = ImageSet(torch.randint(0, 256, (6, 3, 32, 32), dtype=torch.uint8), torch.tensor([0, 1, 2, 0, 1, 2]),

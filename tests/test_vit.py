@@ -1,4 +1,4 @@
-"""The ViT teachers (robustkd/vit.py): the registered architectures, ImageNet weight adaptation, the
+"""The ViT teachers (robustkd/models/vit.py): the registered architectures, ImageNet weight adaptation, the
 AT-PRM checkpoint converter against a transcription of the official model, Grad-CAM on tokens."""
 
 import pytest
@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from robustkd.errors import InputError
 from robustkd.models import CIFAR10_MEAN, CIFAR10_STD, create_model, load_checkpoint, save_checkpoint
-from robustkd.vit import (adapt_imagenet_state, convert_atprm_checkpoint, is_atprm_checkpoint, load_imagenet_weights,
+from robustkd.models.vit import (adapt_imagenet_state, convert_atprm_checkpoint, is_atprm_checkpoint, load_imagenet_weights,
                           resize_pos_embed, sum_pool_patch_kernel)
 
 from .official_vit import VisionTransformer, randomise

@@ -63,5 +63,5 @@ register(Method(
     name="ard", config=ArdConfig, loss=ard_loss, role="student",
     summary="ARD: KD at temperature 30 on the student's CE-PGD examples",
     source="goldblum/AdversariallyRobustDistillation (docs/official-baselines.md#ard)",
-    uses_labels=True,
+    uses_labels=True, slides_labels=True,
     schedules={"cifar10": ARD_SCHEDULE, "cifar100": replace(ARD_SCHEDULE, batch_size=256)}))

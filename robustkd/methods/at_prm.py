@@ -141,7 +141,7 @@ def attention_gates(model: torch.nn.Module, drop_rate: float, generator: torch.G
     """ARD: while open, each transformer block's attention-branch output passes a gradient gate with
     ``gamma = 0 if U(0, 1) > drop_rate else 1`` drawn at every forward of the block. Yields the
     number of gated blocks; the hooks are removed on exit."""
-    from ..vit import attention_blocks
+    from ..models.vit import attention_blocks
 
     blocks = attention_blocks(model)
 
@@ -230,6 +230,7 @@ register(Method(
     name="at_prm", config=AtPrmConfig, loss=at_prm_loss, role="teacher",
     summary="AT-PRM: PGD-AT of a ViT with PRM and ARD warm-ups (teacher)",
     source=SOURCE,
+    tiny={"ard": False},   # ARD gates attention blocks: the stand-ins are CNNs (ARD makes no pass of its own)
     # 40 epochs, bs 64, SGD 0.1 / 0.9, wd 1e-4; lr 0.1 -> 0.01 at epoch 35 -> 0.001 at 38 (per step,
     # lr_schedule(epoch_now)); gradient norm clipped to 1.0 (optim.grad_clip in the presets).
     schedules={"cifar10": Schedule(epochs=40, lr=0.1, momentum=0.9, weight_decay=1e-4, batch_size=64,

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from ..distributed import global_sum
 from .common import ALPHA, EPS, check_attack, teacher_logits
 from .registry import Method, register
-from .rslad import RSLAD_SCHEDULE, kl_or_ce_attack
+from .rslad import RECONSTRUCTION_SCHEDULE, kl_or_ce_attack
 
 
 @dataclass
@@ -126,6 +126,8 @@ register(Method(
     summary="CRDND: contrastive distillation with teacher-accuracy compensation (reconstruction)",
     source="Wang et al., ICASSP 2023 (arXiv 2302.08764) via a third-party reproduction "
            "(SZU-AdvTech-2023/098-..., commit 7eb0b79); docs/methods.md#crdnd",
-    uses_labels=True, reconstruction=True,
+    # labels: the teacher's per-class accuracies a_j are counted against them; the slides mark
+    # CRDND x (docs/methods.md, "Labels")
+    uses_labels=True, slides_labels=False, reconstruction=True,
     build_state=lambda cfg, data: TeacherClassAccuracy(data.num_classes),
-    schedules={"cifar10": RSLAD_SCHEDULE, "cifar100": RSLAD_SCHEDULE}))
+    schedules={"cifar10": RECONSTRUCTION_SCHEDULE, "cifar100": RECONSTRUCTION_SCHEDULE}))

@@ -8,8 +8,11 @@ implemented are in docs/methods.md ("DARWIN"), every [choice] a field of :class:
     L_DBKD = sum_{i=1}^{n} [w(xh(i)|x) L_tri(p_t(x), p_s(xh(i)), p_s(xt(i)))
                            + w(xt(i)|x') L_tri(p_t(x'), p_s(xt(i)), p_s(xh(i)))]
 
-No official code exists; the [choice]s (beta, lambdas, margin, distance, random start, attack
-batch-norm mode, partner sampling) are named settings.
+No official code exists; every [choice] is a named setting of :class:`DarwinConfig` with its
+row in docs/choices.md: beta, the lambdas, the margin and distance, the random start (on/off, its
+kind, its clamp), the attack's batch-norm mode, the KL reduction, the partner's sampling, pool and
+augmentation (read by the data pipeline through ``Method.partner_options``), the targeted path's
+class and loss, and DARWIN-LF's partner repair.
 """
 
 from __future__ import annotations
@@ -27,8 +30,24 @@ from ..attacks import kl_per_sample, model_modes
 from ..distributed import global_max
 from ..errors import InputError
 from ..grouped_bn import grouped_batchnorm
-from .common import ALPHA, EPS, check_attack
+from .common import ALPHA, EPS, check_attack, reduce_kl
 from .registry import Method, Schedule, register
+
+# The allowed values of the [choice]s below (their defaults are the first).
+CHOICES = {
+    "distance": ("kl", "l2"),
+    "weighting": ("adaptive", "uniform"),
+    "attack_bn_mode": ("eval", "train"),
+    "batching": ("auto", "joint", "split"),
+    "loss_forward": ("per_point", "joint"),
+    "start_kind": ("uniform", "normal"),
+    "kl_reduction": ("batchmean", "elementwise_mean"),
+    "partner_sampling": ("uniform_other_class", "uniform_other_image"),
+    "partner_pool": ("same", "real"),
+    "target_class": ("anchor", "teacher"),
+    "targeted_loss": ("ce", "kl"),
+    "partner_repair": ("batch_other_class", "none"),
+}
 
 @dataclass
 class DarwinConfig:
@@ -44,11 +63,40 @@ class DarwinConfig:
     margin: float = 1.0                   # triplet margin m [choice]
     distance: Literal["kl", "l2"] = "kl"  # D of the triplet: KL(a||.) or squared L2 [choice]
     weighting: Literal["adaptive", "uniform"] = "adaptive"
-    random_start: bool = True             # xh(0) = x + U(-eps, eps) [choice]
+    random_start: bool = True             # xh(0) = x + U(-eps, eps) [choice]; false: xh(0) = x
+    # The start's noise [choice]: 'uniform' U(-eps, eps) (PGD's); 'normal' 0.001 N(0, 1) (TRADES').
+    start_kind: Literal["uniform", "normal"] = "uniform"
+    # Project the start into the eps-ball and [0, 1] before the first gradient [choice] (as the
+    # evaluation attacks; the baselines' official training attacks do not: their clamp_start false).
+    clamp_start: bool = True
     label_free: bool = False              # DARWIN-LF: teacher's argmax replaces every label [choice]
     use_iakd: bool = True
     use_dbkd: bool = True
     tau: float = 1.0                      # softmax temperature of every p(.)
+    # Reduction of the ARKD and IAKD KL terms [choice]: 'batchmean' (mean over the batch of the
+    # class-summed KL) or 'elementwise_mean' (over batch x classes = batchmean / C), as the
+    # baselines' kl_reduction (docs/methods.md, "Conventions"). The triplet's distances D are
+    # per-sample values inside the hinge with margin m: not reduced by this.
+    kl_reduction: Literal["batchmean", "elementwise_mean"] = "batchmean"
+    # The partner x' (docs/methods.md, "DARWIN"), drawn by the data pipeline:
+    # partner_sampling [choice]: 'uniform_other_class' - a class drawn uniformly from the other
+    #   classes, then an image uniformly from that class; 'uniform_other_image' - an image drawn
+    #   uniformly from all images of the other classes (the same on a class-balanced pool).
+    partner_sampling: Literal["uniform_other_class", "uniform_other_image"] = "uniform_other_class"
+    # partner_pool [choice]: 'same' - from the anchor's own pool (a real image's partner is real,
+    #   a generated image's is generated, by the generated file's labels); 'real' - always real.
+    partner_pool: Literal["same", "real"] = "same"
+    partner_augment: bool = True          # the partner gets its own random crop and flip [choice]
+    # The targeted path from x' [choice]: towards the anchor's class ('anchor': y; with label_free,
+    # the teacher's argmax on x) or the teacher's prediction on the anchor ('teacher': argmax f_t(x));
+    # descending CE(f_s(xt), target) ('ce') or KL(p_t(x) || p_s(xt)) ('kl': towards the teacher's
+    # distribution on the anchor; target_class is then unused).
+    target_class: Literal["anchor", "teacher"] = "anchor"
+    targeted_loss: Literal["ce", "kl"] = "ce"
+    # DARWIN-LF (label_free): a partner whose teacher label equals its anchor's is re-drawn
+    # uniformly from the batch's images of another class ('batch_other_class') or kept ('none')
+    # [choice] (see partners_of_other_class).
+    partner_repair: Literal["batch_other_class", "none"] = "batch_other_class"
     attack_bn_mode: Literal["eval", "train"] = "eval"   # student mode while walking the paths [choice]
     # How the student's loss forwards on the 2n+1 points are run when it is in train mode:
     # 'per_point' - each point normalised by its own mini-batch's statistics (the default, what a
@@ -67,16 +115,10 @@ class DarwinConfig:
             raise InputError(f"DarwinConfig.steps must be >= 1, found {self.steps}")
         if not 0.0 <= self.gamma <= 1.0:
             raise InputError(f"DarwinConfig.gamma must lie in [0, 1], found {self.gamma}")
-        if self.distance not in ("kl", "l2"):
-            raise InputError(f"DarwinConfig.distance must be 'kl' or 'l2', found {self.distance!r}")
-        if self.weighting not in ("adaptive", "uniform"):
-            raise InputError(f"DarwinConfig.weighting must be 'adaptive' or 'uniform', found {self.weighting!r}")
-        if self.attack_bn_mode not in ("eval", "train"):
-            raise InputError(f"DarwinConfig.attack_bn_mode must be 'eval' or 'train', found {self.attack_bn_mode!r}")
-        if self.batching not in ("auto", "joint", "split"):
-            raise InputError(f"DarwinConfig.batching must be 'auto', 'joint' or 'split', found {self.batching!r}")
-        if self.loss_forward not in ("per_point", "joint"):
-            raise InputError(f"DarwinConfig.loss_forward must be 'per_point' or 'joint', found {self.loss_forward!r}")
+        for name, allowed in CHOICES.items():
+            if getattr(self, name) not in allowed:
+                raise InputError(f"DarwinConfig.{name} must be one of {list(allowed)}, "
+                                 f"found {getattr(self, name)!r}")
         check_attack(self.eps, self.step_size, self.steps, "darwin")
 
 
@@ -135,6 +177,15 @@ def partners_of_other_class(x, y, t_x, x_pair, y_pair, t_xp, generator=None):
     return x_pair, y_pair, t_xp
 
 
+def targeted_loss(cfg: DarwinConfig, t_x: torch.Tensor):
+    """The targeted path's per-sample loss to descend, on the partner's logits: None for the
+    default CE towards the target class (attacks.dual_branch_paths' own), or KL(p_t(x) || p_s(.))."""
+    if cfg.targeted_loss == "ce":
+        return None
+    anchor = t_x.detach()
+    return lambda z: kl_per_sample(anchor, z, cfg.tau)
+
+
 def resolve_batching(batching: str, device: torch.device) -> bool:
     """True: join mini-batches into one forward ('auto': on CUDA only)."""
     return batching == "joint" or (batching == "auto" and device.type == "cuda")
@@ -190,14 +241,16 @@ def darwin_loss(student: nn.Module, teacher: nn.Module, x: torch.Tensor, y: torc
         if cfg.label_free:
             y = t_x.argmax(1)
             y_pair = t_xp.argmax(1) if t_xp is not None else None
-            if t_xp is not None:
+            if t_xp is not None and cfg.partner_repair == "batch_other_class":
                 x_pair, y_pair, t_xp = partners_of_other_class(x, y, t_x, x_pair, y_pair, t_xp, generator)
 
-        start = "uniform" if cfg.random_start else None
+        start = cfg.start_kind if cfg.random_start else None
         kw = dict(eps=cfg.eps, alpha=cfg.step_size, steps=n, start=start, bn_mode=cfg.attack_bn_mode,
-                  generator=generator, autocast=autocast)
+                  generator=generator, autocast=autocast, clamp_start=cfg.clamp_start)
         if cfg.use_dbkd:
-            path_u, path_t = attacks.dual_branch_paths(student, x, y, x_pair, target=y, joint=join, **kw)
+            target = y if cfg.target_class == "anchor" else t_x.argmax(1)
+            path_u, path_t = attacks.dual_branch_paths(student, x, y, x_pair, target=target, joint=join,
+                                                       target_loss=targeted_loss(cfg, t_x), **kw)
         else:
             path_u, path_t = attacks.pgd_ce(student, x, y, return_path=True, **kw), []
 
@@ -231,7 +284,13 @@ def darwin_terms(cfg: DarwinConfig, t_x: torch.Tensor, t_xp: torch.Tensor | None
     and ``s_t`` (xt(1..n)), labels ``y`` and ``y_pair``. Returns (loss, {'arkd', 'iakd', 'dbkd'})."""
     n = cfg.steps
     need_path = cfg.use_iakd or cfg.use_dbkd
-    arkd = kl_per_sample(t_x, s_x, cfg.tau).mean() + cfg.beta * kl_per_sample(t_path[-1], s_u[-1], cfg.tau).mean()
+    classes = t_x.shape[1]
+
+    def kl(target, logits, weight=None):   # a KL term, reduced as kl_reduction says
+        per = kl_per_sample(target, logits, cfg.tau)
+        return reduce_kl(per if weight is None else weight * per, classes, cfg.kl_reduction)
+
+    arkd = kl(t_x, s_x) + cfg.beta * kl(t_path[-1], s_u[-1])
     zero = torch.zeros((), device=t_x.device)
     iakd, dbkd = zero, zero
     if need_path:
@@ -239,8 +298,7 @@ def darwin_terms(cfg: DarwinConfig, t_x: torch.Tensor, t_xp: torch.Tensor | None
         w_u = [path_weights(i, n, p_t_x, F.softmax(s_u[i - 1].detach() / cfg.tau, 1), y, cfg.gamma,
                             cfg.weighting) for i in range(1, n + 1)]
     if cfg.use_iakd:
-        iakd = sum((w_u[i - 1] * kl_per_sample(t_path[i - 1], s_u[i - 1], cfg.tau)).mean()
-                   for i in range(1, n)) if n > 1 else zero
+        iakd = sum(kl(t_path[i - 1], s_u[i - 1], w_u[i - 1]) for i in range(1, n)) if n > 1 else zero
     if cfg.use_dbkd:
         p_t_xp = F.softmax(t_xp / cfg.tau, 1)
         total = zero
@@ -309,6 +367,12 @@ def ablation_settings(base: dict, name: str) -> dict:
     return {**(base or {}), **ABLATIONS[name].settings}
 
 
+def partner_options(cfg: DarwinConfig) -> dict:
+    """The partner settings the data pipeline reads (robustkd.data.TrainBatches' keywords)."""
+    return {"partner_sampling": cfg.partner_sampling, "partner_pool": cfg.partner_pool,
+            "partner_augment": cfg.partner_augment}
+
+
 def darwin_objective(model, teacher, batch, cfg: DarwinConfig, step):
     return darwin_loss(model, teacher, batch.x, batch.y, batch.x_pair, batch.y_pair, cfg,
                        generator=step.generator, autocast=step.autocast)
@@ -316,11 +380,14 @@ def darwin_objective(model, teacher, batch, cfg: DarwinConfig, step):
 
 # The paper's schedule is not public [choice]: the field's common 200-epoch recipe.
 DARWIN_SCHEDULE = Schedule(epochs=200, lr=0.1, weight_decay=2e-4, milestones=(100, 150),
-                           source="not published; ARD/IAD's 200-epoch recipe [choice]")
+                           source="not published; ARD/IAD's 200-epoch recipe [choice]", official=False)
 
 register(Method(
     name="darwin", config=DarwinConfig, loss=darwin_objective, role="student",
     summary="DARWIN: ARKD + intermediate-path IAKD + dual-branch DBKD",
     source="Dong et al., CVPR 2024 (slides); no official code; docs/methods.md#darwin",
-    uses_labels=False, needs_partners=lambda cfg: cfg.use_dbkd, check_run=check_run,
+    # labels: the untargeted attack's CE, the targeted path's class, the weights' class index and
+    # the partner's class; the slides' column marks DARWIN x (docs/methods.md, "Labels")
+    uses_labels=True, slides_labels=False, needs_partners=lambda cfg: cfg.use_dbkd, check_run=check_run,
+    partner_options=partner_options,
     schedules={"cifar10": DARWIN_SCHEDULE, "cifar100": DARWIN_SCHEDULE}))

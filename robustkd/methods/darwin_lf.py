@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .darwin import DARWIN_SCHEDULE, DarwinConfig, check_run, darwin_objective
+from .darwin import DARWIN_SCHEDULE, DarwinConfig, check_run, darwin_objective, partner_options
 from .registry import Method, register
 
 
@@ -26,5 +26,6 @@ register(Method(
     name="darwin_lf", config=DarwinLfConfig, loss=darwin_objective, role="student",
     summary="DARWIN-LF: DARWIN with the teacher's predictions in place of labels",
     source="this project's reading of the slides' 'DARWIN-LF' (docs/methods.md#darwin-lf)",
-    uses_labels=False, needs_partners=lambda cfg: cfg.use_dbkd, check_run=check_run,
+    uses_labels=False, slides_labels=False, needs_partners=lambda cfg: cfg.use_dbkd, check_run=check_run,
+    partner_options=partner_options,
     schedules={"cifar10": DARWIN_SCHEDULE, "cifar100": DARWIN_SCHEDULE}))

@@ -30,7 +30,7 @@ from ..distributed import all_gather_cat
 from ..errors import InputError
 from .common import ALPHA, EPS, check_attack
 from .registry import DataInfo, Method, register
-from .rslad import RSLAD_SCHEDULE, kl_or_ce_attack
+from .rslad import RECONSTRUCTION_SCHEDULE, kl_or_ce_attack
 
 NCE_EPS = 1e-7   # CRD's ContrastLoss eps
 
@@ -203,6 +203,9 @@ register(Method(
     summary="GACD: teacher-anchored contrastive feature distillation (CRD-based reconstruction)",
     source="Bai et al., arXiv 2009.09922 (abstract); CRD machinery from HobbitLong/RepDistiller "
            "b84f547 crd/{criterion,memory}.py; docs/methods.md#gacd",
-    uses_labels=True, reconstruction=True, needs_index=True,
+    # labels: the 'exact' negatives (other classes) and the teacher_true_prob reweighting read them;
+    # the slides mark GACD x (docs/methods.md, "Labels")
+    uses_labels=True, slides_labels=False, reconstruction=True, needs_index=True,
+    tiny={"nce_k": 4},   # the memory bank's negatives per sample: passes unchanged
     build_state=lambda cfg, data: GacdState(cfg, data),
-    schedules={"cifar10": RSLAD_SCHEDULE, "cifar100": RSLAD_SCHEDULE}))
+    schedules={"cifar10": RECONSTRUCTION_SCHEDULE, "cifar100": RECONSTRUCTION_SCHEDULE}))

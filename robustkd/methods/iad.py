@@ -80,4 +80,4 @@ register(Method(
     name="iad", config=IadConfig, loss=iad_loss, role="student",
     summary="IAD-I: ARD with the teacher's reliability weighting a self-introspection term",
     source="ZFancy/IAD IAD-I.py (docs/official-baselines.md#iad)",
-    uses_labels=True, schedules={"cifar10": ARD_SCHEDULE, "cifar100": ARD_SCHEDULE}))
+    uses_labels=True, slides_labels=True, schedules={"cifar10": ARD_SCHEDULE, "cifar100": ARD_SCHEDULE}))

@@ -3,7 +3,9 @@
 A method is one module of this package holding its settings dataclass (units and the source of
 each default), its training attack and its loss, registered here with :func:`register`. The stages,
 the params validation, the comparison pipeline and the benchmark all read this registry, so a new
-method is one module, one test module and one params entry (docs/methods.md, "Adding a method").
+method is one module (imported in the package's ``__init__``), one test module and its docs row
+(docs/methods.md, "Adding a method"); nothing else names it: smoke runs, tests, benchmarks and the
+cost model read ``Method.role`` and ``Method.tiny``.
 
 A loss has the signature ``loss(model, teacher, batch, cfg, step) -> (loss, parts)`` where
 ``parts`` maps names to detached scalars; it leaves the models in the train/eval modes it found
@@ -28,7 +30,10 @@ from ..errors import InputError
 class Schedule:
     """A method's official optimiser recipe for one dataset (SGD, piecewise lr by ``gamma``).
 
-    ``milestones`` are epochs; ``source`` names the file and commit they were read from."""
+    ``milestones`` are epochs; ``source`` names the file and commit they were read from.
+    ``official``: False where no official recipe exists and the module chose one (DARWIN, the
+    reconstructions CRDND and GACD): the run then records "the method's recipe [choice]", not
+    "official"."""
 
     epochs: int
     lr: float = 0.1
@@ -39,6 +44,7 @@ class Schedule:
     gamma: float = 0.1
     schedule: str = "piecewise"
     source: str = ""
+    official: bool = True
 
     def optim_dict(self) -> dict:
         """The fields of ``robustkd.engine.OptimConfig`` this schedule sets."""
@@ -83,14 +89,24 @@ class Method:
     role: Literal["teacher", "student"]
     summary: str                                   # one line for tables and --help
     source: str                                    # official repository, file and commit, or paper
-    uses_labels: bool = True                       # the slides' label column
+    uses_labels: bool = True                       # the loss or its attack reads the ground-truth labels
+    # The slides' comparison table's check column for this method (True: marked, False: x,
+    # None: not in that table). Where it differs from ``uses_labels`` the docs say why
+    # (docs/methods.md, "Labels").
+    slides_labels: bool | None = None
     reconstruction: bool = False                   # no official code: rebuilt from descriptions
     needs_partners: Callable[[Any], bool] = lambda cfg: False
+    # How the data pipeline draws the partners (robustkd.data.TrainBatches' partner_* keywords)
+    partner_options: Callable[[Any], dict] = lambda cfg: {}
     needs_index: bool = False                      # batches carry pool indices (memory banks)
     build_state: Callable[[Any, DataInfo], nn.Module] | None = None
     schedules: dict[str, Schedule] = field(default_factory=dict)    # official, per dataset
     dataset_defaults: Callable[[str], dict] = lambda dataset: {}     # official per-dataset branches
     check_run: Callable[[Any, torch.device, bool], None] | None = None  # (cfg, device, sync_bn)
+    # Stand-in settings: what the method needs to run on the tiny CNN stand-ins and pools of a few
+    # images used by smoke runs, tests and pass counting (a memory bank shrunk, attention gates off
+    # on models without attention), without changing the passes a step makes. See standin_settings.
+    tiny: dict = field(default_factory=dict)
 
     @property
     def label(self) -> str:
@@ -112,6 +128,22 @@ def register(method: Method) -> Method:
 
 def available_methods(role: str | None = None) -> list[str]:
     return sorted(n for n, m in _METHODS.items() if role is None or m.role == role)
+
+
+def attack_steps(name: str, steps: int) -> dict:
+    """``{"steps": steps}`` where ``name``'s settings have attack steps (a ``steps`` field;
+    natural training and natural KD have none), else ``{}``: how the smoke profile and the
+    benchmarks shorten every method's attack without naming methods."""
+    return {"steps": steps} if "steps" in {f.name for f in dataclasses.fields(get_method(name).config)} else {}
+
+
+def standin_settings(name: str, settings: dict | None = None, steps: int | None = None) -> dict:
+    """``name``'s settings for a run on stand-in models and data: ``steps`` attack steps (see
+    :func:`attack_steps`), then ``settings``, then the method's :attr:`Method.tiny`. The one place
+    tests and the cost model's pass counting get a method's stand-in settings from (no name
+    special cases)."""
+    short = attack_steps(name, steps) if steps is not None else {}
+    return {**short, **dict(settings or {}), **get_method(name).tiny}
 
 
 def get_method(name: str) -> Method:
@@ -153,6 +185,11 @@ class Objective(nn.Module):
     @property
     def needs_partners(self) -> bool:
         return self.method.needs_partners(self.config)
+
+    @property
+    def partner_options(self) -> dict:
+        """The method's partner settings for the data pipeline (empty: its defaults)."""
+        return self.method.partner_options(self.config) if self.needs_partners else {}
 
     @property
     def needs_index(self) -> bool:

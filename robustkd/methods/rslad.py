@@ -11,6 +11,7 @@ value by about 1e-5, not the student's gradient.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Literal
 
@@ -77,11 +78,17 @@ def rslad_loss(student, teacher, batch, cfg: RsladConfig, step):
 
 RSLAD_SCHEDULE = Schedule(epochs=300, lr=0.1, weight_decay=2e-4, milestones=(215, 260, 285),
                           source="RSLAD official: lr x0.1 after epochs 215, 260, 285")
+# The reconstructions' recipe (CRDND, GACD: no official code, so no official schedule): RSLAD's,
+# as this project chose it [choice]; recorded as the method's recipe, not as "official".
+RECONSTRUCTION_SCHEDULE = dataclasses.replace(
+    RSLAD_SCHEDULE, official=False,
+    source="no official code; this reconstruction's choice: RSLAD's recipe, lr x0.1 after epochs "
+           "215, 260, 285 [choice]")
 
 register(Method(
     name="rslad", config=RsladConfig, loss=rslad_loss, role="student",
     summary="RSLAD: the teacher's soft labels in the attack and both KL terms",
     source="zibojia/RSLAD rslad_loss.py (docs/official-baselines.md#rslad)",
-    uses_labels=False,
+    uses_labels=False, slides_labels=False,
     dataset_defaults=lambda dataset: {"kl_scale": 10.0} if dataset == "cifar100" else {},
     schedules={"cifar10": RSLAD_SCHEDULE, "cifar100": RSLAD_SCHEDULE}))

@@ -58,7 +58,7 @@ def trades_loss(model, teacher, batch, cfg: TradesConfig, step):
 
 
 register(Method(
-    name="trades", config=TradesConfig, loss=trades_loss, role="teacher",
+    name="trades", config=TradesConfig, loss=trades_loss, role="teacher", slides_labels=True,
     summary="TRADES adversarial training (teacher)",
     source="yaodongyu/TRADES trades.py (docs/official-baselines.md#trades)",
     schedules={ds: Schedule(epochs=76, lr=0.1, weight_decay=2e-4, milestones=(74, 89, 99),

@@ -215,3 +215,70 @@ def test_sync_bn_with_joint_per_point_batch_norm_is_refused():
         obj.check_run(torch.device("cpu"), sync_bn=True)
     create_objective("darwin", {"batching": "split"}).check_run(torch.device("cpu"), sync_bn=True)
     obj.check_run(torch.device("cpu"), sync_bn=False)
+
+
+# ---------------------------------------------------------------- the [choice] settings
+def test_every_choice_is_checked_with_one_line_naming_it():
+    from robustkd.methods.darwin import CHOICES
+
+    for name, allowed in CHOICES.items():
+        assert getattr(DarwinConfig(), name) == allowed[0], name          # the default is the first
+        with pytest.raises(InputError, match=rf"DarwinConfig\.{name} must be one of"):
+            DarwinConfig(**{name: "nonsense"})
+
+
+def test_kl_reduction_elementwise_mean_divides_the_kl_terms_by_the_classes():
+    student, teacher = linear_pair()                      # 4 classes
+    x, y = torch.rand(3, 3, 32, 32), torch.tensor([0, 1, 2])
+    base = dict(eps=0.0, steps=3, use_dbkd=False, random_start=False)
+    _, a = darwin_loss(student, teacher, x, y, None, None, DarwinConfig(**base))
+    _, b = darwin_loss(student, teacher, x, y, None, None, DarwinConfig(kl_reduction="elementwise_mean", **base))
+    assert b["arkd"].item() == pytest.approx(a["arkd"].item() / 4, rel=1e-5)
+    assert b["iakd"].item() == pytest.approx(a["iakd"].item() / 4, rel=1e-5)
+
+
+@pytest.mark.parametrize("settings", [{"clamp_start": False}, {"start_kind": "normal"}, {"targeted_loss": "kl"},
+                                      {"target_class": "teacher"}])
+def test_joint_and_split_batching_agree_under_each_path_choice(settings, small_models, tiny_batch):
+    student, teacher = small_models
+    x, y, xp, yp = tiny_batch
+    out = []
+    for batching in ("joint", "split"):
+        twin = copy.deepcopy(student)
+        cfg = DarwinConfig(steps=2, batching=batching, **settings)
+        loss, _ = darwin_loss(twin, teacher, x, y, xp, yp, cfg, generator=torch.Generator().manual_seed(3))
+        out.append(loss.item())
+    assert out[0] == pytest.approx(out[1], rel=1e-5)
+
+
+def test_target_class_teacher_is_the_anchor_class_where_the_labels_are_the_teachers(small_models, tiny_batch):
+    student, teacher = small_models
+    x, _, xp, yp = tiny_batch
+    with torch.no_grad():
+        ty = teacher(x).argmax(1)
+    a, _ = darwin_loss(copy.deepcopy(student), teacher, x, ty, xp, yp, DarwinConfig(steps=2, random_start=False))
+    b, _ = darwin_loss(copy.deepcopy(student), teacher, x, ty, xp, yp,
+                       DarwinConfig(steps=2, random_start=False, target_class="teacher"))
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_partner_repair_none_keeps_the_pipeline_partners(small_models, tiny_batch):
+    """DARWIN-LF without the repair: the loss on the given partners, whatever their teacher labels."""
+    student, teacher = small_models
+    x, y, _, _ = tiny_batch
+    xp = x.flip(0)                                       # partners that may share the teacher's class
+    with torch.no_grad():
+        ty, typ = teacher(x).argmax(1), teacher(xp).argmax(1)
+    cfg = DarwinConfig(steps=2, random_start=False, label_free=True, partner_repair="none")
+    a, _ = darwin_loss(copy.deepcopy(student), teacher, x, y, xp, y, cfg)
+    b, _ = darwin_loss(copy.deepcopy(student), teacher, x, ty, xp, typ, DarwinConfig(steps=2, random_start=False))
+    assert a.item() == pytest.approx(b.item(), rel=1e-6)
+
+
+def test_darwin_hands_its_partner_settings_to_the_data_pipeline():
+    obj = create_objective("darwin", {"partner_sampling": "uniform_other_image", "partner_pool": "real",
+                                      "partner_augment": False})
+    assert obj.partner_options == {"partner_sampling": "uniform_other_image", "partner_pool": "real",
+                                   "partner_augment": False}
+    assert create_objective("darwin", {"use_dbkd": False}).partner_options == {}   # no partners drawn
+    assert create_objective("rslad").partner_options == {}

@@ -29,7 +29,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .errors import InputError
+from ..errors import InputError
+from .registry import CIFAR10_MEAN, CIFAR10_STD, create_model, register_model
 
 SOURCE = "mo666666/When-Adversarial-Training-Meets-Vision-Transformers@b826030"
 
@@ -191,7 +192,7 @@ def adapt_imagenet_state(state: dict[str, torch.Tensor], vit: nn.Module, source:
 def load_imagenet_weights(model, path: str | os.PathLike) -> dict:
     """Initialise a :class:`robustkd.models.Classifier` ViT from local ImageNet weights (see
     :func:`adapt_imagenet_state`); returns what to record about it."""
-    from .engine import array_hash
+    from ..engine import array_hash
 
     if not is_vit(model.arch):
         raise InputError(f"teacher.pretrained {path}: ImageNet weights are adapted to ViT teachers "
@@ -231,8 +232,6 @@ def convert_atprm_checkpoint(path: str | os.PathLike, arch: str | None = None, *
     loader's mean and std, so its logits on [0, 1] images equal the official model's on the
     loader's normalised images. ``arch`` (default: from the embedding width, 768 -> vit_b_4,
     384 -> deit_s_4) and ``options`` select the architecture; the classes come from ``head.weight``."""
-    from .models import CIFAR10_MEAN, CIFAR10_STD, create_model
-
     source = f"AT-PRM checkpoint {path}"
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -255,3 +254,14 @@ def convert_atprm_checkpoint(path: str | os.PathLike, arch: str | None = None, *
     model.checkpoint_meta = {"format": f"AT-PRM train_cifar.py checkpoint ({SOURCE})", "epoch": ckpt.get("epoch")}
     return model.eval()
 
+
+def _builder(arch: str):
+    def build(num_classes, **overrides):
+        return ViT(VARIANTS[arch][0], num_classes, **overrides)
+    return build
+
+
+# AT-PRM's CIFAR-10 teachers: ViT-B and DeiT-S at 32 x 32 with 4 x 4 patches, built with timm.
+# Options (depth, embed_dim, num_heads) give small variants of the family for CPU tests.
+register_model("vit_b_4", _builder("vit_b_4"))
+register_model("deit_s_4", _builder("deit_s_4"))
