@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import csv
 from pathlib import Path
+from typing import Any
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_csv
 from services.best_last import best_last_markdown
@@ -132,7 +133,7 @@ def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
         return None
     names = list(histories)   # 2n columns: a loss panel per model above, the two accuracies below
     heldout = any(k.startswith("heldout_") for rows in histories.values() for k in rows[0])
-    mosaic = [[f"loss:{n}" for n in names for _ in range(2)]]
+    mosaic: list[Any] = [[f"loss:{n}" for n in names for _ in range(2)]]   # matplotlib's HashableList
     if heldout:   # the held-out monitor ran (data.heldout_per_class, monitor_pgd_steps)
         mosaic.append(["natural"] * len(names) + ["pgd"] * len(names))
     fig, axes = plt.subplot_mosaic(mosaic, figsize=(11, 6.4 if heldout else 3.4))

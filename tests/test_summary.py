@@ -139,3 +139,43 @@ def test_make_run_ends_with_the_summary():
     assert "dvc metrics show" not in recipe
     assert recipe.strip().splitlines()[-1].strip() == "$(PY) -m services.summary --mlflow-port $(MLFLOW_PORT)"
     assert os.path.exists(ROOT / "services/summary.py")
+
+
+def test_report_header_links_the_mlflow_runs(monkeypatch):
+    from stages.report import header_markdown
+
+    params = SimpleNamespace(profile="cpu")
+    tracker = SimpleNamespace(run_id="0123456789abcdef", experiment_id="7")
+    monkeypatch.setenv("ROBUSTKD_PARENT_RUN_ID", "fedcba9876543210")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    local = header_markdown(params, tracker)
+    assert local.startswith("Written 20") and " UTC from commit `" in local and "cpu profile" in local
+    assert "[fedcba98](http://127.0.0.1:5000/#/experiments/7/runs/fedcba9876543210)" in local
+    assert "[01234567](http://127.0.0.1:5000/#/experiments/7/runs/0123456789abcdef)" in local
+    assert "make mlflow-ui" in local
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
+    server = header_markdown(params, tracker)
+    assert "(http://mlflow.example:5000/#/experiments/7/runs/0123456789abcdef)" in server
+    assert "make mlflow-ui" not in server
+    untracked = header_markdown(params, SimpleNamespace(run_id=None, experiment_id=None))
+    assert "Not tracked in MLflow" in untracked and "http" not in untracked
+
+
+def test_dvc_plots_one_loss_per_plot_and_one_colour_per_model():
+    import yaml
+
+    from stages.report import MODEL_COLOURS
+
+    from .stage_fixtures import ROOT
+
+    plots = {name: spec for entry in yaml.safe_load((ROOT / "dvc.yaml").read_text())["plots"]
+             for name, spec in entry.items()}
+    losses = {name: spec for name, spec in plots.items() if "loss" in name}
+    assert len(losses) == 3 and all(len(spec["y"]) == 1 for spec in losses.values())   # never a shared axis
+    for name, spec in plots.items():
+        template = json.loads((ROOT / spec["template"]).read_text())
+        scale = template["encoding"]["color"]["scale"]
+        assert template["encoding"]["color"]["field"] == "model", name
+        assert dict(zip(scale["domain"], scale["range"])) == MODEL_COLOURS, name   # the report's colours
+        for path in spec["y"]:
+            assert (ROOT / path).is_file(), f"{name}: {path} is not produced by the pipeline (an empty panel)"
