@@ -5,6 +5,7 @@ report's headline figures, and the DVC metrics files hold the headline numbers o
 import json
 import os
 import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -172,6 +173,8 @@ def test_dvc_plots_one_loss_per_plot_and_one_colour_per_model():
              for name, spec in entry.items()}
     losses = {name: spec for name, spec in plots.items() if "loss" in name}
     assert len(losses) == 3 and all(len(spec["y"]) == 1 for spec in losses.values())   # never a shared axis
+    for name, spec in losses.items():   # one file: DVC gives no file name, the template takes the title's model
+        assert Path(next(iter(spec["y"]))).name == f"{name.split()[0].lower()}_history.csv", name
     for name, spec in plots.items():
         template = json.loads((ROOT / spec["template"]).read_text())
         scale = template["encoding"]["color"]["scale"]
