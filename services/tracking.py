@@ -47,15 +47,14 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
 
 
-LOCAL_UI = "http://127.0.0.1:5000"   # `make mlflow-ui` on the project's store (MLFLOW_PORT: 5000)
-
-
-def run_url(run_id: str, experiment_id: str, root: Path | None = None) -> str:
-    """The MLflow UI's page of a run: on the tracking server when MLFLOW_TRACKING_URI is one, else
-    where `make mlflow-ui` serves the project's own store."""
-    uri = tracking_uri(root)
-    base = uri.rstrip("/") if uri.startswith(("http://", "https://")) else LOCAL_UI
-    return f"{base}/#/experiments/{experiment_id}/runs/{run_id}"
+def run_url(run_id: str, experiment_id: str, tracking: str | None = None) -> str:
+    """The MLflow UI's page of a run: on the tracking server when runs go to one (``tracking``,
+    default MLFLOW_TRACKING_URI), else on the UI of ``make mlflow-ui`` (``ROBUSTKD_MLFLOW_UI``,
+    default http://127.0.0.1:5000) over the project's own store."""
+    tracking = tracking or tracking_uri()
+    base = tracking if tracking.startswith(("http://", "https://")) else \
+        os.environ.get("ROBUSTKD_MLFLOW_UI", "http://127.0.0.1:5000")
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
 
 
 def tracking_enabled() -> bool:

@@ -149,6 +149,7 @@ def test_report_header_links_the_mlflow_runs(monkeypatch):
     tracker = SimpleNamespace(run_id="0123456789abcdef", experiment_id="7")
     monkeypatch.setenv("ROBUSTKD_PARENT_RUN_ID", "fedcba9876543210")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.delenv("ROBUSTKD_MLFLOW_UI", raising=False)
     local = header_markdown(params, tracker)
     assert local.startswith("Written 20") and " UTC from commit `" in local and "cpu profile" in local
     assert "[fedcba98](http://127.0.0.1:5000/#/experiments/7/runs/fedcba9876543210)" in local
