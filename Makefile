@@ -35,11 +35,13 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m robustkd.tvfix
 	touch $@
 
-# The pipeline through the Prefect flow: one task per DVC stage, MLflow runs, registry.
+# The pipeline through the Prefect flow: one task per DVC stage, MLflow runs, registry. It ends with
+# the registered students, the evaluation as one table and where to look next (services/summary.py;
+# every figure: `dvc metrics show`).
 run: setup
 	PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(PY) -m pipeline.flow $(FLOW_ARGS)
-	PATH=$(CURDIR)/$(VENV)/bin:$$PATH dvc metrics show metrics/evaluate/teacher.json metrics/evaluate/student.json metrics/evaluate/reference.json
 	$(PY) -m pipeline.registry list
+	$(PY) -m services.summary --mlflow-port $(MLFLOW_PORT)
 
 # `make test` (what CI runs): every tier but `presets`, the slowest 25 tests listed at the end. One tier:
 # `make test-unit`, `test-stage`, `test-e2e`; `make test-presets` smoke-runs every preset of params/

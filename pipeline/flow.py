@@ -27,6 +27,7 @@ import shutil
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from collections import deque
 from pathlib import Path
@@ -42,7 +43,7 @@ from services.common import check_data_root, data_root
 from services.params import DISTILL_METHODS, load_params
 from services.presets import preset_names
 from services.workspace import FLOW_LOCK, IN_FLOW_ENV, dvc_running
-from services.tracking import DEFAULT_EXPERIMENT, git_commit, setup_mlflow, tracking_enabled, tracking_uri
+from services.tracking import DEFAULT_EXPERIMENT, git_commit, run_url, setup_mlflow, tracking_enabled, tracking_uri
 
 from . import registry
 
@@ -360,12 +361,8 @@ def robustkd_pipeline(preset: PresetName | None = None, methods: list[MethodName
 
 
 def mlflow_run_url(run_id: str, experiment_id: str, tracking: str | None = None) -> str:
-    """The MLflow UI's page of a run: on the tracking server when runs go to one, else on the
-    UI of ``make mlflow-ui`` (``ROBUSTKD_MLFLOW_UI``, default http://127.0.0.1:5000)."""
-    tracking = tracking or tracking_uri()
-    base = tracking if tracking.startswith(("http://", "https://")) else \
-        os.environ.get("ROBUSTKD_MLFLOW_UI", "http://127.0.0.1:5000")
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    """The MLflow UI's page of a run (services/tracking.py ``run_url``, shared with the report)."""
+    return run_url(run_id, experiment_id, tracking)
 
 
 def link_mlflow_run(summary: dict) -> None:
@@ -424,8 +421,12 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
     summary = {"parent_run_id": parent_id, "stages": results, "registered": registered,
                "mlflow_run_url": mlflow_run_url(parent_id, experiment.experiment_id, env["MLFLOW_TRACKING_URI"])
                if parent_id is not None else None}
-    print(f"stages run: {[r['stage'] for r in results if r['ran']]}; up to date: "
-          f"{[r['stage'] for r in results if not r['ran']]}; registry: {registered}")
+    # one line each, wrapped to a terminal's width (issue 28: the end of `make run` is read by people)
+    for line in (f"stages run: {', '.join(r['stage'] for r in results if r['ran']) or 'none'}",
+                 f"up to date: {', '.join(r['stage'] for r in results if not r['ran']) or 'none'}",
+                 "registry: " + (f"version {registered['version']} ({registered['alias'] or 'no alias'}): "
+                                 f"{registered['reason']}" if registered else "not registered")):
+        print(textwrap.fill(line, 120, subsequent_indent="  "))
     if any(r["ran"] for r in results):
         print("dvc.lock records this run: `git add dvc.lock metrics` to keep it with the code")
     return summary

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -463,22 +464,55 @@ def register_workspace(root: Path = Path("."), parent_run_id: str | None = None,
 
 
 def _shown(tags: dict, key: str) -> str:
-    """"52.26 [42.41, 61.94]" when the version has the interval, else the accuracy alone."""
+    """"52.3 [42.4-61.9]" when the version has the interval, else the accuracy alone."""
     value = tags.get(key, "-")
-    return f"{value} {tags[key + '_ci95']}" if key + "_ci95" in tags else value
+    bounds = re.findall(r"-?\d+(?:\.\d+)?", tags.get(key + "_ci95", ""))
+    try:
+        return f"{float(value):.1f} [{float(bounds[0]):.1f}-{float(bounds[1]):.1f}]" if len(bounds) == 2 \
+            else f"{float(value):.1f}"
+    except ValueError:
+        return str(value)
 
 
 def _images(tags: dict) -> str:
     """The one image count of a version's row: every column on these images ("mixed" for a
     version registered before the headline block, whose columns had their own counts)."""
     if "headline_images" in tags:
-        return f"{tags['headline_images']} (all columns)"
+        return tags["headline_images"]
     totals = {tags[f"{k}_count"].split("/")[-1] for k, _ in ATTACK_COLUMNS if f"{k}_count" in tags}
     return totals.pop() if len(totals) == 1 else "mixed: " + "/".join(sorted(totals))
 
 
+# the columns printed once above the table when every version has the same value
+SHARED_COLUMNS = ("method", "student", "teacher", "dataset", "group")
+
+
+def students_lines(versions: list, aliases: dict[str, list[str]]) -> list[str]:
+    """The registered versions (newest first) as an aligned text table: the columns every version
+    shares on one line above it, so that a row fits a terminal (issue 28: under 200 characters);
+    accuracy (%) [95% Wilson interval], all columns of a row on its ``images``."""
+    head = (["version", "aliases", "method", "student", "teacher", "dataset", "group"]
+            + [label for _, label in TABLE_COLUMNS] + ["images", "p vs champion", "flagged"])
+    rows = []
+    for v in versions:
+        t = v.tags
+        rows.append([str(v.version), ",".join(aliases.get(str(v.version), [])) or "-", t.get("method", "-"),
+                     t.get("student", "-"), t.get("teacher", "-"), t.get("dataset", "-"), t.get(GROUP_TAG, "-")]
+                    + [_shown(t, k) for k, _ in TABLE_COLUMNS]
+                    + [_images(t), t.get("autoattack_mcnemar_p_vs_champion", "-"), str(t.get("eval_flagged", "-"))])
+    if not rows:
+        return ["no registered versions"]
+    shared = [i for i, name in enumerate(head) if name in SHARED_COLUMNS and len({r[i] for r in rows}) == 1]
+    lines = (["every version: " + ", ".join(f"{head[i]} {rows[0][i]}" for i in shared)] if shared else [])
+    keep = [i for i in range(len(head)) if i not in shared]
+    table = [[row[i] for i in keep] for row in [head] + rows]
+    widths = [max(len(r[j]) for r in table) for j in range(len(keep))]
+    text = ["  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip() for r in table]
+    return lines + [text[0], "-" * len(text[0])] + text[1:]
+
+
 def students_table(model_name: str) -> str:
-    """Registered versions side by side (newest first), as a Markdown table."""
+    """Registered versions side by side (newest first), as an aligned text table."""
     import mlflow
 
     client = mlflow.MlflowClient()
@@ -487,18 +521,7 @@ def students_table(model_name: str) -> str:
     if versions:  # search results leave aliases empty: take them from the registered model
         for alias, version in client.get_registered_model(model_name).aliases.items():
             aliases.setdefault(str(version), []).append(alias)
-    header = (["version", "aliases", "method", "student", "teacher", "dataset", "group"]
-              + [label for _, label in TABLE_COLUMNS] + ["images", "McNemar p vs champion", "flagged"])
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    for v in versions:
-        t = v.tags
-        cells = [v.version, ",".join(aliases.get(str(v.version), [])) or "-", t.get("method", "-"), t.get("student", "-"),
-                 t.get("teacher", "-"), t.get("dataset", "-"), t.get(GROUP_TAG, "-")] \
-            + [_shown(t, k) for k, _ in TABLE_COLUMNS] \
-            + [_images(t), t.get("autoattack_mcnemar_p_vs_champion", "-"),
-               t.get("eval_flagged", "-")]
-        lines.append("| " + " | ".join(str(c) for c in cells) + " |")
-    return "\n".join(lines)
+    return "\n".join(students_lines(versions, aliases))
 
 
 def main(argv=None) -> None:

@@ -22,7 +22,7 @@ from robustkd.evaluation import ATTACKS, WORST_CASE
 from robustkd.stats import discordant_pairs, mcnemar_exact_counts, wilson_interval
 from robustkd.utils import atomic_path
 
-from .results import info_path, per_image_path, read_per_image
+from .results import details_path, info_path, per_image_path, read_per_image
 
 LABELS = {"natural": "Natural", "pgd20": "PGD-20", "cw": "CW", "autoattack": "AA", WORST_CASE: "Worst case"}
 COLUMNS = [*ATTACKS, WORST_CASE]
@@ -56,8 +56,11 @@ def checkpoint_record(model_path: Path) -> dict:
 
 def copy_results(last_out: Path, best_out: Path, record: dict) -> None:
     """The best's results are the last's (the same weights: the best epoch is the last, or the
-    monitor was off): its three files copied, the info saying so. No second evaluation."""
-    for src, dst in ((last_out, best_out), (per_image_path(last_out), per_image_path(best_out))):
+    monitor was off): its files copied, the info saying so. No second evaluation."""
+    for src, dst in ((details_path(last_out), details_path(best_out)), (per_image_path(last_out), per_image_path(best_out)),
+                     (last_out, best_out)):
+        if not src.is_file():   # results written before the details file existed
+            continue
         with atomic_path(dst) as tmp:
             shutil.copyfile(src, tmp)
     info = json.loads(info_path(last_out).read_text())

@@ -1,5 +1,7 @@
-"""The evaluation result files: ``<model>.json`` (numbers), ``<model>_info.json`` (text) and
-``<model>_per_image.npz`` (per-image outcomes, no pickle), and how to read them back."""
+"""The evaluation result files: ``<model>.json`` (the headline numbers: a DVC metrics file),
+``<model>_details.json`` (the other numbers: intervals, per-class accuracy, checks, the table
+blocks; a plain output), ``<model>_info.json`` (text) and ``<model>_per_image.npz`` (per-image
+outcomes, no pickle), and how to read them back as one dict."""
 
 from __future__ import annotations
 
@@ -14,20 +16,41 @@ def info_path(metrics_path: Path) -> Path:
     return metrics_path.with_name(metrics_path.stem + "_info.json")
 
 
+def details_path(metrics_path: Path) -> Path:
+    """``student.json`` -> ``student_details.json``: the numbers that are not headline numbers."""
+    metrics_path = Path(metrics_path)
+    return metrics_path.with_name(metrics_path.stem + "_details.json")
+
+
+# What the DVC metrics file of an evaluation holds: each attack's accuracy (%) on its own images,
+# the evaluated count and the checks' verdict. `dvc metrics show` and `dvc exp show` list every
+# leaf as a column, so the intervals, per-class accuracies and check details go to the details
+# file (issue 28: the metrics table fits on a screen).
+HEADLINE_NUMBERS = ("natural", "pgd20", "cw", "autoattack", "worst_case", "num_images", "checks_failed", "flagged")
+
+
+def split_headline(summary: dict) -> tuple[dict, dict]:
+    """(headline numbers, details) of an evaluation summary: together they are ``summary``."""
+    numbers = {k: summary[k] for k in HEADLINE_NUMBERS if k in summary}
+    return numbers, {k: v for k, v in summary.items() if k not in numbers}
+
+
 def per_image_path(metrics_path: Path) -> Path:
     metrics_path = Path(metrics_path)
     return metrics_path.with_name(metrics_path.stem + "_per_image.npz")
 
 
 def read_evaluation(metrics_path: Path) -> dict | None:
-    """The numeric results of ``metrics_path`` with their text under "info" ({} when the info
-    file is absent); None when the results were not written."""
+    """The numeric results of ``metrics_path`` (its headline numbers and the details file beside
+    it, when present) with their text under "info" ({} when the info file is absent); None when
+    the results were not written."""
     import json
 
     metrics_path = Path(metrics_path)
     if not metrics_path.is_file():
         return None
-    results = json.loads(metrics_path.read_text())
+    details = details_path(metrics_path)
+    results = {**(json.loads(details.read_text()) if details.is_file() else {}), **json.loads(metrics_path.read_text())}
     text = info_path(metrics_path)
     results["info"] = json.loads(text.read_text()) if text.is_file() else {}
     return results

@@ -47,6 +47,16 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
 
 
+def run_url(run_id: str, experiment_id: str, tracking: str | None = None) -> str:
+    """The MLflow UI's page of a run: on the tracking server when runs go to one (``tracking``,
+    default MLFLOW_TRACKING_URI), else on the UI of ``make mlflow-ui`` (``ROBUSTKD_MLFLOW_UI``,
+    default http://127.0.0.1:5000) over the project's own store."""
+    tracking = tracking or tracking_uri()
+    base = tracking if tracking.startswith(("http://", "https://")) else \
+        os.environ.get("ROBUSTKD_MLFLOW_UI", "http://127.0.0.1:5000")
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+
+
 def tracking_enabled() -> bool:
     return os.environ.get("ROBUSTKD_TRACKING", "on").lower() not in ("off", "0", "false", "no")
 
@@ -106,6 +116,7 @@ class NullTracker:
     """Tracking switched off (or a non-zero rank of a distributed run): records nothing."""
 
     run_id: str | None = None
+    experiment_id: str | None = None
 
     def log_params(self, params: dict) -> None:
         pass
@@ -210,9 +221,10 @@ class MlflowTracker(NullTracker):
     """Logs to MLflow; a store lost during the run (after the retries) turns it into a
     NullTracker for the rest of the run, with one line: the training is never stopped by it."""
 
-    def __init__(self, mlflow_module, run_id: str):
+    def __init__(self, mlflow_module, run_id: str, experiment_id: str | None = None):
         self._mlflow = mlflow_module
         self.run_id = run_id
+        self.experiment_id = experiment_id
         self.lost: str | None = None
 
     def _call(self, what: str, fn) -> None:
@@ -418,7 +430,7 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
             say_untracked("opening the MLflow run", exc)
             yield NullTracker()
             return
-        tracker = MlflowTracker(mlflow, run.info.run_id)
+        tracker = MlflowTracker(mlflow, run.info.run_id, run.info.experiment_id)
         status = "FAILED"
         _CURRENT.append(tracker)
         try:

@@ -4,8 +4,11 @@ the student (and the non-adversarial reference student) on the stratified test s
 
 Writes, per model, next to each other (``metrics/evaluate/<model>``):
 
-- ``<model>.json``: numbers only (a DVC metrics file): percentages at the top level, counts,
-  totals and 95% Wilson intervals under "accuracy", checks as 1/0, "flagged";
+- ``<model>.json``: the headline numbers only (a DVC metrics file, services/results.py
+  HEADLINE_NUMBERS): each attack's percentage, the image count, the failed checks, "flagged";
+- ``<model>_details.json``: the other numbers (a plain output): counts, totals and 95% Wilson
+  intervals under "accuracy", per-class accuracy, the checks as 1/0, the gradient-masking
+  figures, the report's two table blocks;
 - ``<model>_info.json``: the words: model, method, the subset's identity (indices and image
   SHA-256), the threat model, the attack settings, each check's verdict and reason;
 - ``<model>_per_image.npz``: per-image outcomes (no pickle), for McNemar tests between models.
@@ -32,7 +35,7 @@ from robustkd.evaluation import (PROTOCOLS, WORST_CASE, EvaluationResult, attack
 from robustkd.models import load_checkpoint
 
 from services.best_last import evaluate_best
-from services.results import info_path, per_image_path, read_per_image
+from services.results import details_path, info_path, per_image_path, read_per_image, split_headline
 from services.tables import table_blocks
 from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, save_arrays,
                      setup_distributed, write_json)
@@ -115,12 +118,14 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     save_per_image(result, indices, test.labels, per_image_path(out_path))
     # the report's two tables: every column on the same images, and the cheaper attacks on all
     summary.update({k: b for k, b in table_blocks(summary, read_per_image(out_path)).items() if b is not None})
-    write_json(summary, out_path)
+    numbers, details = split_headline(summary)
+    write_json(details, details_path(out_path))
     write_json(info, info_path(out_path))
+    write_json(numbers, out_path)   # last: its presence says the three beside it are complete
     tracker.log_metrics(summary, prefix=f"{model_path.stem}/")
     tracker.log_metrics({f"images_per_s_{k}": v for k, v in result.images_per_s().items()},
                         prefix=f"{model_path.stem}/")
-    for path in (out_path, info_path(out_path), per_image_path(out_path)):
+    for path in (out_path, details_path(out_path), info_path(out_path), per_image_path(out_path)):
         tracker.log_artifact(path, "metrics")
     if result.flagged:
         print(f"warning: {model_path} evaluation flagged, failed checks: {', '.join(result.failed)} "
@@ -206,8 +211,8 @@ def build_parser():
     p = parser(__doc__)
     p.add_argument("--seed", type=int, help="override run.seed (the comparison pipeline's seeds); recorded as run.seed")
     p.add_argument("--model", help="evaluate this checkpoint only (with --out)")
-    p.add_argument("--out", help="numeric results JSON written for --model (_info.json and _per_image.npz "
-                                 "beside it)")
+    p.add_argument("--out", help="headline results JSON written for --model (_details.json, _info.json and "
+                                 "_per_image.npz beside it)")
     p.add_argument("--attacks", nargs="*", help="attacks for --model (default: evaluate.config.attacks)")
     return p
 

@@ -93,8 +93,9 @@ def save_npy(path, array) -> None:
 
 
 def split_report(report: dict) -> tuple[dict, dict]:
-    """(numbers, text): DVC metrics hold numbers only; the rest goes to the *_info.json."""
-    is_number = lambda v: isinstance(v, (int, float, dict)) and not isinstance(v, bool)  # noqa: E731
+    """(numbers, the rest): DVC metrics hold plain numbers only (`dvc metrics show` lists each as a
+    column); the text and the per-class counts (one column per class) go to the *_info.json."""
+    is_number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)  # noqa: E731
     return ({k: v for k, v in report.items() if is_number(v)},
             {k: v for k, v in report.items() if not is_number(v)})
 
@@ -156,7 +157,6 @@ def main(args) -> None:
     save_npy(GENERATED / "labels.npy", labels)
     save_npy(GENERATED / "confidence.npy", conf)
     numbers, text = split_report(report)
-    numbers["source"] = cfg.source  # until stages/report.py reads ddpm_info.json (its only text)
     write_json(text, METRICS / "ddpm_info.json")
     write_json(numbers, METRICS / "ddpm.json")  # last: a failed run leaves the previous report
     args.tracker.log_metrics(numbers)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import csv
 from pathlib import Path
+from typing import Any
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_csv
 from services.best_last import best_last_markdown
@@ -23,6 +24,27 @@ def read_csv(path: Path) -> list[dict]:
         return []
     with open(path) as fh:
         return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(fh)]
+
+
+def header_markdown(params, tracker) -> str:
+    """The line under the report's title: when it was written, from which commit, and its MLflow
+    run (the pipeline's parent run, set by the Prefect flow, and this stage's run) when tracked."""
+    import os
+    from datetime import datetime, timezone
+
+    from services.tracking import git_commit, run_url, tracking_uri
+
+    line = (f"Written {datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC from commit `{git_commit() or '-'}`, "
+            f"{params.profile} profile.")
+    if tracker.run_id and tracker.experiment_id:
+        parent = os.environ.get("ROBUSTKD_PARENT_RUN_ID")
+        runs = ([f"the pipeline's run [{parent[:8]}]({run_url(parent, tracker.experiment_id)})"] if parent else []) \
+            + [f"this report's run [{tracker.run_id[:8]}]({run_url(tracker.run_id, tracker.experiment_id)})"]
+        local = not tracking_uri().startswith(("http://", "https://"))
+        line += " MLflow: " + ", ".join(runs) + (" (open `make mlflow-ui` first)." if local else ".")
+    else:
+        line += " Not tracked in MLflow (ROBUSTKD_TRACKING off)."
+    return line
 
 
 def run_caption(params) -> str:
@@ -84,7 +106,24 @@ def larger_set_table(rows: list[tuple[str, dict]], when: str = "") -> tuple[str,
     return title, caption + "\n\n" + "\n".join(lines)
 
 
+# One colour per model in every figure of the report (matplotlib's tab10), the same in dvc.yaml's plots.
+MODEL_COLOURS = {"teacher": "#1f77b4", "student": "#ff7f0e", "reference": "#2ca02c", "student_best": "#d62728"}
+LOSS_TERMS = ("ce", "kl", "kd", "arkd", "iakd", "dbkd")   # a method's loss terms, when its history has them
+
+
+def model_colour(name: str) -> str:
+    return MODEL_COLOURS.get(name, "#7f7f7f")
+
+
+def nan_if_none(value: float | None) -> float:
+    """An empty CSV cell (read as None) as a gap in the curve."""
+    return float("nan") if value is None else value
+
+
 def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
+    """Training curves: one panel per model's loss (TRADES, DARWIN and KD losses have different
+    scales and meanings, so they never share an axis), its terms dashed beside the total; below,
+    the held-out natural and PGD accuracy (%), one axis each, every model in its colour."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -92,17 +131,31 @@ def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
     histories = {k: v for k, v in histories.items() if v}
     if not histories:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    names = list(histories)   # 2n columns: a loss panel per model above, the two accuracies below
+    heldout = any(k.startswith("heldout_") for rows in histories.values() for k in rows[0])
+    mosaic: list[Any] = [[f"loss:{n}" for n in names for _ in range(2)]]   # matplotlib's HashableList
+    if heldout:   # the held-out monitor ran (data.heldout_per_class, monitor_pgd_steps)
+        mosaic.append(["natural"] * len(names) + ["pgd"] * len(names))
+    fig, axes = plt.subplot_mosaic(mosaic, figsize=(11, 6.4 if heldout else 3.4))
     for name, rows in histories.items():
-        epochs = [r["epoch"] for r in rows]
-        axes[0].plot(epochs, [r["loss"] for r in rows], marker="o", label=name)
-        for key in rows[0]:
-            if key.startswith("heldout_"):
-                axes[1].plot(epochs, [r[key] for r in rows], marker="o", label=f"{name} {key[8:]}")
-    axes[0].set(title="training loss", xlabel="epoch")
-    axes[1].set(title="held-out accuracy (%)", xlabel="epoch")
-    for ax in axes:
-        ax.legend(fontsize=7)
+        epochs, colour = [r["epoch"] for r in rows], model_colour(name)
+        ax = axes[f"loss:{name}"]
+        ax.plot(epochs, [r["loss"] for r in rows], marker="o", color=colour, label="total")
+        terms = [t for t in LOSS_TERMS if t in rows[0]]
+        for style, term in zip(("--", ":", "-."), terms):
+            if any(r[term] != r["loss"] for r in rows):   # a term that is the whole loss adds nothing
+                ax.plot(epochs, [nan_if_none(r[term]) for r in rows], style, color=colour, alpha=0.7, label=term)
+        ax.set(title=f"{name}: training loss", xlabel="epoch")
+        for key in (k for k in rows[0] if k.startswith("heldout_")):
+            which = "natural" if key == "heldout_natural" else "pgd"
+            axes[which].plot(epochs, [nan_if_none(r[key]) for r in rows], marker="o", color=colour,
+                             label=f"{name} ({key.removeprefix('heldout_')})")
+    if heldout:
+        axes["natural"].set(title="held-out natural accuracy (%)", xlabel="epoch")
+        axes["pgd"].set(title="held-out accuracy under PGD (%)", xlabel="epoch")
+    for ax in axes.values():
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -124,7 +177,8 @@ def plot_accuracy(rows: list[tuple[str, dict]], out: Path) -> Path | None:
         vals = [r["percent"] if r else 0.0 for r in recs]
         err = [[v - r["ci95_low"] if r else 0.0 for v, r in zip(vals, recs)],
                [r["ci95_high"] - v if r else 0.0 for v, r in zip(vals, recs)]]
-        ax.bar([j + i * width for j in range(len(TABLE_COLUMNS))], vals, width, yerr=err, capsize=2, label=name)
+        ax.bar([j + i * width for j in range(len(TABLE_COLUMNS))], vals, width, yerr=err, capsize=2, label=name,
+               color=model_colour(name))
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(TABLE_COLUMNS))])
     ax.set_xticklabels([label for _, label in TABLE_COLUMNS])
     ax.set_ylabel("accuracy (%)")
@@ -176,6 +230,12 @@ def per_class_text(per_class: dict) -> str:
     return ", ".join(f"{k} {v}" for k, v in per_class.items())
 
 
+def ddpm_report() -> dict | None:
+    """The generated-data figures (metrics/ddpm.json) with their text (ddpm_info.json: the source)."""
+    numbers = read_json(METRICS / "ddpm.json")
+    return None if numbers is None else {**(read_json(METRICS / "ddpm_info.json") or {}), **numbers}
+
+
 def build_sections(params, evals, paths, histories, card, export, ddpm, comparison, figures) -> list[dict]:
     """The report's sections, each {"id", "title", "markdown", "figures": [(alt, path, caption)]}."""
     when = figures.get("when", "")
@@ -224,7 +284,7 @@ def build_sections(params, evals, paths, histories, card, export, ddpm, comparis
     if ddpm:
         sections.append({"id": "generated", "title": "Generated data", "markdown": "\n".join([
             "| source | images | fraction per batch |", "|---|---|---|",
-            f"| {ddpm['source']} | {ddpm['num_images']} | {params.ddpm.fraction} |"])})
+            f"| {ddpm.get('source', '-')} | {ddpm['num_images']} | {params.ddpm.fraction} |"])})
     if card:
         lines = [f"Source: {card.get('source')} (`{card.get('root')}`).", "",
                  "| split | images | per class | sha256 (first 16) |", "|---|---|---|---|"]
@@ -236,8 +296,8 @@ def build_sections(params, evals, paths, histories, card, export, ddpm, comparis
     return sections
 
 
-def render_markdown(title: str, intro: str, sections: list[dict]) -> str:
-    md = [f"# {title}", "", intro, ""]
+def render_markdown(title: str, intro: str, sections: list[dict], header: str = "") -> str:
+    md = [f"# {title}", ""] + ([header, ""] if header else []) + [intro, ""]
     for s in sections:
         md += [f"## {s['title']}", ""]
         if s["markdown"]:
@@ -246,7 +306,7 @@ def render_markdown(title: str, intro: str, sections: list[dict]) -> str:
     return "\n".join(md)
 
 
-def render_html(title: str, intro: str, sections: list[dict]) -> str:
+def render_html(title: str, intro: str, sections: list[dict], header: str = "") -> str:
     """The HTML page from templates/report.html.j2: every section converted from its Markdown,
     figures embedded as base64 PNG data URIs (the page needs nothing else to open)."""
     import jinja2
@@ -258,7 +318,7 @@ def render_html(title: str, intro: str, sections: list[dict]) -> str:
              "figures": [{"alt": alt, "caption": caption, "data": base64.b64encode(path.read_bytes()).decode()}
                          for alt, path, caption in s["figures"]]} for s in sections]
     return env.get_template("report.html.j2").render(title=title, intro_html=Markup(markdown_html(intro)),
-                                                     sections=view)
+                                                     header_html=Markup(markdown_html(header)), sections=view)
 
 
 def main(args) -> None:
@@ -287,12 +347,13 @@ def main(args) -> None:
              f"eps = {params.evaluate.config.eps * 255:.0f}/255 (L-inf) on the test subset: {subset}; "
              "[95% Wilson interval]; an image wrong without attack counts as wrong under attack.")
     sections = build_sections(params, evals, paths, histories, read_json(METRICS / "data_card.json") or {},
-                              read_json(METRICS / "export.json"), read_json(METRICS / "ddpm.json"),
+                              read_json(METRICS / "export.json"), ddpm_report(),
                               REPORTS / "comparison.md", figures)
+    header = header_markdown(params, args.tracker)
     with atomic_path(REPORTS / "report.md") as tmp:
-        tmp.write_text(render_markdown(title, intro, sections))
+        tmp.write_text(render_markdown(title, intro, sections, header))
     with atomic_path(REPORTS / "report.html") as tmp:
-        tmp.write_text(render_html(title, intro, sections))
+        tmp.write_text(render_html(title, intro, sections, header))
     args.tracker.log_artifact(REPORTS, "reports")
     print(f"report written to {REPORTS / 'report.md'} and {REPORTS / 'report.html'}")
 

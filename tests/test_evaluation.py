@@ -396,8 +396,11 @@ def test_stage_writes_a_flagged_result_and_continues(stage_dir, monkeypatch, cap
     tmp, _ = stage_dir
     with_broken(monkeypatch, "pgd20", _outside)
     evaluate.run(["--model", "model.pt", "--out", "out/model.json"])
-    m = json.loads((tmp / "out/model.json").read_text())
-    info = json.loads((tmp / "out/model_info.json").read_text())
+    from services.results import read_evaluation
+
+    m = read_evaluation(tmp / "out/model.json")
+    info = m["info"]
+    assert json.loads((tmp / "out/model.json").read_text())["flagged"] == 1
     assert m["flagged"] == 1 and m["checks"]["pgd20"]["linf"] == 0 and m["accuracy"]["pgd20"]["total"] == 20
     assert "pgd20/linf" in info["failed_checks"] and "outside the ball" in info["checks"]["pgd20/linf"]["detail"]
     assert info["subset"]["per_class"] == 2 and info["method"] == "test"

@@ -26,6 +26,7 @@ def registered(tmp_path_factory):
     """A distill stage run (with its datasets and checkpoint hash) and the student registered."""
     from robustkd.data import ImageSet
     from robustkd.data import imageset_sha256
+    from services.results import read_evaluation
     from services.tracking import MLFLOW_ENV, keep_environment, setup_mlflow, stage_run
 
     from pipeline import registry
@@ -46,7 +47,7 @@ def registered(tmp_path_factory):
             tracker.set_tags({"stage": "distill",
                               "checkpoint_sha256": registry.sha256_file(checkpoint)})
             train_run_id = tracker.run_id
-        evaluation = json.loads((ROOT / "metrics/evaluate/student.json").read_text())
+        evaluation = read_evaluation(ROOT / "metrics/evaluate/student.json")   # headline + details
         tags = {"method": "darwin", "student": "resnet10_w8", "teacher": "resnet10_w16", "dataset": "cifar10",
                 "profile": "cpu", "eval_images": evaluation["num_images"], "eval_subset": "first 10 per class",
                 "eval_images_sha256": "ab" * 32, "eval_flagged": 0}

@@ -102,8 +102,11 @@ def test_report_html_structure(report_dir):
     page = (report_dir / "report.html").read_text()
     assert "<pre" not in page and "<table>" in page and "http://" not in page and "https://" not in page
     for section in ("Accuracy under attack", "Evaluation checks", "ONNX export", "Data card", "Method comparison"):
-        assert f">{section}</h2>" in page
+        assert f"<h2>{section}" in page   # a heading may say its image count: "(the same 100 images)"
     assert page.count("data:image/png;base64,") == 2
+    # the header: when, from which commit (tracking is off here: no MLflow run to link)
+    header = page[page.index('<div class="meta">'):page.index('<div class="lead">')]
+    assert "Written 20" in header and " UTC from commit " in header and "Not tracked in MLflow" in header
 
 
 def test_report_in_headless_chromium(report_dir, chromium):

@@ -62,9 +62,18 @@ def _numbers_only(obj, where=""):
 
 
 def test_evaluate_writes_every_attack(workdir):
+    from services.results import HEADLINE_NUMBERS, read_evaluation
+
     for name in ("teacher", "student"):
-        m = json.loads((workdir / f"metrics/evaluate/{name}.json").read_text())
-        _numbers_only(m)  # a DVC metrics file: the words are in <name>_info.json
+        headline = json.loads((workdir / f"metrics/evaluate/{name}.json").read_text())
+        # a DVC metrics file: the headline numbers, flat; the other numbers in <name>_details.json,
+        # the words in <name>_info.json
+        _numbers_only(headline)
+        assert set(headline) == set(HEADLINE_NUMBERS), sorted(headline)
+        details = json.loads((workdir / f"metrics/evaluate/{name}_details.json").read_text())
+        _numbers_only(details)
+        assert {"accuracy", "per_class_accuracy", "checks", "headline"} <= set(details)
+        m = read_evaluation(workdir / f"metrics/evaluate/{name}.json")
         for key in ("natural", "pgd20", "cw", "autoattack", "worst_case"):
             assert 0.0 <= m[key] <= 100.0
             acc = m["accuracy"][key]
@@ -93,7 +102,7 @@ def test_evaluate_writes_every_attack(workdir):
         assert set(per_image["autoattack_index"]) < set(per_image["index"])
         labels = dict(zip(per_image["index"], per_image["label"]))
         assert sorted(labels[i] for i in per_image["autoattack_index"]) == list(range(10))
-    ref = json.loads((workdir / "metrics/evaluate/reference.json").read_text())
+    ref = read_evaluation(workdir / "metrics/evaluate/reference.json")
     assert set(ref["per_class_accuracy"]) == {"natural", "pgd20", "worst_case"}
 
 
@@ -144,7 +153,10 @@ def ingest_with(workdir, tmp_path, monkeypatch, arrays: dict, **ddpm):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     monkeypatch.chdir(tmp_path)
     ingest_ddpm.run([])
-    return {**json.loads((tmp_path / "metrics/ddpm.json").read_text()),
+    numbers = json.loads((tmp_path / "metrics/ddpm.json").read_text())
+    # a DVC metrics file: plain numbers, one column each (the source and per-class counts: ddpm_info.json)
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in numbers.values()), numbers
+    return {**numbers,
             **json.loads((tmp_path / "metrics/ddpm_info.json").read_text())}
 
 
@@ -321,8 +333,10 @@ def test_stages_under_torchrun_write_once_and_match_the_single_process_evaluatio
     assert load_checkpoint(workdir / "ddp_gacd/gacd.pt").checkpoint_meta["method"] == "gacd"
 
     launch("evaluate", "--model", "models/student.pt", "--out", "ddp/student_eval.json")
-    single = json.loads((workdir / "metrics/evaluate/student.json").read_text())
-    sharded = json.loads((workdir / "ddp/student_eval.json").read_text())
+    from services.results import read_evaluation
+
+    single = read_evaluation(workdir / "metrics/evaluate/student.json")
+    sharded = read_evaluation(workdir / "ddp/student_eval.json")
     assert sharded["processes"] == 2
     for key in ("natural", "pgd20", "cw", "autoattack", "per_class_accuracy"):
         assert sharded[key] == single[key], (key, sharded[key], single[key])

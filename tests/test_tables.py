@@ -25,7 +25,7 @@ def write_evaluation(path, seed: int, n_per_class: int = 4, aa_per_class: int = 
     from robustkd.data import stratified_first_k
     from robustkd.evaluation import EvaluationResult, summarize
     from services.common import write_json
-    from services.results import info_path, per_image_path, read_per_image
+    from services.results import details_path, info_path, per_image_path, read_per_image, split_headline
     from services.tables import table_blocks
     from stages.evaluate import save_per_image
 
@@ -58,18 +58,20 @@ def write_evaluation(path, seed: int, n_per_class: int = 4, aa_per_class: int = 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_per_image(result, indices, labels, per_image_path(path))
     summary.update({k: b for k, b in table_blocks(summary, read_per_image(path)).items() if b is not None})
-    write_json(summary, path)
+    numbers, details = split_headline(summary)   # as the stage writes them: the headline, the details
+    write_json(details, details_path(path))
+    write_json(numbers, path)
     write_json(info, info_path(path))
     return path
 
 
 def test_worst_case_never_above_a_column_and_every_column_on_the_same_images(tmp_path):
-    from services.results import read_per_image
+    from services.results import read_evaluation, read_per_image
     from services.tables import ATTACK_COLUMNS, headline, larger_set
 
     for seed in range(20):
         path = write_evaluation(tmp_path / f"m{seed}.json", seed)
-        per_image, summary = read_per_image(path), json.loads(path.read_text())
+        per_image, summary = read_per_image(path), read_evaluation(path)
         block = headline(summary, per_image)
         records = block["accuracy"]
         assert set(records) == {"natural", "pgd20", "cw", "autoattack", "worst_case"}
@@ -87,7 +89,7 @@ def test_worst_case_never_above_a_column_and_every_column_on_the_same_images(tmp
     # evaluation's own worst case (on AA's images) above PGD-20 on all images; the headline never does
     seen = 0
     for seed in range(20):
-        summary = json.loads((tmp_path / f"m{seed}.json").read_text())
+        summary = read_evaluation(tmp_path / f"m{seed}.json")
         if summary["autoattack"] > summary["pgd20"]:
             seen += 1
             h = summary["headline"]["accuracy"]
@@ -96,14 +98,14 @@ def test_worst_case_never_above_a_column_and_every_column_on_the_same_images(tmp
 
 
 def test_without_a_subset_there_is_no_larger_set(tmp_path):
-    from services.results import read_per_image
+    from services.results import read_evaluation, read_per_image
     from services.tables import headline, larger_set
 
     path = write_evaluation(tmp_path / "ref.json", 0, attacks=("natural", "pgd20"))
     per_image = read_per_image(path)
     block = headline(None, per_image)
     assert block["images"] == 40 and set(block["accuracy"]) == {"natural", "pgd20", "worst_case"}
-    assert larger_set(None, per_image) is None and "larger_set" not in json.loads(path.read_text())
+    assert larger_set(None, per_image) is None and "larger_set" not in read_evaluation(path)
 
 
 @pytest.fixture
