@@ -1,0 +1,202 @@
+"""A failing stage keeps the previous run's outputs (issue 29, item 4).
+
+`dvc repro` deletes a stage's outputs before it runs the command, unless they are `persist: true`
+(https://dvc.org/doc/command-reference/repro); the uncached ones (metrics, info files) were then
+lost for good when the stage failed. Every output of the three pipelines persists, each stage reads
+its inputs before it writes anything, and every file is replaced atomically. Shown here on one tiny
+`dvc repro` in a temporary copy of the project, with the faults of the issue made to happen: a
+truncated teacher under distill, a count above the prepared one, a damaged MLflow store. Each ends
+with one line, every file of the good run is still there byte for byte, and after the fault is
+undone `dvc status` is clean again (docs/troubleshooting.md)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from services.best_last import remove_unlisted_best
+
+from .stage_fixtures import ROOT, project_copy, sh, tiny_params, write_params
+
+ALWAYS_RUN = "fingerprint_data"
+PIPELINES = ("dvc.yaml", "compare/dvc.yaml", "ablation/dvc.yaml")
+
+
+def outputs_of(stage: dict) -> list[tuple[str, dict]]:
+    found = []
+    for kind in ("outs", "metrics", "plots"):
+        for entry in stage.get(kind) or []:
+            path, opts = (entry, {}) if isinstance(entry, str) else next(iter(entry.items()))
+            found.append((path, opts or {}))
+    return found
+
+
+def test_every_output_of_every_pipeline_persists():
+    """Without `persist: true`, DVC deletes the output before the stage runs, and a stage that
+    fails (on bad input, before it wrote anything) leaves nothing of the previous run."""
+    missing = []
+    for pipeline in PIPELINES:
+        for name, stage in yaml.safe_load((ROOT / pipeline).read_text())["stages"].items():
+            missing += [f"{pipeline}:{name}: {path}" for path, opts in outputs_of(stage.get("do", stage))
+                        if opts.get("persist") is not True]
+    assert not missing, missing
+
+
+def test_best_results_no_longer_listed_are_removed_and_the_listed_ones_kept(tmp_path, capsys):
+    """Persistent outputs must not pass an earlier run's files off as this run's: the results of a
+    best checkpoint that evaluate.best_checkpoints no longer names are removed after the stage."""
+    names = ["teacher", "teacher_best", "student", "student_best", "reference_best"]
+    for name in names:
+        for suffix in (".json", "_info.json", "_per_image.npz"):
+            (tmp_path / f"{name}{suffix}").write_text(name)
+    removed = remove_unlisted_best(tmp_path, ["student"])
+    assert sorted(p.name for p in removed) == sorted(f"{n}{s}" for n in ("teacher_best", "reference_best")
+                                                     for s in (".json", "_info.json", "_per_image.npz"))
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        f"{n}{s}" for n in ("teacher", "student", "student_best") for s in (".json", "_info.json", "_per_image.npz"))
+    said = capsys.readouterr().out.splitlines()
+    assert len(said) == 6 and all("evaluate.best_checkpoints (['student']) no longer lists" in s for s in said)
+
+
+# ------------------------------------------------------------------ the faults, under `dvc repro`
+def smallest_params() -> dict:
+    """The tiny profile, cheaper still: one DVC run of every stage in about a minute here."""
+    p = tiny_params("raw")
+    p["teacher"]["optim"].update(epochs=1)
+    p["distill"]["optim"].update(epochs=1)
+    p["evaluate"]["config"].update(attacks=["natural", "pgd20"])
+    p["evaluate"]["autoattack_per_class"] = None
+    p["attention"]["images"] = 2
+    return p
+
+
+# What the good run produced: every file whose loss the issue found (the student's metrics,
+# metrics/evaluate/*, metrics/export*.json, data/prepared), every other output, and the lock.
+KEPT_DIRS = ("data", "metrics", "models", "reports")
+
+
+def snapshot(repo: Path) -> dict[str, bytes]:
+    files = {"dvc.lock": (repo / "dvc.lock").read_bytes()}
+    for d in KEPT_DIRS:
+        files.update({str(p.relative_to(repo)): p.read_bytes() for p in sorted((repo / d).rglob("*")) if p.is_file()})
+    return files
+
+
+def status_clean(repo: Path) -> bool:
+    """`dvc status`: nothing but the always-run data fingerprint is out of date."""
+    return sh("dvc status dvc.yaml", repo).stdout.split() == [f"{ALWAYS_RUN}:", "always", "changed"]
+
+
+def error_lines(proc) -> list[str]:
+    return [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+
+
+def stage_error(proc) -> str:
+    """The one line the failing stage printed (DVC adds its own 'ERROR: failed to reproduce ...')."""
+    assert proc.returncode != 0, proc.stdout[-3000:]
+    assert "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
+    said = error_lines(proc)
+    assert len(said) == 1, proc.stderr[-4000:]
+    return said[0]
+
+
+@pytest.fixture(scope="module")
+def good_run(tmp_path_factory):
+    """One tiny pipeline run, committed; every fault below starts from it and is undone after."""
+    repo = project_copy(tmp_path_factory.mktemp("kept"), smallest_params())
+    sh("dvc repro", repo)
+    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm 'good run'", repo)
+    assert status_clean(repo)
+    return repo, snapshot(repo)
+
+
+def truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+@pytest.mark.slow
+def test_a_truncated_teacher_fails_distill_in_one_line_and_the_students_files_stay(good_run):
+    """The flow's `dvc repro --single-item distill` on a truncated models/teacher.pt: distill
+    refuses the file before it writes anything; the student's model, metrics, history and the
+    evaluation, export and report of the good run are untouched. `dvc checkout` restores the
+    teacher and nothing is left to run."""
+    repo, before = good_run
+    teacher = repo / "models/teacher.pt"
+    truncate(teacher)
+    proc = sh("dvc repro --single-item distill", repo, check=False)
+    line = stage_error(proc)
+    assert line.startswith("error: checkpoint models/teacher.pt cannot be read: truncated or corrupt"), line
+    after = snapshot(repo)
+    assert {k for k in before if after.get(k) != before[k]} == {"models/teacher.pt"}
+
+    sh("dvc checkout --force models/teacher.pt", repo)   # --force: the truncated file is in no cache
+    assert "Running stage" not in sh("dvc repro --single-item distill", repo).stdout
+    assert snapshot(repo) == before and status_clean(repo)
+
+
+@pytest.mark.slow
+def test_a_count_above_the_prepared_one_fails_before_anything_is_replaced(good_run):
+    """evaluate.per_class above data.test_per_class: `dvc repro` stops at its first stage, which
+    checks the params; the flow's `dvc repro --single-item evaluate` stops in evaluate, whose
+    outputs DVC no longer deletes: metrics/evaluate/* stay. The params restored, nothing runs."""
+    repo, before = good_run
+    params_path = repo / "params.yaml"
+    good = params_path.read_text()
+    bad = yaml.safe_load(good)
+    bad["evaluate"]["per_class"] = 100
+    write_params(params_path, bad)
+    expected = ("error: params.yaml: evaluate.per_class: expected at most data.test_per_class (3) test images "
+                "per class, found 100")
+    for cmd in ("dvc repro", "dvc repro --single-item evaluate"):
+        proc = sh(cmd, repo, check=False)
+        assert stage_error(proc).startswith(expected), (cmd, proc.stderr[-2000:])
+        assert snapshot(repo) == before, cmd
+
+    params_path.write_text(good)
+    ran = [line for line in sh("dvc repro", repo).stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == [f"Running stage '{ALWAYS_RUN}':"], ran
+    assert snapshot(repo) == before and status_clean(repo)
+
+
+def damage(db: Path) -> None:
+    """Overwrite the pages after the first (the schema) with noise: SQLite then says 'database disk
+    image is malformed' (https://www.sqlite.org/fileformat2.html: pages of 4096 bytes here)."""
+    data = bytearray(db.read_bytes())
+    for i in range(4096, len(data)):
+        data[i] = (i * 131 + 7) % 256
+    db.write_bytes(bytes(data))
+
+
+@pytest.mark.slow
+def test_a_damaged_mlflow_store_leaves_the_run_untracked_in_one_line_and_loses_nothing(good_run):
+    """A damaged mlflow.db while export_onnx and report re-run (a changed latency setting): both
+    finish untracked, each saying so in one line, their new files complete; every other file of
+    the good run is untouched. The store moved aside (as the line says), the params restored, one
+    `dvc repro` brings the pipeline back to the good run's state."""
+    repo, before = good_run
+    damage(repo / "mlflow.db")
+    params_path = repo / "params.yaml"
+    good = params_path.read_text()
+    changed = yaml.safe_load(good)
+    changed["export"]["latency_repeats"] = 3
+    write_params(params_path, changed)
+    proc = sh("dvc repro", repo, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
+    said = [line for line in proc.stderr.splitlines() if line.startswith("tracking:")]
+    assert len(said) == 2 and all("the store is damaged" in s and s.endswith("the stage goes on untracked")
+                                  for s in said), said
+    after = snapshot(repo)
+    rewritten = {k for k in before if after.get(k) != before[k]}
+    assert rewritten <= {"dvc.lock", "metrics/export.json", "models/student.onnx", "reports/report.md",
+                         "reports/report.html"}, rewritten
+    assert "metrics/export.json" in rewritten and not (set(after) - set(before))
+
+    (repo / "mlflow.db").rename(repo / "mlflow.db.damaged")
+    params_path.write_text(good)
+    sh("dvc repro", repo)
+    assert status_clean(repo)
+    assert {k for k, v in snapshot(repo).items() if before.get(k) != v} <= \
+        {"dvc.lock", "metrics/export.json", "models/student.onnx", "reports/report.md", "reports/report.html"}
