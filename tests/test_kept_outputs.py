@@ -11,6 +11,7 @@ undone `dvc status` is clean again (docs/troubleshooting.md)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -171,32 +172,27 @@ def damage(db: Path) -> None:
 
 
 @pytest.mark.slow
-def test_a_damaged_mlflow_store_leaves_the_run_untracked_in_one_line_and_loses_nothing(good_run):
-    """A damaged mlflow.db while export_onnx and report re-run (a changed latency setting): both
-    finish untracked, each saying so in one line, their new files complete; every other file of
-    the good run is untouched. The store moved aside (as the line says), the params restored, one
-    `dvc repro` brings the pipeline back to the good run's state."""
+def test_a_damaged_mlflow_store_leaves_the_stage_untracked_in_one_line_and_loses_nothing(good_run):
+    """A damaged mlflow.db while export_onnx re-runs (`dvc repro --single-item --force`): the
+    stage finishes untracked, saying so in one line, its new files complete; every other file of
+    the good run is untouched. The store restored, one `dvc repro` (the report, whose input
+    metrics/export.json changed) leaves `dvc status` clean."""
     repo, before = good_run
-    damage(repo / "mlflow.db")
-    params_path = repo / "params.yaml"
-    good = params_path.read_text()
-    changed = yaml.safe_load(good)
-    changed["export"]["latency_repeats"] = 3
-    write_params(params_path, changed)
-    proc = sh("dvc repro", repo, check=False)
+    db = repo / "mlflow.db"
+    backup = db.read_bytes()
+    damage(db)
+    proc = sh("dvc repro --single-item --force export_onnx", repo, check=False)
     assert proc.returncode == 0 and "Traceback" not in proc.stderr + proc.stdout, proc.stderr[-4000:]
     said = [line for line in proc.stderr.splitlines() if line.startswith("tracking:")]
-    assert len(said) == 2 and all("the store is damaged" in s and s.endswith("the stage goes on untracked")
-                                  for s in said), said
+    assert len(said) == 1 and "the store is damaged" in said[0] and said[0].endswith("the stage goes on untracked"), \
+        proc.stderr[-4000:]
     after = snapshot(repo)
     rewritten = {k for k in before if after.get(k) != before[k]}
-    assert rewritten <= {"dvc.lock", "metrics/export.json", "models/student.onnx", "reports/report.md",
-                         "reports/report.html"}, rewritten
-    assert "metrics/export.json" in rewritten and not (set(after) - set(before))
+    assert rewritten <= {"dvc.lock", "metrics/export.json", "models/student.onnx"}, rewritten
+    assert set(after) == set(before)
+    assert json.loads((repo / "metrics/export.json").read_text())["max_abs_logit_diff"] >= 0   # complete
 
-    (repo / "mlflow.db").rename(repo / "mlflow.db.damaged")
-    params_path.write_text(good)
-    sh("dvc repro", repo)
+    db.write_bytes(backup)   # or moved aside, as the line says: the next stage starts a new store
+    ran = [line for line in sh("dvc repro", repo).stdout.splitlines() if line.startswith("Running stage")]
+    assert ran == [f"Running stage '{ALWAYS_RUN}':", "Running stage 'report':"], ran
     assert status_clean(repo)
-    assert {k for k, v in snapshot(repo).items() if before.get(k) != v} <= \
-        {"dvc.lock", "metrics/export.json", "models/student.onnx", "reports/report.md", "reports/report.html"}
