@@ -19,7 +19,7 @@ import yaml
 
 from services.best_last import remove_unlisted_best
 
-from .stage_fixtures import ROOT, project_copy, sh, tiny_params, write_params
+from .stage_fixtures import ROOT, make_image_folder, project_copy, sh, tiny_params, write_params
 
 ALWAYS_RUN = "fingerprint_data"
 PIPELINES = ("dvc.yaml", "compare/dvc.yaml", "ablation/dvc.yaml")
@@ -59,6 +59,76 @@ def test_best_results_no_longer_listed_are_removed_and_the_listed_ones_kept(tmp_
         f"{n}{s}" for n in ("teacher", "student", "student_best") for s in (".json", "_info.json", "_per_image.npz"))
     said = capsys.readouterr().out.splitlines()
     assert len(said) == 6 and all("evaluate.best_checkpoints (['student']) no longer lists" in s for s in said)
+
+
+# ------------------------------------------------------------------ the stages' own part, in process
+@pytest.fixture
+def stage_dir(tmp_path, monkeypatch):
+    """Prepared tiny data, a teacher, a student and a reference checkpoint, tracking off."""
+    import torch
+
+    from robustkd.models import create_model, save_checkpoint
+    from stages import prepare_data
+
+    make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)
+    p = tiny_params(str(tmp_path / "raw"))
+    p["data"].update(train_per_class=2, heldout_per_class=1, test_per_class=1)
+    p["evaluate"].update(per_class=1)
+    write_params(tmp_path / "params.yaml", p)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROBUSTKD_TRACKING", "off")
+    prepare_data.run([])
+    torch.manual_seed(0)
+    for name in ("teacher", "student", "reference", "student_best"):
+        save_checkpoint(create_model("resnet10_w8"), tmp_path / "models" / f"{name}.pt", method="natural_kd")
+    return tmp_path
+
+
+def files_under(root: Path, *dirs: str) -> dict[str, bytes]:
+    return {str(p.relative_to(root)): p.read_bytes() for d in dirs for p in sorted((root / d).rglob("*"))
+            if p.is_file()}
+
+
+def test_evaluate_reads_every_checkpoint_before_it_replaces_a_result(stage_dir, capsys):
+    """A truncated student.pt: evaluate refuses it before the teacher's results (evaluated first)
+    are replaced; every previous result stays as it was."""
+    from stages import evaluate
+
+    out = stage_dir / "metrics/evaluate"
+    out.mkdir(parents=True)
+    for name in ("teacher", "student", "reference", "student_best"):
+        for suffix in (".json", "_info.json", "_per_image.npz"):
+            (out / f"{name}{suffix}").write_text(f"the previous run's {name}{suffix}")
+    truncate(stage_dir / "models/student.pt")
+    before = files_under(stage_dir, "metrics/evaluate")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        evaluate.run([])
+    assert err.value.code == 2
+    said = capsys.readouterr().err.strip()
+    assert said.startswith("error: checkpoint models/student.pt cannot be read: truncated or corrupt"), said
+    assert files_under(stage_dir, "metrics/evaluate") == before
+
+
+def test_export_replaces_the_onnx_file_only_after_its_checks(stage_dir, monkeypatch, capsys):
+    """A new export that fails its parity check leaves the previous student.onnx and export
+    figures, and no temporary file."""
+    from robustkd.errors import InputError
+    from stages import export_onnx
+
+    export_onnx.run([])
+    before = files_under(stage_dir, "models", "metrics")
+    assert "models/student.onnx" in before and "metrics/export.json" in before
+
+    def parity_fails(*args, **kwargs):
+        raise InputError("onnxruntime parity: max |logit difference| 1 exceeds export.parity_atol 0.0001")
+
+    monkeypatch.setattr(export_onnx, "parity", parity_fails)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as err:
+        export_onnx.run([])
+    assert err.value.code == 2 and capsys.readouterr().err.strip().startswith("error: onnxruntime parity")
+    assert files_under(stage_dir, "models", "metrics") == before    # no .student.onnx.*.tmp either
 
 
 # ------------------------------------------------------------------ the faults, under `dvc repro`
