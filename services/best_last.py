@@ -102,6 +102,34 @@ def evaluate_best(names: list[str], models: Path, out: Path, attacks_of: Callabl
     return flagged
 
 
+def unlisted_best_files(out: Path, names: list[str]) -> list[Path]:
+    """The files of a best checkpoint's results in ``out`` (``<name>_best.json``, its ``_details.json``,
+    ``_info.json`` and ``_per_image.npz``) whose name ``evaluate.best_checkpoints`` no longer lists: left by an
+    earlier run, since the outputs persist (dvc.yaml). Without their removal DVC and the report
+    would take them for this run's."""
+    listed = {best_name(n) for n in names}
+    stale = []
+    for path in sorted(out.glob("*_best*")) if out.is_dir() else []:
+        stem = path.name
+        for suffix in ("_details.json", "_info.json", "_per_image.npz", ".json"):
+            if stem.endswith(suffix):
+                stem = stem[:-len(suffix)]
+                break
+        if stem.endswith("_best") and stem not in listed and path.is_file():
+            stale.append(path)
+    return stale
+
+
+def remove_unlisted_best(out: Path, names: list[str]) -> list[Path]:
+    """Remove :func:`unlisted_best_files`, saying so; called after every evaluation succeeded."""
+    stale = unlisted_best_files(out, names)
+    for path in stale:
+        path.unlink()
+        print(f"{path}: removed, the result of a best checkpoint that evaluate.best_checkpoints "
+              f"({names}) no longer lists (remove its outputs from dvc.yaml too)")
+    return stale
+
+
 def _cell(outcomes: np.ndarray) -> str:
     k, n = int(outcomes.sum()), len(outcomes)
     low, high = wilson_interval(k, n)

@@ -17,12 +17,19 @@ OUTPUT_NAME = "logits"
 
 def export(model, path, opset: int, metadata: dict[str, str]) -> None:
     """One .onnx file; ``metadata`` (class names, method, ...) goes into its metadata_props so
-    the server and the predict CLI need nothing but the file."""
+    the server and the predict CLI need nothing but the file. Written atomically."""
+    with atomic_path(path) as tmp:
+        export_to(model, tmp, opset, metadata)
+
+
+def export_to(model, tmp, opset: int, metadata: dict[str, str]) -> None:
+    """:func:`export` into ``tmp`` as it is, for a caller that renames the file itself once it has
+    checked it (stages/export_onnx.py: the previous student.onnx stays until the new one passed)."""
     import onnx
 
     example = torch.rand(2, 3, 32, 32)
     batch = torch.export.Dim("batch", min=1, max=65536)
-    with atomic_path(path) as tmp, warnings.catch_warnings():
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         torch.onnx.export(model, (example,), str(tmp), dynamo=True, opset_version=opset,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],

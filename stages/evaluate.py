@@ -34,7 +34,7 @@ from robustkd.evaluation import (PROTOCOLS, WORST_CASE, EvaluationResult, attack
                                  evaluate_model, sha256_tensor, summarize)
 from robustkd.models import load_checkpoint
 
-from services.best_last import evaluate_best
+from services.best_last import best_name, evaluate_best, remove_unlisted_best
 from services.results import details_path, info_path, per_image_path, read_per_image, split_headline
 from services.tables import table_blocks
 from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, save_arrays,
@@ -181,6 +181,15 @@ def save_per_image(result: EvaluationResult, indices: torch.Tensor, labels: torc
     save_arrays(path, **arrays)
 
 
+def check_inputs(model_paths: list[Path]) -> None:
+    """The test set and every checkpoint read before the first result is written: a missing,
+    truncated or foreign file fails the stage (one line) with every previous result in place
+    (the outputs persist, dvc.yaml), not after the teacher's results were replaced."""
+    load_imageset(PREPARED / "test.npz")
+    for path in model_paths:
+        load_checkpoint(path)
+
+
 def main(args) -> None:
     params = read_params(args)
     dist_info, device = setup_distributed(params)
@@ -192,6 +201,8 @@ def main(args) -> None:
         jobs = [(MODELS / "teacher.pt", out / "teacher.json", attacks),
                 (MODELS / "student.pt", out / "student.json", attacks),
                 (MODELS / "reference.pt", out / "reference.json", params.evaluate.reference_attacks)]
+    best = [] if args.model else [MODELS / f"{best_name(n)}.pt" for n in params.evaluate.best_checkpoints]
+    check_inputs([model for model, _, _ in jobs] + best)
     flagged = [str(model) for model, out_path, names in jobs
                if evaluate_file(model, out_path, params, names, device, args.tracker, dist_info).flagged]
     if not args.model:   # the best held-out checkpoints beside the last (evaluate.best_checkpoints)
@@ -201,6 +212,8 @@ def main(args) -> None:
             lambda model, out_path, names: evaluate_file(model, out_path, params, names, device, args.tracker,
                                                          dist_info).flagged,
             is_main=dist_info.is_main)
+        if dist_info.is_main:
+            remove_unlisted_best(METRICS / "evaluate", params.evaluate.best_checkpoints)
     if flagged and params.evaluate.config.fail_on_check:
         print(f"error: evaluation checks failed for {', '.join(flagged)} (evaluate.config.fail_on_check: true); "
               "results written and flagged", file=sys.stderr)

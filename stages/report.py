@@ -158,7 +158,8 @@ def plot_curves(histories: dict[str, list[dict]], out: Path) -> Path | None:
             ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:   # a persistent output: replaced only by a whole figure
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 
@@ -185,7 +186,8 @@ def plot_accuracy(rows: list[tuple[str, dict]], out: Path) -> Path | None:
     ax.legend(fontsize=8)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
-    fig.savefig(out, dpi=110)
+    with atomic_path(out) as tmp:   # a persistent output: replaced only by a whole figure
+        fig.savefig(tmp, dpi=110, format="png")
     plt.close(fig)
     return out
 
