@@ -63,3 +63,44 @@ def read_per_image(metrics_path: Path) -> dict[str, np.ndarray] | None:
         return None
     with np.load(path, allow_pickle=False) as npz:
         return {k: npz[k] for k in npz.files}
+
+
+# ---------------------------------------------------------------- which test images are evaluated
+# One selection, used by the evaluate stage and by every stage that must look at the same images
+# (the export stage attacks the ONNX file on the headline images).
+def evaluated_indices(params, labels, num_classes: int):
+    """Indices into the prepared test set of the evaluated subset: the first ``evaluate.per_class``
+    images of each class (all when null), then its first ``evaluate.max_images`` (all when null)."""
+    import torch
+
+    from robustkd.data import stratified_first_k
+
+    k = params.evaluate.per_class
+    indices = stratified_first_k(labels, k, num_classes) if k is not None else torch.arange(len(labels))
+    return indices[:params.evaluate.max_images]    # None: all
+
+
+def autoattack_positions(params, labels, num_classes: int, attacks: list[str]) -> dict:
+    """{"autoattack": positions in the evaluated subset}: its first ``evaluate.autoattack_per_class``
+    images of each class, when that is smaller than the subset; {} otherwise. ``labels``: those of
+    the evaluated subset."""
+    from robustkd.data import stratified_first_k
+
+    k = params.evaluate.autoattack_per_class
+    if "autoattack" not in attacks or k is None:
+        return {}
+    positions = stratified_first_k(labels, k, num_classes)
+    return {} if len(positions) == len(labels) else {"autoattack": positions}
+
+
+def headline_indices(params, labels, num_classes: int):
+    """Indices into the prepared test set of the images of the headline table (every attack of
+    ``evaluate.config.attacks`` on the same images: AutoAttack's stratified subset when it has one,
+    else the whole evaluated subset); ``labels``: those of the prepared test set. The same images
+    as ``services.tables.headline_images`` reads back from the per-image results."""
+    import torch
+
+    labels = torch.as_tensor(labels)
+    indices = evaluated_indices(params, labels, num_classes)
+    subsets = autoattack_positions(params, labels[indices], num_classes, params.evaluate.config.attacks)
+    return indices[subsets["autoattack"]] if subsets else indices

@@ -29,13 +29,14 @@ import torch
 
 from robustkd.capability import resolve_fast_path
 from robustkd.errors import InputError
-from robustkd.data import stratified_first_k, to_float
+from robustkd.data import to_float
 from robustkd.evaluation import (PROTOCOLS, WORST_CASE, EvaluationResult, attack_settings, check_details,
                                  evaluate_model, sha256_tensor, summarize)
 from robustkd.models import load_checkpoint
 
 from services.best_last import best_name, evaluate_best, remove_unlisted_best
-from services.results import details_path, info_path, per_image_path, read_per_image, split_headline
+from services.results import (autoattack_positions, details_path, evaluated_indices, info_path, per_image_path,
+                              read_per_image, split_headline)
 from services.tables import table_blocks
 from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, save_arrays,
                      setup_distributed, write_json)
@@ -51,16 +52,6 @@ def subset_identity(params, indices: torch.Tensor, images: torch.Tensor, k: int 
             "images_sha256": sha256_tensor(images)}
 
 
-def autoattack_positions(params, labels: torch.Tensor, num_classes: int, attacks: list[str]) -> dict:
-    """{"autoattack": positions in the evaluated subset}: its first ``evaluate.autoattack_per_class``
-    images of each class, when that is smaller than the subset; {} otherwise."""
-    k = params.evaluate.autoattack_per_class
-    if "autoattack" not in attacks or k is None:
-        return {}
-    positions = stratified_first_k(labels, k, num_classes)
-    return {} if len(positions) == len(labels) else {"autoattack": positions}
-
-
 def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], device, tracker,
                   dist_info=None) -> EvaluationResult:
     """Evaluate one checkpoint; under torchrun each rank attacks its share of the batches and
@@ -70,8 +61,7 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     if rank == 0:
         tracker.log_imageset(test, PREPARED / "test.npz", "test", "testing")
     k = params.evaluate.per_class
-    indices = stratified_first_k(test.labels, k, test.num_classes) if k is not None else torch.arange(len(test))
-    indices = indices[:params.evaluate.max_images]    # None: all
+    indices = evaluated_indices(params, test.labels, test.num_classes)
     test = test.subset(indices)
     model = load_checkpoint(model_path).to(device)
     separate = load_checkpoint(model_path)  # loaded again: recomputes each attack's accuracy, never attacked
