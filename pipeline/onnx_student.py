@@ -45,12 +45,28 @@ def resolve_model(source: str) -> Path:
     return found[0]
 
 
+def check_served_input(session, path: Path) -> None:
+    """The file takes what the server sends (services/onnx_input.py: one float32 N x 3 x H x W
+    input) and at the size it resizes to: H x W symbolic or 32 x 32; else one line at load."""
+    from services.onnx_input import EXPECTED_INPUT, check_onnx_input
+
+    check_onnx_input(session, path)
+    inp = session.get_inputs()[0]
+    fixed = [d for d in inp.shape[2:] if isinstance(d, int)]
+    if any(d != IMAGE_SIZE for d in fixed):
+        from robustkd.errors import InputError
+
+        raise InputError(f"{path}: ONNX input {inp.name!r}: expected {EXPECTED_INPUT} with H x W = {IMAGE_SIZE} x "
+                         f"{IMAGE_SIZE} (what the server resizes to), found {inp.type} {list(inp.shape)}")
+
+
 class OnnxStudent:
     def __init__(self, path: Path):
         import onnxruntime as ort
 
         self.path = Path(path)
         self.session = ort.InferenceSession(str(self.path), providers=["CPUExecutionProvider"])
+        check_served_input(self.session, self.path)
         meta = self.session.get_modelmeta().custom_metadata_map
         self.metadata = dict(meta)
         self.classes = json.loads(meta["classes"]) if "classes" in meta else None

@@ -136,6 +136,8 @@ def check_export(path: str, export) -> None:
     positive(path, "export.parity_atol", export.parity_atol)
     for i, bs in enumerate(export.latency_batch_sizes):
         positive(path, f"export.latency_batch_sizes[{i}]", bs)
+    positive(path, "export.attack.square_queries", export.attack.square_queries, allow_zero=True)
+    positive(path, "export.attack.per_class", export.attack.per_class)
 
 
 # Images per class of the torchvision sources (train, test): what data.*_per_class: null means there,
@@ -170,6 +172,10 @@ def check_counts(path: str, params) -> None:
             if value is not None and value > available:
                 fail(path, key, f"at most {what} test images per class", value,
                      f"; lower {key} or raise data.test_per_class")
+    aa_k, attack_k = params.evaluate.autoattack_per_class, params.export.attack.per_class
+    if aa_k is not None and attack_k is not None and attack_k > aa_k and "autoattack" in params.evaluate.config.attacks:
+        fail(path, "export.attack.per_class", f"at most evaluate.autoattack_per_class ({aa_k}): the ONNX file is "
+             "attacked on the headline images, AutoAttack's subset", attack_k)
     if known and params.attention.images > known[0]:
         fail(path, "attention.images", f"at most the {known[0]} classes of {data.source} "
              "(one test image of each of the first k classes)", params.attention.images)

@@ -163,12 +163,30 @@ class EvaluateParams:
 
 
 @dataclass
+class ExportAttackParams:
+    """The exported ONNX file attacked (services/onnx_attack.py, docs/pipeline.md "The deployed file
+    attacked"): Square (gradient-free, L-inf, evaluate.config.eps) on the onnxruntime session, and
+    the evaluation's PGD-20 crafted on the PyTorch student and classified by the session."""
+
+    # Square's query budget per image, one restart (AutoAttack's standard Square: 5000). 1000 [choice]:
+    # about 10 s of onnxruntime on the CPU profile's 100 images (2 cores); 0: no attack on the file
+    square_queries: int = 1000
+    # images: the first k of each class of the headline images (evaluate's AutoAttack subset,
+    # services.results.headline_indices); null: all of them. 10 [choice]: the CPU profile's 100
+    per_class: int | None = 10
+    # registry: a version whose ONNX Square accuracy lies below the lower end of the 95% Wilson
+    # interval of its PyTorch PGD-20 accuracy on the same images is not promoted [choice]
+    block_promotion: bool = True
+
+
+@dataclass
 class ExportParams:
     opset: int = 18
     per_class: int | None = None           # parity on the first k test images of each class (None: all)
     latency_batch_sizes: list[int] = field(default_factory=lambda: [1, 256])
     latency_repeats: int = 20
     parity_atol: float = 1e-4              # max |logit difference| accepted between torch and ORT
+    attack: ExportAttackParams = field(default_factory=ExportAttackParams)
 
 
 @dataclass

@@ -1,10 +1,13 @@
 """Stage export_onnx: the student -> models/student.onnx (one file, dynamic batch, [0, 1]
-pixel input with normalisation inside), onnx.checker, onnxruntime parity on the test subset
-and latency of torch eager and onnxruntime; the figures go to metrics/export.json."""
+pixel input with normalisation inside), onnx.checker, onnxruntime parity on the test subset,
+the file attacked (Square on the onnxruntime session and the PyTorch student's PGD-20 transferred
+to it, on the evaluation's headline images: services/onnx_attack.py) and latency of torch eager
+and onnxruntime; the figures go to metrics/export.json."""
 
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -15,7 +18,9 @@ from robustkd.models import load_checkpoint
 
 from robustkd.utils import atomic_path
 
+from services.onnx_attack import attack_onnx
 from services.onnx_export import INPUT_NAME, OUTPUT_NAME, export_to, median_latency_ms
+from services.results import headline_indices
 from services.training import selected_path
 from services.common import METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, write_json
 
@@ -71,17 +76,58 @@ def main(args) -> None:
         onnx.checker.check_model(onnx.load(str(staged)), full_check=True)
         session = ort.InferenceSession(str(staged), providers=["CPUExecutionProvider"])
         max_diff, agreement, n_images = parity(model, session, test, cfg)
+        attacked = attack_on_headline(model, staged, test, params)
         latency = latencies(model, session, cfg)
     report = {"opset": cfg.opset, "num_images": n_images, "max_abs_logit_diff": max_diff,
-              "prediction_agreement": agreement, "latency": latency, "torch_threads": torch.get_num_threads()}
+              "prediction_agreement": agreement, "latency": latency, "torch_threads": torch.get_num_threads(),
+              **attacked}
     write_json({"onnx": str(path), "input": INPUT_NAME, "output": OUTPUT_NAME, "checker": "passed"},
                METRICS / "export_info.json")
     write_json(report, METRICS / "export.json")  # numbers only: a DVC metric
     args.tracker.log_metrics({"max_abs_logit_diff": max_diff, "prediction_agreement": agreement,
-                              "latency": latency})
+                              "latency": latency, **attacked})
     args.tracker.log_artifact(METRICS / "export.json")
     args.tracker.log_artifact(path)
     print(f"exported {path}: max |diff| {max_diff:.2e}, agreement {agreement:.4f}, latency {latency}")
+    print(attacked_line(attacked))
+
+
+def attack_on_headline(model, path, test, params) -> dict:
+    """The ONNX file attacked on the evaluation's headline images (services.results.headline_indices),
+    their first ``export.attack.per_class`` of each class: {} when ``export.attack.square_queries`` is 0."""
+    settings = params.export.attack
+    if settings.square_queries == 0:
+        return {}
+    indices = headline_indices(params, test.labels, test.num_classes)
+    if settings.per_class is not None:
+        indices = indices[first_per_class(test.labels[indices], settings.per_class)]
+    cfg = replace(params.evaluate.config, seed=params.run.seed)
+    print(f"attacking the ONNX file on {len(indices)} headline test images: Square ({settings.square_queries} "
+          f"queries, eps {cfg.eps * 255:g}/255) and the PyTorch student's PGD-{cfg.pgd_steps} transferred")
+    return attack_onnx(model, path, to_float(test.images[indices]), test.labels[indices], cfg,
+                       settings.square_queries)
+
+
+def first_per_class(labels: torch.Tensor, k: int) -> torch.Tensor:
+    """Positions of the first ``k`` images of each class, in order (fewer where a class has fewer:
+    a smoke run's headline may hold two images; with k of each, as ``stratified_first_k``)."""
+    seen: dict[int, int] = {}
+    keep = []
+    for pos, c in enumerate(labels.tolist()):
+        if seen.get(c, 0) < k:
+            keep.append(pos)
+            seen[c] = seen.get(c, 0) + 1
+    return torch.tensor(keep, dtype=torch.long)
+
+
+def attacked_line(attacked: dict) -> str:
+    if not attacked:
+        return "the ONNX file was not attacked (export.attack.square_queries: 0)"
+    n = attacked["robust_images"]
+    shown = ", ".join(f"{k.removesuffix('_accuracy')} {attacked[k]['percent']:.2f}%"
+                      for k in ("onnx_square_accuracy", "onnx_pgd20_transfer_accuracy", "torch_pgd20_accuracy"))
+    return (f"on {n} images: {shown} (Square {attacked['square_seconds']:.1f} s, PGD-20 and transfer "
+            f"{attacked['pgd20_seconds']:.1f} s)")
 
 
 def build_parser():
