@@ -18,6 +18,11 @@ decides its alias:
   p-value below ``registry.alpha`` on the same images) and its natural accuracy is within
   ``registry.natural_tolerance`` percentage points of the champion's (the first version becomes
   champion);
+- a version whose ONNX file is less robust than its PyTorch student (the export stage's Square on
+  the ONNX session below the lower end of the 95% Wilson interval of the PyTorch PGD-20 accuracy,
+  on the same images: ``metrics/export.json``, docs/pipeline.md "The deployed file attacked") is
+  never promoted (``export.attack.block_promotion``), not even as the first version; its ONNX
+  figures are version tags (``onnx_square``, ``onnx_pgd20_transfer``, ... with counts and intervals);
 - otherwise the new version gets ``challenger``, and the reason is logged and kept in the
   version's ``alias_reason`` tag; the counts, intervals and the McNemar p-value against the
   champion are tags too.
@@ -77,16 +82,40 @@ def incomparable(new_tags: dict, champion_tags: dict) -> str:
     return "; ".join(differ)
 
 
+def onnx_block_reason(attacked: dict | None) -> str:
+    """Why the ONNX file is less robust than its PyTorch student ("" when it is not, or when the
+    figures are missing): its Square accuracy (metrics/export.json ``onnx_square_accuracy``) below
+    the lower end of the 95% Wilson interval of the PyTorch PGD-20 accuracy on the same images
+    (``torch_pgd20_accuracy``). [choice] PGD-20 rather than AutoAttack: the export stage computes it
+    on the exported checkpoint and exactly the attacked images; a white-box gradient attack is the
+    stronger one on a model without gradient masking (the evaluation checks it), so Square on the
+    same function should not do worse than PGD-20 beyond sampling noise, unless the file is another
+    function than the student."""
+    if not attacked:
+        return ""
+    square, pgd = attacked.get("onnx_square_accuracy"), attacked.get("torch_pgd20_accuracy")
+    if not square or not pgd or float(square["percent"]) >= float(pgd["ci95_low"]):
+        return ""
+    return (f"ONNX Square accuracy {float(square['percent']):.2f}% ({square['correct']}/{square['total']}, "
+            f"{int(attacked.get('square_queries', 0))} queries) below the PyTorch PGD-20 interval "
+            f"[{float(pgd['ci95_low']):.1f}, {float(pgd['ci95_high']):.1f}] on the same {pgd['total']} images")
+
+
 def decide_alias(new: dict, champion: dict | None, natural_tolerance: float, promotion: str = "point_estimate",
-                 p_value: float | None = None, alpha: float = 0.05) -> Decision:
+                 p_value: float | None = None, alpha: float = 0.05, block_onnx: bool = True) -> Decision:
     """Champion or challenger for a new version, from accuracies in percent.
 
-    ``new`` / ``champion``: {"natural": ..., "autoattack": ...}; ``champion`` None when there is none.
+    ``new`` / ``champion``: {"natural": ..., "autoattack": ...}; ``champion`` None when there is none;
+    ``new["onnx_attack"]``: the export stage's figures of the ONNX file attacked (``block_onnx``:
+    a file less robust than its student, :func:`onnx_block_reason`, stays challenger).
     ``promotion``: "point_estimate" (AutoAttack accuracy >= the champion's) or "significant"
     (also the exact McNemar ``p_value`` of the AutoAttack outcomes on the same images < ``alpha``).
     """
     if promotion not in PROMOTION_RULES:
         raise ValueError(f"registry.promotion: expected one of {PROMOTION_RULES}, found {promotion!r}")
+    blocked = onnx_block_reason(new.get("onnx_attack")) if block_onnx else ""
+    if blocked:
+        return Decision(CHALLENGER, f"not promoted: {blocked} (export.attack.block_promotion)")
     if champion is None:
         return Decision(CHAMPION, "first registered student")
     if new.get("autoattack") is None:
@@ -263,6 +292,15 @@ def version_description(metrics: dict, tags: dict, train_run=None) -> str:
         lines += [_record_line(label, records[k]) if k in records else f"| {label} | {float(metrics[k]):.2f} | - | - |"
                   for k, label in ATTACK_COLUMNS if metrics.get(k) is not None]
         lines.append("")
+    attacked = metrics.get("onnx_attack")
+    if attacked:
+        n = attacked["robust_images"]
+        lines += [f"The deployed file attacked, on {n} of the headline images (Square: "
+                  f"{attacked.get('square_queries')} queries on the ONNX session; PGD-20 crafted on PyTorch):", "",
+                  "| attack | accuracy (%) | 95% Wilson interval | correct / images |", "|---|---|---|---|"]
+        lines += [_record_line(f"{key} on {n}", rec) for key in ONNX_ATTACK_KEYS
+                  if (rec := attacked.get(f"{key}_accuracy"))]
+        lines.append("")
     if train_run is not None:
         lines += [f"Training run: [{train_run.info.run_name or 'distill'} ({train_run.info.run_id})]"
                   f"(#/experiments/{train_run.info.experiment_id}/runs/{train_run.info.run_id}).", ""]
@@ -297,7 +335,7 @@ def on_headline(metrics: dict) -> dict:
 def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, natural_tolerance: float,
                   parent_run_id: str | None = None, log=print, promotion: str = "point_estimate",
                   alpha: float = 0.05, per_image: Path | None = None, checkpoint: Path | None = None,
-                  ) -> tuple[str, Decision | None]:
+                  block_onnx: bool = True) -> tuple[str, Decision | None]:
     """Register ``onnx_path`` (unless already registered); returns (version, decision or None).
 
     ``metrics``: {attack: percent}, optionally "accuracy" (counts and intervals as in
@@ -305,7 +343,8 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
     of its comparison group (same dataset, AutoAttack images and threat model); ``per_image``: its
     per-image evaluation outcomes, kept with the version for the McNemar test of later versions
     against it; ``checkpoint``: the torch checkpoint the ONNX file was exported from, to link the
-    version to its training run.
+    version to its training run; ``metrics["onnx_attack"]``: the ONNX file attacked (metrics/export.json),
+    tagged and, with ``block_onnx``, a file less robust than its student is not promoted.
     """
     import mlflow
     import onnx
@@ -320,7 +359,7 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
     metrics = with_blocks(metrics, read_npz(per_image))
     version_tags = {**{k: str(v) for k, v in tags.items()},
                     **{k: f"{metrics[k]:.2f}" for k, _ in TABLE_COLUMNS if metrics.get(k) is not None},
-                    **block_tags(metrics), "onnx_sha256": sha}
+                    **block_tags(metrics), **onnx_attack_tags(metrics.get("onnx_attack")), "onnx_sha256": sha}
     version_tags[GROUP_TAG] = comparison_group(version_tags)
     train_run = training_run(client, checkpoint, parent_run_id)
     if train_run is not None:
@@ -351,13 +390,14 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
             "images, threat model): `champion-<group>` / `challenger-<group>` for other groups. Each "
             "version's description has its method, teacher, data and evaluation."))
     decision = rank_version(client, model_name, version, version_tags, metrics, natural_tolerance, promotion,
-                            alpha, per_image)
+                            alpha, per_image, block_onnx)
     log(f"{model_name} version {version} -> {decision.alias}: {decision.reason}")
     return version, decision
 
 
 def rank_version(client, model_name: str, version: str, version_tags: dict, metrics: dict,
-                 natural_tolerance: float, promotion: str, alpha: float, per_image: Path | None) -> Decision:
+                 natural_tolerance: float, promotion: str, alpha: float, per_image: Path | None,
+                 block_onnx: bool = True) -> Decision:
     """Set the new version's alias: ``champion``/``challenger`` against a comparable champion;
     with a champion of another comparison group, its own group's ``champion-<group>`` alias."""
     group = version_tags[GROUP_TAG]
@@ -368,7 +408,7 @@ def rank_version(client, model_name: str, version: str, version_tags: dict, metr
     p_value, pairing = (paired_p_value(outcomes, champion_outcomes(client, in_group)) if in_group is not None
                         else (None, "no champion to test against"))
     decision = decide_alias(metrics, _version_metrics(in_group) if in_group else None, natural_tolerance,
-                            promotion, p_value, alpha)
+                            promotion, p_value, alpha, block_onnx)
     if why_not:  # ranked within its own group only; the main champion stays
         alias = group_alias(group) if decision.alias == CHAMPION else f"{CHALLENGER}-{group}"
         decision = Decision(alias, f"not comparable with the champion ({why_not}); within its group "
@@ -399,6 +439,36 @@ def interval_tags(metrics: dict) -> dict:
     out.update({f"{k}_count": f"{records[k]['correct']}/{records[k]['total']}"
                 for k, _ in TABLE_COLUMNS if k in records})
     return out
+
+
+ONNX_ATTACK_KEYS = ("onnx_natural", "onnx_square", "onnx_pgd20_transfer", "torch_natural", "torch_pgd20")
+
+
+def onnx_attack_tags(attacked: dict | None) -> dict:
+    """The ONNX file attacked (metrics/export.json): {"onnx_square": "31.00", "onnx_square_ci95":
+    "[22.8, 40.6]", "onnx_square_count": "31/100", ...}, the image count, Square's queries and
+    whether the promotion rule blocks the version; {} for an export without them."""
+    if not attacked:
+        return {}
+    out = {"onnx_attack_images": str(attacked.get("robust_images")),
+           "onnx_square_queries": str(attacked.get("square_queries")),
+           "onnx_blocked": "1" if onnx_block_reason(attacked) else "0"}
+    for key in ONNX_ATTACK_KEYS:
+        if (rec := attacked.get(f"{key}_accuracy")):
+            out.update({key: f"{rec['percent']:.2f}", f"{key}_ci95": f"[{rec['ci95_low']:.2f}, {rec['ci95_high']:.2f}]",
+                        f"{key}_count": f"{rec['correct']}/{rec['total']}"})
+    return out
+
+
+def read_onnx_attack(path: Path) -> dict | None:
+    """The attack figures of the export stage's ``metrics/export.json`` (None when absent or from
+    an export that did not attack the file)."""
+    import json
+
+    if not Path(path).is_file():
+        return None
+    figures = json.loads(Path(path).read_text())
+    return figures if "robust_images" in figures else None
 
 
 def block_tags(metrics: dict) -> dict:
@@ -447,7 +517,7 @@ def workspace_metadata(root: Path) -> tuple[dict, dict]:
             "checkpoint": select}
     return {**{k: metrics.get(k) for k, _ in TABLE_COLUMNS}, "accuracy": metrics.get("accuracy") or {},
             "eps_255": metrics.get("eps_255"), HEADLINE: metrics.get(HEADLINE),
-            LARGER_SET: metrics.get(LARGER_SET)}, tags
+            LARGER_SET: metrics.get(LARGER_SET), "onnx_attack": read_onnx_attack(root / "metrics/export.json")}, tags
 
 
 def register_workspace(root: Path = Path("."), parent_run_id: str | None = None, log=print):
@@ -460,7 +530,7 @@ def register_workspace(root: Path = Path("."), parent_run_id: str | None = None,
                          params.registry.natural_tolerance, parent_run_id=parent_run_id, log=log,
                          promotion=params.registry.promotion, alpha=params.registry.alpha,
                          per_image=per_image_path(root / f"metrics/evaluate/{stem}.json"),
-                         checkpoint=root / f"models/{stem}.pt")
+                         checkpoint=root / f"models/{stem}.pt", block_onnx=params.export.attack.block_promotion)
 
 
 def _shown(tags: dict, key: str) -> str:

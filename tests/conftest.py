@@ -105,7 +105,7 @@ TIERS = {
               "test_input_checks", "test_protocols",
               "test_params_checks", "test_presets", "test_seeds", "test_stages", "test_teachers",
               "test_declared_inputs", "test_serving", "test_serving_hostile",
-              "test_best_checkpoint", "test_tables", "test_summary", "test_gpu_check"],
+              "test_best_checkpoint", "test_tables", "test_summary", "test_gpu_check", "test_onnx_attack"],
     "e2e": ["test_ablation", "test_compose", "test_distributed", "test_dvc_pipeline", "test_faults", "test_flow",
             "test_flow_lock", "test_kept_outputs", "test_pipeline_units", "test_prefect_deployment", "test_registry_mlflow",
             "test_report_browser", "test_tracking_postgres"],

@@ -1,0 +1,191 @@
+"""The deployed file attacked (services/onnx_attack.py): the ONNX session as a torch module, Square on
+it and PGD-20 transferred to it, the promotion rule, the input check at load and the served decode.
+
+The models are linear (tests/conftest.py, FixedLinear), so that robustness is known by hand: the
+"robust" model's clean margins (about 920) exceed what any eps = 8/255 perturbation can move
+(eps ||w_y - w_c||_1, about 96). Its "altered" copy adds weights orthogonal to every test image:
+the same clean logits (parity on clean images passes) but a perturbation moves its logits by
+thousands, so an attack on the file finds what the clean parity check cannot.
+"""
+
+import io
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from tests.conftest import FixedLinear
+from robustkd.errors import InputError
+from robustkd.evaluation import EvalConfig
+
+D, CLASSES, PER_CLASS = 3 * 32 * 32, 10, 2
+
+
+@pytest.fixture(scope="module")
+def data():
+    g = torch.Generator().manual_seed(0)
+    patterns = torch.randint(0, 2, (CLASSES, D), generator=g).float() * 2 - 1          # +-1 per class
+    y = torch.arange(CLASSES).repeat_interleave(PER_CLASS)
+    mix = 0.02 * torch.rand(len(y), 1, generator=g)
+    x = (0.5 + 0.3 * patterns[y] + mix * patterns[(y + 1) % CLASSES]).reshape(-1, 3, 32, 32)
+    # directions orthogonal to every test image: span{1, patterns} projected out of random rows
+    basis, _ = torch.linalg.qr(torch.cat([torch.ones(1, D), patterns]).T)              # D x 11, orthonormal
+    noise = torch.randn(CLASSES, D, generator=g)
+    hidden = noise - (noise @ basis) @ basis.T
+    hidden = hidden / hidden.abs().mean(1, keepdim=True)
+    return x, y, patterns, hidden
+
+
+def _export(tmp_path, name, weight, classes=None):
+    from services.onnx_export import export
+
+    model = FixedLinear(weight, torch.zeros(CLASSES)).eval()
+    path = tmp_path / f"{name}.onnx"
+    export(model, path, 18, {"classes": json.dumps(classes or [f"c{i}" for i in range(CLASSES)])})
+    return model, path
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory, data):
+    x, y, patterns, hidden = data
+    tmp = tmp_path_factory.mktemp("onnx")
+    robust, robust_path = _export(tmp, "robust", patterns)
+    _, altered_path = _export(tmp, "altered", patterns + 1000.0 * hidden)
+    return robust, robust_path, altered_path
+
+
+CFG = EvalConfig(eps=8 / 255, pgd_steps=5, pgd_step_size=2 / 255, batch_size=8, seed=0)
+
+
+def test_onnx_module_gives_the_sessions_logits_without_gradients(data, files):
+    from services.onnx_attack import OnnxModule
+
+    x, y, _, _ = data
+    robust, robust_path, _ = files
+    module = OnnxModule(robust_path)
+    z = module(x.requires_grad_(False))
+    assert torch.allclose(z, robust(x), atol=1e-3) and not z.requires_grad
+    assert module.predict(x, batch_size=7).tolist() == y.tolist()
+    with pytest.raises(RuntimeError):   # a gradient attack cannot run on the file
+        module(x.clone().requires_grad_(True)).sum().backward()
+
+
+def test_square_and_transfer_on_the_file_see_an_altered_export(data, files):
+    from pipeline.registry import onnx_block_reason
+    from services.onnx_attack import attack_onnx
+
+    x, y, _, _ = data
+    robust, robust_path, altered_path = files
+    good = attack_onnx(robust, robust_path, x, y, CFG, square_queries=20)
+    bad = attack_onnx(robust, altered_path, x, y, CFG, square_queries=20)
+    n = len(y)
+    for r in (good, bad):
+        assert r["robust_images"] == n and r["onnx_natural_accuracy"]["correct"] == n   # clean parity holds
+        assert r["torch_pgd20_accuracy"]["correct"] == n                                 # the student is robust
+        rec = r["onnx_square_accuracy"]
+        assert rec["total"] == n and rec["ci95_low"] <= rec["percent"] <= rec["ci95_high"]
+    assert good["onnx_square_accuracy"]["correct"] == n and good["onnx_pgd20_transfer_accuracy"]["correct"] == n
+    assert bad["onnx_square_accuracy"]["correct"] <= n // 2        # the altered file is not robust
+    assert bad["onnx_pgd20_transfer_accuracy"]["correct"] < n      # nor to the student's own PGD images
+    assert onnx_block_reason(good) == ""
+    reason = onnx_block_reason(bad)
+    assert "ONNX Square accuracy" in reason and f"same {n} images" in reason
+
+
+def test_square_stays_in_the_threat_model(data, files):
+    from services.onnx_attack import OnnxModule, square_adversarial
+
+    x, y, _, _ = data
+    adv = square_adversarial(OnnxModule(files[2]), x, y, 8 / 255, 10, seed=0, batch_size=8)
+    assert float((adv - x).abs().max()) <= 8 / 255 + 1e-6 and 0 <= float(adv.min()) and float(adv.max()) <= 1
+
+
+def test_promotion_is_blocked_when_the_file_is_less_robust():
+    from pipeline.registry import CHALLENGER, CHAMPION, decide_alias
+    from robustkd.stats import accuracy_record
+
+    def attacked(square):
+        return {"square_queries": 1000, "onnx_square_accuracy": accuracy_record(square, 100),
+                "torch_pgd20_accuracy": accuracy_record(30, 100)}
+
+    new = {"natural": 43.0, "autoattack": 27.0}
+    assert decide_alias({**new, "onnx_attack": attacked(29)}, None, 1.0).alias == CHAMPION   # within the interval
+    blocked = decide_alias({**new, "onnx_attack": attacked(15)}, None, 1.0)
+    assert blocked.alias == CHALLENGER and "below the PyTorch PGD-20 interval" in blocked.reason
+    better_than_champion = {"natural": 43.0, "autoattack": 25.0}
+    assert decide_alias({**new, "onnx_attack": attacked(15)}, better_than_champion, 1.0).alias == CHALLENGER
+    assert decide_alias({**new, "onnx_attack": attacked(15)}, None, 1.0, block_onnx=False).alias == CHAMPION
+
+
+def _graph(tmp_path, name, elem, shape):
+    import onnx
+    from onnx import helper
+
+    inp = helper.make_tensor_value_info("image", elem, shape)
+    out = helper.make_tensor_value_info("logits", elem, None)
+    graph = helper.make_graph([helper.make_node("Flatten", ["image"], ["logits"])], "g", [inp], [out])
+    path = tmp_path / name
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    return path
+
+
+@pytest.mark.parametrize("elem, shape, found", [
+    ("FLOAT", ["N", 1, 32, 32], "tensor(float) [N, 1, 32, 32]"),        # grey-scale
+    ("FLOAT", ["N", 3072], "tensor(float) [N, 3072]"),                    # flattened
+    ("UINT8", ["N", 3, 32, 32], "tensor(uint8) [N, 3, 32, 32]"),        # bytes, not [0, 1] floats
+])
+def test_a_file_of_another_input_fails_at_load_with_one_line(tmp_path, elem, shape, found):
+    from onnx import TensorProto
+
+    from pipeline.onnx_student import OnnxStudent
+    from services.onnx_attack import OnnxModule
+
+    path = _graph(tmp_path, "bad.onnx", getattr(TensorProto, elem), shape)
+    for load in (OnnxModule, OnnxStudent):
+        with pytest.raises(InputError) as err:
+            load(path)
+        message = str(err.value)
+        assert "\n" not in message and str(path) in message and found in message
+        assert "expected one float32 input N x 3 x H x W" in message
+
+
+def test_the_server_refuses_a_fixed_size_it_does_not_send(tmp_path):
+    from onnx import TensorProto
+
+    from pipeline.onnx_student import OnnxStudent
+
+    path = _graph(tmp_path, "big.onnx", TensorProto.FLOAT, ["N", 3, 64, 64])
+    with pytest.raises(InputError, match="H x W = 32 x 32"):
+        OnnxStudent(path)
+
+
+def _png(array_hwc: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(array_hwc).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def test_the_served_decode_gives_the_array_paths_predictions(data, files):
+    """PNG bytes through the server's decode and resize (pipeline/onnx_student.decode_image_bytes)
+    and the uint8 arrays through the stages' to_float give the same pixels and the same answers;
+    a 64 x 64 upload (each pixel doubled) is resized by the server and still gets them."""
+    from pipeline.onnx_student import OnnxStudent, decode_image_bytes
+    from robustkd.data import to_float
+
+    x, y, _, _ = data
+    u8 = (x * 255).round().to(torch.uint8)                      # what a test set holds
+    student = OnnxStudent(files[1])
+    arrays = to_float(u8).numpy()
+    hwc = u8.permute(0, 2, 3, 1).numpy()
+    decoded = np.stack([decode_image_bytes(_png(img)) for img in hwc])
+    np.testing.assert_array_equal(decoded, arrays)
+    by_array = [p["class_index"] for p in student.predict(arrays)]
+    assert by_array == y.tolist()
+    assert [p["class_index"] for p in student.predict(decoded)] == by_array
+    doubled = np.stack([decode_image_bytes(_png(img.repeat(2, 0).repeat(2, 1))) for img in hwc])
+    assert doubled.shape == arrays.shape
+    assert [p["class_index"] for p in student.predict(doubled)] == by_array
+    assert student.predict(decoded)[0]["class"] == "c0"
