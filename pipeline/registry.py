@@ -46,7 +46,7 @@ from robustkd.stats import discordant_pairs, mcnemar_exact_counts
 from services.results import per_image_path, read_evaluation
 from services.params import load_params
 from services.tables import (ATTACK_COLUMNS, HEADLINE, LARGER_SET, TABLE_COLUMNS, WORST, headline, headline_words,
-                             images_of, larger_label, larger_set)
+                             images_of, larger_label, larger_set, onnx_block_reason)
 from services.tracking import MLFLOW_ENV, filter_literal, git_commit, keep_environment, setup_mlflow
 
 CHAMPION, CHALLENGER = "champion", "challenger"
@@ -80,25 +80,6 @@ def incomparable(new_tags: dict, champion_tags: dict) -> str:
     differ = [f"{k} {new_tags.get(k)!s:.16} vs the champion's {champion_tags.get(k)!s:.16}"
               for k in COMPARABILITY_TAGS if str(new_tags.get(k)) != str(champion_tags.get(k))]
     return "; ".join(differ)
-
-
-def onnx_block_reason(attacked: dict | None) -> str:
-    """Why the ONNX file is less robust than its PyTorch student ("" when it is not, or when the
-    figures are missing): its Square accuracy (metrics/export.json ``onnx_square_accuracy``) below
-    the lower end of the 95% Wilson interval of the PyTorch PGD-20 accuracy on the same images
-    (``torch_pgd20_accuracy``). [choice] PGD-20 rather than AutoAttack: the export stage computes it
-    on the exported checkpoint and exactly the attacked images; a white-box gradient attack is the
-    stronger one on a model without gradient masking (the evaluation checks it), so Square on the
-    same function should not do worse than PGD-20 beyond sampling noise, unless the file is another
-    function than the student."""
-    if not attacked:
-        return ""
-    square, pgd = attacked.get("onnx_square_accuracy"), attacked.get("torch_pgd20_accuracy")
-    if not square or not pgd or float(square["percent"]) >= float(pgd["ci95_low"]):
-        return ""
-    return (f"ONNX Square accuracy {float(square['percent']):.2f}% ({square['correct']}/{square['total']}, "
-            f"{int(attacked.get('square_queries', 0))} queries) below the PyTorch PGD-20 interval "
-            f"[{float(pgd['ci95_low']):.1f}, {float(pgd['ci95_high']):.1f}] on the same {pgd['total']} images")
 
 
 def decide_alias(new: dict, champion: dict | None, natural_tolerance: float, promotion: str = "point_estimate",

@@ -247,3 +247,23 @@ def headline_of(m: dict) -> dict | None:
     records = m.get("accuracy") or {}
     totals = {r["total"] for r in records.values()}
     return {"images": totals.pop(), "accuracy": records} if len(totals) == 1 else None
+
+
+# ---------------------------------------------------------------- the deployed file attacked
+def onnx_block_reason(attacked: dict | None) -> str:
+    """Why the ONNX file is less robust than its PyTorch student ("" when it is not, or when the
+    figures are missing): its Square accuracy (metrics/export.json ``onnx_square_accuracy``) below
+    the lower end of the 95% Wilson interval of the PyTorch PGD-20 accuracy on the same images
+    (``torch_pgd20_accuracy``). [choice] PGD-20 rather than AutoAttack: the export stage computes it
+    on the exported checkpoint and exactly the attacked images; a white-box gradient attack is the
+    stronger one on a model without gradient masking (the evaluation checks it), so Square on the
+    same function should not do worse than PGD-20 beyond sampling noise, unless the file is another
+    function than the student."""
+    if not attacked:
+        return ""
+    square, pgd = attacked.get("onnx_square_accuracy"), attacked.get("torch_pgd20_accuracy")
+    if not square or not pgd or float(square["percent"]) >= float(pgd["ci95_low"]):
+        return ""
+    return (f"ONNX Square accuracy {float(square['percent']):.2f}% ({square['correct']}/{square['total']}, "
+            f"{int(attacked.get('square_queries', 0))} queries) below the PyTorch PGD-20 interval "
+            f"[{float(pgd['ci95_low']):.1f}, {float(pgd['ci95_high']):.1f}] on the same {pgd['total']} images")

@@ -15,8 +15,8 @@ from typing import Any
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_csv
 from services.best_last import best_last_markdown
 from services.tables import (ATTACK_COLUMNS, HEADLINE, LARGER_SET, TABLE_COLUMNS, WORST, block_cell, checks_lines,
-                             headline_words, larger_label, larger_words, paired_lines, read_json, read_with_blocks,
-                             same_image_rows)
+                             headline_words, larger_label, larger_words, onnx_block_reason, paired_lines, read_json,
+                             read_with_blocks, same_image_rows)
 from robustkd.utils import atomic_path
 
 def read_csv(path: Path) -> list[dict]:
@@ -238,6 +238,32 @@ def ddpm_report() -> dict | None:
     return None if numbers is None else {**(read_json(METRICS / "ddpm_info.json") or {}), **numbers}
 
 
+def deployed_file_attacked(export: dict | None) -> dict | None:
+    """The section "The deployed file attacked": the export stage's attacks on models/student.onnx
+    beside the PyTorch student's figures, on the same images (metrics/export.json; docs/pipeline.md)."""
+    if not export or "robust_images" not in export:
+        return None
+    n = export["robust_images"]
+
+    def cell(key: str) -> str:
+        rec = export.get(key)
+        return f"{rec['percent']:.2f} [{rec['ci95_low']:.1f}, {rec['ci95_high']:.1f}]" if rec else "-"
+
+    lines = [f"Accuracy (%) [95% Wilson interval] on the same {n:,} headline test images (the images AutoAttack "
+             "ran on, export.attack.per_class of each class), L-inf eps of the evaluation:", "",
+             f"| attack, on {n:,} images | PyTorch student | deployed ONNX file (onnxruntime) |", "|---|---|---|",
+             f"| Natural on {n:,} | {cell('torch_natural_accuracy')} | {cell('onnx_natural_accuracy')} |",
+             f"| PGD-20 on {n:,} (crafted on PyTorch; transferred to the file) | {cell('torch_pgd20_accuracy')} | "
+             f"{cell('onnx_pgd20_transfer_accuracy')} |",
+             f"| Square on {n:,} ({export.get('square_queries')} queries, gradient-free, on the file) | - | "
+             f"{cell('onnx_square_accuracy')} |", ""]
+    blocked = onnx_block_reason(export)
+    lines.append(f"Promotion rule (export.attack.block_promotion): {blocked}; not promoted." if blocked else
+                 "Promotion rule: the file's Square accuracy is not below the PyTorch PGD-20 interval, so the "
+                 "file is as robust as its student within the sampling noise of these images.")
+    return {"id": "onnx-attacked", "title": f"The deployed file attacked ({n:,} images)", "markdown": "\n".join(lines)}
+
+
 def build_sections(params, evals, paths, histories, card, export, ddpm, comparison, figures) -> list[dict]:
     """The report's sections, each {"id", "title", "markdown", "figures": [(alt, path, caption)]}."""
     when = figures.get("when", "")
@@ -283,6 +309,9 @@ def build_sections(params, evals, paths, histories, card, export, ddpm, comparis
         lines += [f"| {k.removeprefix('batch')} | {v['torch_ms']:.2f} | {v['onnxruntime_ms']:.2f} | {v['speedup']:.2f}x |"
                   for k, v in export["latency"].items()]
         sections.append({"id": "onnx", "title": "ONNX export", "markdown": "\n".join(lines)})
+    attacked = deployed_file_attacked(export)
+    if attacked:
+        sections.append(attacked)
     if ddpm:
         sections.append({"id": "generated", "title": "Generated data", "markdown": "\n".join([
             "| source | images | fraction per batch |", "|---|---|---|",

@@ -72,7 +72,7 @@ def test_onnx_module_gives_the_sessions_logits_without_gradients(data, files):
 
 
 def test_square_and_transfer_on_the_file_see_an_altered_export(data, files):
-    from pipeline.registry import onnx_block_reason
+    from services.tables import onnx_block_reason
     from services.onnx_attack import attack_onnx
 
     x, y, _, _ = data
