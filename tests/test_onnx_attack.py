@@ -189,3 +189,41 @@ def test_the_served_decode_gives_the_array_paths_predictions(data, files):
     assert doubled.shape == arrays.shape
     assert [p["class_index"] for p in student.predict(doubled)] == by_array
     assert student.predict(decoded)[0]["class"] == "c0"
+
+
+def test_the_export_stage_attacks_the_file_on_the_headline_images(tmp_path, monkeypatch):
+    """The stage on a tiny profile (an untrained student: the figures are not the point, the images
+    and the records are): the attacked images are the headline images the evaluation chooses
+    (services.results.headline_indices), counts and intervals in metrics/export.json, and the
+    report's section names the count."""
+    from robustkd.data import ImageSet
+    from robustkd.models import create_model, save_checkpoint
+    from services.common import save_imageset
+    from services.params import load_params
+    from services.results import headline_indices
+    from stages import export_onnx
+    from stages.report import deployed_file_attacked
+    from tests.stage_fixtures import CLASSES, tiny_params, write_params
+
+    monkeypatch.chdir(tmp_path)
+    write_params(tmp_path / "params.yaml", tiny_params(str(tmp_path / "raw")))
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(10).repeat(3)
+    save_imageset(ImageSet(torch.randint(0, 256, (30, 3, 32, 32), generator=g, dtype=torch.uint8), labels, CLASSES),
+                  tmp_path / "data/prepared/test.npz")
+    torch.manual_seed(0)
+    save_checkpoint(create_model("resnet10_w8"), tmp_path / "models/student.pt", method="darwin")
+    export_onnx.run([])
+    figures = json.loads((tmp_path / "metrics/export.json").read_text())
+    params = load_params(tmp_path / "params.yaml")
+    headline = headline_indices(params, labels, 10)
+    assert len(headline) == figures["robust_images"] == 10 and figures["square_queries"] == 30
+    assert sorted(labels[headline].tolist()) == list(range(10))          # one per class
+    for key in ("onnx_square_accuracy", "onnx_pgd20_transfer_accuracy", "torch_pgd20_accuracy",
+                "onnx_natural_accuracy", "torch_natural_accuracy"):
+        rec = figures[key]
+        assert rec["total"] == 10 and rec["ci95_low"] <= rec["percent"] <= rec["ci95_high"], key
+    # the file is the student: the transferred PGD-20 fools it exactly as it fools PyTorch
+    assert figures["onnx_pgd20_transfer_accuracy"] == figures["torch_pgd20_accuracy"]
+    section = deployed_file_attacked(figures)
+    assert section["title"] == "The deployed file attacked (10 images)" and "on 10 images" in section["markdown"]
