@@ -48,6 +48,10 @@ class OnnxModule(nn.Module):
         self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads   # 0: onnxruntime's default (the physical cores)
+        # its threads sleep between runs instead of spinning: an attack alternates a session run with
+        # small torch ops, which spinning threads would starve (measured: 250 -> 15 ms per Square query
+        # on 30 images, 2 shared cores, together with torch on one thread below)
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
         self.input_name = check_onnx_input(self.session, self.path)
         self.output_name = self.session.get_outputs()[0].name
@@ -66,15 +70,22 @@ def square_adversarial(module: nn.Module, x: torch.Tensor, y: torch.Tensor, eps:
                        seed: int, batch_size: int) -> torch.Tensor:
     """Square's adversarial images of ``x`` (labels ``y``) against ``module``, batch by batch;
     an image already wrong, or not fooled, is returned unchanged. The global torch RNG Square
-    reseeds is restored afterwards."""
+    reseeds is restored afterwards. Torch runs on one thread meanwhile: Square's own tensors are a
+    few hundred kilobytes per query, where a thread pool costs more than it saves (and competes with
+    onnxruntime's threads for the cores)."""
     from pyautoattack.square import SquareAttack
 
     attack = SquareAttack(module, norm="Linf", n_queries=n_queries, eps=eps, p_init=0.8, n_restarts=1,
                           seed=seed, verbose=False, loss="margin", resc_schedule=True, device=torch.device("cpu"))
     out = []
-    with torch.random.fork_rng(devices=[]):
-        for i in range(0, len(x), batch_size):
-            out.append(attack.perturb(x[i:i + batch_size], y[i:i + batch_size]))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with torch.random.fork_rng(devices=[]):
+            for i in range(0, len(x), batch_size):
+                out.append(attack.perturb(x[i:i + batch_size], y[i:i + batch_size]))
+    finally:
+        torch.set_num_threads(threads)
     adv = torch.cat(out) if out else x.clone()
     check_threat_model(adv, x, eps, "Square")
     return adv
