@@ -227,3 +227,31 @@ def test_the_export_stage_attacks_the_file_on_the_headline_images(tmp_path, monk
     assert figures["onnx_pgd20_transfer_accuracy"] == figures["torch_pgd20_accuracy"]
     section = deployed_file_attacked(figures)
     assert section["title"] == "The deployed file attacked (10 images)" and "on 10 images" in section["markdown"]
+
+
+def test_a_less_robust_file_is_registered_as_challenger_with_its_onnx_tags(tmp_path, monkeypatch, files):
+    """In a real SQLite MLflow store: the first version would be champion, but its file's Square
+    accuracy lies below the PyTorch PGD-20 interval, so it is challenger; the ONNX figures are tags."""
+    import mlflow
+
+    from pipeline import registry
+    from robustkd.stats import accuracy_record
+    from services.tracking import MLFLOW_ENV, keep_environment, setup_mlflow
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DVC_ROOT", str(tmp_path))
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    setup_mlflow(tmp_path)
+    attacked = {"robust_images": 100, "square_queries": 1000, "onnx_square_accuracy": accuracy_record(12, 100),
+                "onnx_pgd20_transfer_accuracy": accuracy_record(20, 100), "torch_pgd20_accuracy": accuracy_record(30, 100)}
+    metrics = {"natural": 43.0, "autoattack": 27.0, "onnx_attack": attacked}
+    with keep_environment(*MLFLOW_ENV):
+        mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+        version, decision = registry.register_onnx(files[2], metrics, {"method": "darwin", "dataset": "cifar10"},
+                                                   "robustkd-student", 1.0, log=lambda *_: None)
+        tags = mlflow.MlflowClient().get_model_version("robustkd-student", version).tags
+    assert decision.alias == registry.CHALLENGER and tags["alias_reason"] == decision.reason
+    assert "below the PyTorch PGD-20 interval" in decision.reason
+    assert tags["onnx_square"] == "12.00" and tags["onnx_square_count"] == "12/100" and tags["onnx_blocked"] == "1"
+    assert tags["onnx_pgd20_transfer"] == "20.00" and tags["onnx_attack_images"] == "100"
+    assert tags["torch_pgd20_ci95"].startswith("[")
