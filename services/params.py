@@ -169,7 +169,8 @@ class ExportAttackParams:
     the evaluation's PGD-20 crafted on the PyTorch student and classified by the session."""
 
     # Square's query budget per image, one restart (AutoAttack's standard Square: 5000). 1000 [choice]:
-    # about 10 s of onnxruntime on the CPU profile's 100 images (2 cores); 0: no attack on the file
+    # at most 12 s on the CPU profile's 100 images (2 idle cores; 46 s shared), even if none is ever
+    # fooled (docs/pipeline.md#the-deployed-file-attacked); 0: no attack on the file
     square_queries: int = 1000
     # images: the first k of each class of the headline images (evaluate's AutoAttack subset,
     # services.results.headline_indices); null: all of them. 10 [choice]: the CPU profile's 100
