@@ -172,10 +172,6 @@ def check_counts(path: str, params) -> None:
             if value is not None and value > available:
                 fail(path, key, f"at most {what} test images per class", value,
                      f"; lower {key} or raise data.test_per_class")
-    aa_k, attack_k = params.evaluate.autoattack_per_class, params.export.attack.per_class
-    if aa_k is not None and attack_k is not None and attack_k > aa_k and "autoattack" in params.evaluate.config.attacks:
-        fail(path, "export.attack.per_class", f"at most evaluate.autoattack_per_class ({aa_k}): the ONNX file is "
-             "attacked on the headline images, AutoAttack's subset", attack_k)
     if known and params.attention.images > known[0]:
         fail(path, "attention.images", f"at most the {known[0]} classes of {data.source} "
              "(one test image of each of the first k classes)", params.attention.images)

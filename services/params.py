@@ -172,8 +172,8 @@ class ExportAttackParams:
     # at most 12 s on the CPU profile's 100 images (2 idle cores; 46 s shared), even if none is ever
     # fooled (docs/pipeline.md#the-deployed-file-attacked); 0: no attack on the file
     square_queries: int = 1000
-    # images: the first k of each class of the headline images (evaluate's AutoAttack subset,
-    # services.results.headline_indices); null: all of them. 10 [choice]: the CPU profile's 100
+    # images: the first k (at most) of each class of the headline images (evaluate's AutoAttack
+    # subset, services.results.headline_indices); null: all of them. 10 [choice]: the CPU profile's 100
     per_class: int | None = 10
     # registry: a version whose ONNX Square accuracy lies below the lower end of the 95% Wilson
     # interval of its PyTorch PGD-20 accuracy on the same images is not promoted [choice]

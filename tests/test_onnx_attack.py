@@ -255,3 +255,12 @@ def test_a_less_robust_file_is_registered_as_challenger_with_its_onnx_tags(tmp_p
     assert tags["onnx_square"] == "12.00" and tags["onnx_square_count"] == "12/100" and tags["onnx_blocked"] == "1"
     assert tags["onnx_pgd20_transfer"] == "20.00" and tags["onnx_attack_images"] == "100"
     assert tags["torch_pgd20_ci95"].startswith("[")
+
+
+def test_the_attacked_images_are_the_first_of_each_class_of_the_headline():
+    from robustkd.data import stratified_first_k
+    from stages.export_onnx import first_per_class
+
+    labels = torch.tensor([3, 1, 3, 0, 1, 1, 0, 3, 2, 2])
+    assert first_per_class(labels, 2).tolist() == stratified_first_k(labels, 2, 4).tolist() == [0, 1, 2, 3, 4, 6, 8, 9]
+    assert first_per_class(labels[:2], 10).tolist() == [0, 1]     # a smoke run's two headline images
