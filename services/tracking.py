@@ -381,19 +381,25 @@ MODEL_TRAINING = "custom_model_development"
 RESOLVED_BY_STAGE = ("precision", "channels_last", "compile", "compile_mode")
 
 
+def _without_raw_settings(section: dict) -> dict:
+    """A training section without its ``settings`` as written (``8/255`` strings, every method's):
+    the settings that ran are logged resolved, as ``method.*`` (services.training.run_training); of
+    ``method_optim``, only the running method's overrides."""
+    out = {k: v for k, v in section.items() if k != "settings"}
+    if isinstance(out.get("method_optim"), dict):
+        out["method_optim"] = {m: v for m, v in out["method_optim"].items() if m == section.get("method")}
+    return out
+
+
 def stage_params(raw: dict, sections: tuple[str, ...] = ()) -> dict:
     """The params a stage's MLflow run records: its own ``sections`` only (all when empty), and of
     ``distill`` only the settings and per-method optimiser of the method that runs (a run never lists
-    another method's settings), without the run.* values the stage resolves itself."""
+    another method's settings: the one that runs is logged resolved, as ``method.*``), without the
+    run.* values the stage resolves itself."""
     out = {k: raw[k] for k in sections if k in raw} if sections else dict(raw)
-    distill = out.get("distill")
-    if isinstance(distill, dict) and "method" in distill:
-        method = distill["method"]
-        distill = dict(distill)
-        for key in ("settings", "method_optim"):
-            if isinstance(distill.get(key), dict):
-                distill[key] = {m: v for m, v in distill[key].items() if m == method}
-        out["distill"] = distill
+    for section in ("teacher", "distill"):
+        if isinstance(out.get(section), dict):
+            out[section] = _without_raw_settings(out[section])
     if isinstance(out.get("run"), dict):
         out["run"] = {k: v for k, v in out["run"].items() if k not in RESOLVED_BY_STAGE}
     return out

@@ -269,6 +269,5 @@ def test_stage_params_keep_the_stage_own_sections_and_the_method_that_runs():
                        "method_optim": {"rslad": {"lr": 0.05}}},
            "run": {"seed": 0, "precision": "auto", "compile": "auto"}, "export": {"opset": 18}}
     logged = stage_params(raw, ("distill", "run"))
-    assert logged == {"distill": {"method": "darwin", "settings": {"darwin": {"eps": 0.03}}, "method_optim": {}},
-                      "run": {"seed": 0}}
+    assert logged == {"distill": {"method": "darwin", "method_optim": {}}, "run": {"seed": 0}}
     assert raw["distill"]["settings"]["rslad"]  # the params themselves untouched

@@ -116,7 +116,9 @@ def test_export_parity_and_report(workdir):
         out = session.run(None, {"image": np.random.rand(batch, 3, 32, 32).astype(np.float32)})[0]
         assert out.shape == (batch, 10)
     html = (workdir / "reports/report.html").read_text()
-    assert "data:image/png;base64," in html and "http" not in html.replace("http-equiv", "")
+    # offline: every figure inline; the only links are to the local MLflow UI's runs (make mlflow-ui)
+    assert "data:image/png;base64," in html
+    assert "http" not in html.replace("http-equiv", "").replace('href="http://127.0.0.1:', "")
     assert "| student (resnet10_w8) | darwin |" in (workdir / "reports/report.md").read_text()
 
 
@@ -253,11 +255,9 @@ def test_mlflow_records_the_method_that_ran_and_its_inputs(workdir):
     darwin = next(r for r in runs if r.data.tags.get("method") == "darwin")
     assert float(darwin.data.params["method.eps"]) == pytest.approx(8 / 255)  # a number, not "8/255"
     # only the method that ran, and the fast path as resolved on this machine (fp32 on a CPU), not "auto"
-    assert {k for k in darwin.data.params if k.startswith("distill.settings.")} <= {
-        k for k in darwin.data.params if k.startswith("distill.settings.darwin.")}
-    assert not any(k.startswith("distill.settings.rslad") for k in reference.data.params)
+    assert not any(k.startswith("distill.settings.") for r in (darwin, reference) for k in r.data.params)
+    assert not any("/255" in v for v in darwin.data.params.values())   # no unresolved fraction string
     assert darwin.data.params["run.precision"] == "fp32" and darwin.data.params["run.compile"] == "False"
-    assert "/" not in darwin.data.params["distill.settings.darwin.eps"]
     info = json.loads((workdir / "metrics/student_info.json").read_text())
     for key in ("teacher weights", "data", "model", "seed"):
         assert darwin.data.tags[f"input.{key.replace(' ', '_')}"] == info["inputs"][key]
