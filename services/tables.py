@@ -52,14 +52,22 @@ def paired_lines(paths: dict[str, Path], pairs: list[tuple[str, str]]) -> list[s
         if pa is None or pb is None:
             continue
         for key, label in TABLE_COLUMNS:
-            if key in pa and key in pb and same_images(pa, pb, key):
-                only_a, only_b = discordant_pairs(pa[key], pb[key])
-                p = mcnemar_exact_counts(only_a, only_b)
+            if (test := paired_test(pa, pb, key)) is not None:
+                only_a, only_b, p = test
                 lines.append(f"| {a} vs {b} | {label} | {only_a} | {only_b} | {p:.3g} |")
     if not lines:
         return []
     return ["| pair | attack | right only for the first | right only for the second | exact McNemar p |",
             "|---|---|---|---|---|"] + lines
+
+
+def paired_test(pa: dict[str, np.ndarray], pb: dict[str, np.ndarray], key: str) -> tuple[int, int, float] | None:
+    """(images right only for a, right only for b, exact McNemar p) of attack ``key`` when both
+    ran it on the same images in the same order; None otherwise (no test across image sets)."""
+    if key not in pa or key not in pb or not same_images(pa, pb, key):
+        return None
+    only_a, only_b = discordant_pairs(pa[key], pb[key])
+    return only_a, only_b, mcnemar_exact_counts(only_a, only_b)
 
 
 def images_of(per_image: dict[str, np.ndarray], key: str) -> np.ndarray:
@@ -267,3 +275,53 @@ def onnx_block_reason(attacked: dict | None) -> str:
     return (f"ONNX Square accuracy {float(square['percent']):.2f}% ({square['correct']}/{square['total']}, "
             f"{int(attacked.get('square_queries', 0))} queries) below the PyTorch PGD-20 interval "
             f"[{float(pgd['ci95_low']):.1f}, {float(pgd['ci95_high']):.1f}] on the same {pgd['total']} images")
+
+
+# ---------------------------------------------------------------- methods x seeds (compare/dvc.yaml)
+def run_name(method: str, seed: int) -> str:
+    """A comparison run's name and file stem (``metrics/compare/<method>_seed<seed>.json``)."""
+    return f"{method}_seed{seed}"
+
+
+def comparison_rows(teacher: Path, runs: list[tuple[str, Path]]) -> tuple[list[tuple[str, dict]], dict[str, Path]]:
+    """(name, results) of the teacher ("Teacher <arch>", first, when evaluated) and of each
+    ``(name, metrics file)`` run, every headline block on the first row's headline images
+    (``same_image_rows``), and each row's path. Every run's file must exist."""
+    rows, paths = [], {}
+    teacher_metrics = read_with_blocks(teacher)
+    if teacher_metrics is not None:
+        name = f"Teacher {teacher_metrics['info'].get('arch')}"
+        rows.append((name, teacher_metrics))
+        paths[name] = teacher
+    for name, path in runs:
+        results = read_with_blocks(path)
+        if results is None:
+            raise FileNotFoundError(f"{path}: comparison results missing")
+        rows.append((name, results))
+        paths[name] = path
+    return same_image_rows(rows, paths), paths
+
+
+def seed_summary(seeds_of: dict[str, list[int]], rows: dict[str, dict], block_of=headline_of) -> dict[str, dict]:
+    """{method: {"seeds": [...], attack: {"mean", "std", "values"}, "flagged": runs flagged, "_runs"}}
+    over the runs ``run_name(method, seed)`` of ``rows``; ``block_of``: which block of a run
+    (the headline by default; e.g. ``lambda m: m.get(LARGER_SET)``). An attack is summarised
+    only when every seed of the method has it."""
+    from robustkd.stats import mean_std
+
+    out = {}
+    for method, seeds in seeds_of.items():
+        runs = [rows[run_name(method, s)] for s in seeds]
+        entry: dict = {"seeds": list(seeds), "flagged": sum(int(r.get("flagged", 0)) for r in runs), "_runs": runs}
+        for key, _ in TABLE_COLUMNS:
+            values = [v for r in runs if (v := block_percent(block_of(r), key)) is not None]
+            if values and len(values) == len(runs):
+                mean, std = mean_std(values)
+                entry[key] = {"mean": round(mean, 2), "std": round(std, 2), "values": values}
+        out[method] = entry
+    return out
+
+
+def seed_cell(entry: dict, key: str) -> str:
+    """"34.00 ± 0.57": the mean and sample standard deviation over seeds ("-" if absent)."""
+    return f"{entry[key]['mean']:.2f} ± {entry[key]['std']:.2f}" if key in entry else "-"

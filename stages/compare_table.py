@@ -13,52 +13,27 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_json
-from services.tables import (TABLE_COLUMNS, block_cell, block_percent, headline_of, headline_words, paired_lines,
-                             read_with_blocks, same_image_rows)
+from services.tables import (TABLE_COLUMNS, block_cell, block_percent, comparison_rows, headline_of, headline_words,
+                             paired_lines, run_name, seed_cell)
+from services.tables import seed_summary as summarize_seeds
 from robustkd.methods import available_methods, get_method
-from robustkd.stats import mean_std
 from robustkd.utils import atomic_path
-
-
-def run_name(method: str, seed: int) -> str:
-    return f"{method}_seed{seed}"
 
 
 def load_rows(params, metrics_dir: Path) -> tuple[list[tuple[str, dict]], dict[str, Path]]:
     """(name, results) per evaluated run, the teacher first when evaluated, and each row's path.
     Runs are named ``<method>_seed<seed>``."""
-    rows, paths = [], {}
-    teacher = METRICS / "evaluate" / "teacher.json"
-    teacher_metrics = read_with_blocks(teacher)
-    if teacher_metrics is not None:
-        name = f"Teacher {teacher_metrics['info'].get('arch')}"
-        rows.append((name, teacher_metrics))
-        paths[name] = teacher
-    for method in params.compare.methods:
-        for seed in params.compare.seeds:
-            path = metrics_dir / f"{run_name(method, seed)}.json"
-            results = read_with_blocks(path)
-            if results is None:
-                raise SystemExit(f"error: {path} missing: run `dvc repro compare/dvc.yaml` first")
-            rows.append((run_name(method, seed), results))
-            paths[run_name(method, seed)] = path
-    return same_image_rows(rows, paths), paths
+    runs = [(run_name(m, s), metrics_dir / f"{run_name(m, s)}.json")
+            for m in params.compare.methods for s in params.compare.seeds]
+    for _, path in runs:
+        if not path.is_file():
+            raise SystemExit(f"error: {path} missing: run `dvc repro compare/dvc.yaml` first")
+    return comparison_rows(METRICS / "evaluate" / "teacher.json", runs)
 
 
 def seed_summary(params, rows: dict[str, dict]) -> dict[str, dict]:
     """{method: {"seeds": [...], attack: {"mean", "std", "values"}, "flagged": runs flagged}}."""
-    out = {}
-    for method in params.compare.methods:
-        runs = [rows[run_name(method, s)] for s in params.compare.seeds]
-        entry: dict = {"seeds": list(params.compare.seeds), "flagged": sum(int(r.get("flagged", 0)) for r in runs),
-                       "_runs": runs}
-        for key, _ in TABLE_COLUMNS:
-            values = [v for r in runs if (v := block_percent(headline_of(r), key)) is not None]
-            if len(values) == len(runs):
-                mean, std = mean_std(values)
-                entry[key] = {"mean": round(mean, 2), "std": round(std, 2), "values": values}
-        out[method] = entry
-    return out
+    return summarize_seeds({m: list(params.compare.seeds) for m in params.compare.methods}, rows)
 
 
 def runs_of(summary: dict[str, dict], teacher: tuple[str, dict] | None) -> list[dict]:
@@ -77,8 +52,7 @@ def summary_text(params, summary: dict[str, dict], teacher: tuple[str, dict] | N
         if single:
             cells = [block_cell(headline_of(entry["_run"]), k) for k, _ in TABLE_COLUMNS]
         else:
-            cells = [f"{entry[k]['mean']:.2f} ± {entry[k]['std']:.2f}" if k in entry else "-"
-                     for k, _ in TABLE_COLUMNS]
+            cells = [seed_cell(entry, k) for k, _ in TABLE_COLUMNS]
         checks = f"FLAGGED ({entry['flagged']} runs)" if entry["flagged"] else "passed"
         lines.append(f"| {display_name(method)} | " + " | ".join(cells)
                      + f" | {', '.join(map(str, seeds))} | {checks} |")

@@ -195,21 +195,68 @@ def _git(root, *args):
     return subprocess.run(["git", *args], cwd=root, env=env, check=True, capture_output=True, text=True).stdout
 
 
+README = ("# project\n\nprose\n\n<!-- results:start -->\ntyped by hand\n<!-- results:end -->\n\nmore\n\n"
+          "<!-- comparison:start -->\n| darwin | 99.00 ± 0.00 |\n<!-- comparison:end -->\n\nend\n")
+RUNS = ["darwin_seed0", "darwin_seed1", "rslad_seed0", "rslad_seed1"]
+
+
+def write_comparison(root, runs=RUNS, locked=RUNS):
+    """The runs of compare/dvc.yaml as its evaluate stage writes them, and a compare/dvc.lock that
+    records the files of the runs ``locked``, as DVC does (path and md5 of each output)."""
+    import hashlib
+
+    import yaml
+
+    for name in runs:
+        method, _, seed = name.partition("_seed")
+        write_evaluation(root / f"metrics/compare/{name}.json", 10 * (method == "darwin") + int(seed), method=method,
+                         aa_rate=0.9 if method == "darwin" else 0.3)
+    stages = {}
+    for name in locked:
+        files = [f"metrics/compare/{name}{end}" for end in (".json", "_info.json", "_per_image.npz")]
+        stages[f"evaluate@{name}"] = {"cmd": "python -m stages.launch evaluate", "outs": [
+            {"path": f, "md5": hashlib.md5((root / f).read_bytes()).hexdigest() if (root / f).is_file() else "0" * 32}
+            for f in files]}
+    (root / "compare").mkdir(exist_ok=True)
+    (root / "compare/dvc.lock").write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}, sort_keys=False))
+
+
+def _block(text: str, name: str) -> str:
+    return text.split(f"<!-- {name}:start -->")[1].split(f"<!-- {name}:end -->")[0]
+
+
 def test_readme_results_are_generated_and_check_detects_drift(workdir, capsys):
     from services import readme_results
 
     readme = workdir / "README.md"
-    readme.write_text("# project\n\nprose\n\n<!-- results:start -->\ntyped by hand\n<!-- results:end -->\n\nmore\n")
+    readme.write_text(README)
+    write_comparison(workdir)
     _git(workdir, "init", "-q")
-    _git(workdir, "add", "metrics", "README.md")
+    _git(workdir, "add", "metrics", "compare", "README.md")
     _git(workdir, "commit", "-qm", "results")
     commit = _git(workdir, "rev-parse", "--short", "HEAD").strip()
     assert readme_results.main(["--root", str(workdir), "--check"]) == 1          # typed text: drift
     assert readme_results.main(["--root", str(workdir)]) == 0
     text = readme.read_text()
-    assert text.startswith("# project\n\nprose\n\n") and text.endswith("<!-- results:end -->\n\nmore\n")
-    assert "typed by hand" not in text and f"`{commit}` (2026-12-01)" in text
-    assert "same 10 test images" in text and "larger set (40 images" in text
+    assert text.startswith("# project\n\nprose\n\n") and text.endswith("<!-- comparison:end -->\n\nend\n")
+    assert "<!-- results:end -->\n\nmore\n\n<!-- comparison:start -->" in text
+    results = _block(text, "results")
+    assert "typed by hand" not in results and f"`{commit}` (2026-12-01)" in results
+    assert "same 10 test images" in results and "larger set (40 images" in results
+    assert "- student against same student, no adversarial examples, PGD-20 on the same 40 images: " in results
+    assert "- teacher against student, AA on the same 10 images: " in results and "exact McNemar p = " in results
+    # the comparison: every column on the headline images, mean ± std over the seeds, the tests
+    compared = _block(text, "comparison")
+    assert "99.00" not in compared and f"Comparison of commit `{commit}` (2026-12-01): 4 runs" in compared
+    assert "darwin, rslad x seeds 0, 1 (compare/dvc.lock records every file of them)" in compared
+    assert "every column on the same 10 test images" in compared and "larger set (40 images" in compared
+    head = [r for r in (line.split(" | ") for line in compared.splitlines()) if r[0] in ("| darwin (tiny)",
+                                                                                      "| rslad (tiny)")]
+    assert len(head) == 4, head                                            # 2 tables x 2 methods
+    assert all(" ± " in c for r in head[:2] for c in r[1:6]) and all(" ± " in c for r in head[2:] for c in r[1:5])
+    assert {r[6] for r in head[:2]} == {"10"} and {r[5] for r in head[2:]} == {"40"}
+    assert "- darwin against rslad, AA on the same 10 images: seed 0: right only for darwin on " in compared
+    assert "seed 1: " in compared and ("in every seed." in compared or "not significant in seed" in compared)
     assert readme_results.main(["--root", str(workdir), "--check"]) == 0
     _git(workdir, "commit", "-qam", "README from the results")
     assert readme_results.main(["--root", str(workdir), "--check"]) == 0          # README commit: no drift
@@ -218,7 +265,7 @@ def test_readme_results_are_generated_and_check_detects_drift(workdir, capsys):
     _git(workdir, "commit", "-qam", "a new run")
     capsys.readouterr()
     assert readme_results.main(["--root", str(workdir), "--check"]) == 1
-    assert "differs" in capsys.readouterr().err
+    assert "differ from metrics/evaluate" in capsys.readouterr().err
     assert readme_results.main(["--root", str(workdir)]) == 0
     assert readme_results.main(["--root", str(workdir), "--check"]) == 0
     # a hand edit inside the markers is drift too; a README without markers is refused in one line
@@ -228,3 +275,47 @@ def test_readme_results_are_generated_and_check_detects_drift(workdir, capsys):
     capsys.readouterr()
     assert readme_results.main(["--root", str(workdir), "--check"]) == 2
     assert "expected one <!-- results:start -->" in capsys.readouterr().err
+
+
+def test_readme_comparison_uses_the_locked_runs_and_check_detects_its_drift(workdir, capsys):
+    from services import readme_results
+
+    readme = workdir / "README.md"
+    readme.write_text(README)
+    # ard_seed0 is in metrics/compare but not in the lock; rslad_seed1 in the lock but absent
+    write_comparison(workdir, runs=RUNS[:3] + ["ard_seed0"], locked=RUNS)
+    _git(workdir, "init", "-q")
+    _git(workdir, "add", "metrics", "compare", "README.md")
+    _git(workdir, "commit", "-qm", "results")
+    assert readme_results.main(["--root", str(workdir)]) == 0
+    compared = _block(readme.read_text(), "comparison")
+    assert "3 runs, darwin, rslad x seeds 0, 1" in compared and "| ard" not in compared and "ard_seed" not in compared
+    assert "against ard" not in compared
+    assert "| rslad (tiny) |" in compared and "| 0 | 1 of 1 runs passed |" in compared   # one seed: its seeds say so
+    assert readme_results.main(["--root", str(workdir), "--check"]) == 0
+    _git(workdir, "commit", "-qam", "README from the results")
+    assert readme_results.main(["--root", str(workdir), "--check"]) == 0
+    # a new comparison run committed, README not regenerated: drift in the comparison block only
+    write_evaluation(workdir / "metrics/compare/darwin_seed1.json", 99)
+    _git(workdir, "commit", "-qam", "a new comparison run")
+    capsys.readouterr()
+    assert readme_results.main(["--root", str(workdir), "--check"]) == 1
+    err = capsys.readouterr().err
+    assert "differ" in err and "+Comparison of commit" in err
+    assert readme_results.main(["--root", str(workdir)]) == 0
+    assert "records other versions of darwin_seed1" in _block(readme.read_text(), "comparison")
+    assert readme_results.main(["--root", str(workdir), "--check"]) == 0
+    # a hand edit inside the comparison markers is drift; a README without them is refused in one line
+    text = readme.read_text()
+    readme.write_text(text.replace("| darwin (tiny) |", "| DARWIN (tiny) |", 1))
+    assert readme_results.main(["--root", str(workdir), "--check"]) == 1
+    readme.write_text(text.split("<!-- comparison:start -->")[0])
+    capsys.readouterr()
+    assert readme_results.main(["--root", str(workdir), "--check"]) == 2
+    assert "expected one <!-- comparison:start --> followed by one <!-- comparison:end -->" in capsys.readouterr().err
+    # no comparison run committed: the block says so
+    for path in (workdir / "metrics/compare").iterdir():
+        path.unlink()
+    readme.write_text(README)
+    assert readme_results.main(["--root", str(workdir)]) == 0
+    assert "No comparison run is committed" in _block(readme.read_text(), "comparison")
