@@ -30,9 +30,22 @@ HEADLINE_NUMBERS = ("natural", "pgd20", "cw", "autoattack", "worst_case", "num_i
 
 
 def split_headline(summary: dict) -> tuple[dict, dict]:
-    """(headline numbers, details) of an evaluation summary: together they are ``summary``."""
-    numbers = {k: summary[k] for k in HEADLINE_NUMBERS if k in summary}
-    return numbers, {k: v for k, v in summary.items() if k not in numbers}
+    """(the DVC metrics file, the details file) of an evaluation summary.
+
+    The metrics file holds the headline table's numbers: every attack's accuracy, the worst case
+    and ``num_images`` **on the same images** (``summary["headline"]``, the images AutoAttack ran
+    on), so that `dvc metrics show` never puts a worst case beside columns of other images; and the
+    failed checks. The details file is the whole summary (its top-level accuracies on every image
+    each attack ran on, the intervals, the larger-set block): :func:`read_evaluation` reads it over
+    the metrics file, so readers see what they saw before the split."""
+    block = summary.get("headline")
+    if isinstance(block, dict) and isinstance(block.get("accuracy"), dict):
+        numbers = {k: record["percent"] for k, record in block["accuracy"].items() if k in HEADLINE_NUMBERS}
+        numbers["num_images"] = block["images"]
+    else:   # no per-image outcomes to build the block from: the summary's own numbers
+        numbers = {k: summary[k] for k in HEADLINE_NUMBERS[:6] if k in summary}
+    numbers.update({k: summary[k] for k in ("checks_failed", "flagged") if k in summary})
+    return numbers, summary
 
 
 def per_image_path(metrics_path: Path) -> Path:
@@ -41,8 +54,8 @@ def per_image_path(metrics_path: Path) -> Path:
 
 
 def read_evaluation(metrics_path: Path) -> dict | None:
-    """The numeric results of ``metrics_path`` (its headline numbers and the details file beside
-    it, when present) with their text under "info" ({} when the info file is absent); None when
+    """The numeric results of ``metrics_path`` (the details file beside it, the whole summary, when
+    present; else the file itself, as written before the split) with their text under "info" ({} when the info file is absent); None when
     the results were not written."""
     import json
 
@@ -50,7 +63,7 @@ def read_evaluation(metrics_path: Path) -> dict | None:
     if not metrics_path.is_file():
         return None
     details = details_path(metrics_path)
-    results = {**(json.loads(details.read_text()) if details.is_file() else {}), **json.loads(metrics_path.read_text())}
+    results = {**json.loads(metrics_path.read_text()), **(json.loads(details.read_text()) if details.is_file() else {})}
     text = info_path(metrics_path)
     results["info"] = json.loads(text.read_text()) if text.is_file() else {}
     return results

@@ -4,11 +4,12 @@ the student (and the non-adversarial reference student) on the stratified test s
 
 Writes, per model, next to each other (``metrics/evaluate/<model>``):
 
-- ``<model>.json``: the headline numbers only (a DVC metrics file, services/results.py
-  HEADLINE_NUMBERS): each attack's percentage, the image count, the failed checks, "flagged";
-- ``<model>_details.json``: the other numbers (a plain output): counts, totals and 95% Wilson
-  intervals under "accuracy", per-class accuracy, the checks as 1/0, the gradient-masking
-  figures, the report's two table blocks;
+- ``<model>.json``: the headline table's numbers only (a DVC metrics file, services/results.py
+  split_headline): each attack's percentage and the worst case on the same images (those
+  AutoAttack ran on), their count, the failed checks, "flagged";
+- ``<model>_details.json``: every number (a plain output): each attack's accuracy on every image
+  it ran on, counts, totals and 95% Wilson intervals under "accuracy", per-class accuracy, the
+  checks as 1/0, the gradient-masking figures, the report's two table blocks;
 - ``<model>_info.json``: the words: model, method, the subset's identity (indices and image
   SHA-256), the threat model, the attack settings, each check's verdict and reason;
 - ``<model>_per_image.npz``: per-image outcomes (no pickle), for McNemar tests between models.

@@ -30,8 +30,9 @@ def _add_flagged_best(root):
     ev = root / "metrics/evaluate"
     for suffix in (".json", "_details.json", "_info.json", "_per_image.npz"):
         shutil.copyfile(ev / f"student{suffix}", ev / f"student_best{suffix}")
-    numbers = json.loads((ev / "student_best.json").read_text())
-    (ev / "student_best.json").write_text(json.dumps({**numbers, "flagged": 1, "checks_failed": 2}))
+    for name in ("student_best.json", "student_best_details.json"):   # the stage writes both
+        numbers = json.loads((ev / name).read_text())
+        (ev / name).write_text(json.dumps({**numbers, "flagged": 1, "checks_failed": 2}))
 
 
 def test_summary_is_one_narrow_table_of_the_headline_figures(root):
@@ -98,10 +99,15 @@ def test_dvc_metrics_files_hold_the_headline_numbers_and_readers_see_everything(
     details = json.loads(details_path(path).read_text())
     assert {"accuracy", "per_class_accuracy", "headline", "larger_set"} <= set(details)
     merged = read_evaluation(path)
-    assert merged["pgd20"] == numbers["pgd20"] and merged["per_class_accuracy"] == details["per_class_accuracy"]
+    assert merged["pgd20"] == details["pgd20"] and merged["per_class_accuracy"] == details["per_class_accuracy"]
+    # the DVC metrics: the headline table, every column on the same images, the worst case under each
+    same = details["headline"]["accuracy"]
+    assert numbers["num_images"] == details["headline"]["images"]
+    assert all(numbers[k] == same[k]["percent"] for k in same)
+    assert all(numbers["worst_case"] <= numbers[k] for k in same)
     # a file written before the split (everything in one file) reads the same
     details_path(path).unlink()
-    path.write_text(json.dumps({**details, **numbers}))
+    path.write_text(json.dumps(details))
     old = read_evaluation(path)
     assert {k: v for k, v in old.items() if k != "info"} == {k: v for k, v in merged.items() if k != "info"}
     # `dvc metrics show` prints one column per leaf: the four files' columns fit a wide terminal
