@@ -194,6 +194,27 @@ def test_every_params_key_read_is_declared(address, cmd, files, params):
     assert not missing, f"{address}: reads params {missing}, declared {params}"
 
 
+@pytest.mark.parametrize("preset", sorted(p.stem for p in (ROOT / "params").glob("*.yaml")))
+def test_every_declared_params_key_exists_in_every_preset(preset):
+    """DVC refuses a stage whose declared params key is missing from params.yaml ("Parameters ...
+    are missing"), only when it runs: every key of every pipeline, in every preset's params."""
+    from services.presets import load_preset
+
+    values = load_preset(ROOT, preset)
+
+    def present(key: str) -> bool:
+        node = values
+        for part in key.split("."):
+            if not isinstance(node, dict) or part not in node:
+                return False
+            node = node[part]
+        return True
+
+    missing = sorted({f"{address}: {key}" for address, _, _, params in STAGES for key in params
+                      if "${" not in key and not present(key)})
+    assert not missing, f"params/{preset}.yaml lacks declared keys: {missing}"
+
+
 def test_the_reader_finds_what_a_stage_reads():
     got = read_by_stage("python -m stages.launch distill --method rslad --name x")
     assert {"distill.student.arch", "distill.settings.rslad", "ddpm.fraction", "run.seed", "run.precision",
