@@ -263,7 +263,15 @@ def register_student(root: str, parent_run_id: str | None) -> dict:
     logger = get_run_logger()
     version, decision = registry.register_workspace(Path(root), parent_run_id=parent_run_id, log=logger.info)
     return {"version": version, "alias": decision.alias if decision else None,
-            "reason": decision.reason if decision else "already registered"}
+            "reason": decision.reason if decision else "this ONNX file is already registered (its aliases unchanged)"}
+
+
+def registry_line(registered: dict | None) -> str:
+    """"version 3 (champion): <why>"; a file registered before keeps its aliases (not re-ranked)."""
+    if not registered:
+        return "not registered"
+    alias = f" ({registered['alias']})" if registered["alias"] else ""
+    return f"version {registered['version']}{alias}: {registered['reason']}"
 
 
 def preset_params(root: Path, preset: str) -> dict:
@@ -424,8 +432,7 @@ def run_pipeline(root: Path, preset: str | None, methods: list[str] | None, regi
     # one line each, wrapped to a terminal's width (issue 28: the end of `make run` is read by people)
     for line in (f"stages run: {', '.join(r['stage'] for r in results if r['ran']) or 'none'}",
                  f"up to date: {', '.join(r['stage'] for r in results if not r['ran']) or 'none'}",
-                 "registry: " + (f"version {registered['version']} ({registered['alias'] or 'no alias'}): "
-                                 f"{registered['reason']}" if registered else "not registered")):
+                 "registry: " + registry_line(registered)):
         print(textwrap.fill(line, 120, subsequent_indent="  "))
     if any(r["ran"] for r in results):
         print("dvc.lock records this run: `git add dvc.lock metrics` to keep it with the code")

@@ -88,7 +88,9 @@ def main(args) -> None:
                               "latency": latency, **attacked})
     args.tracker.log_artifact(METRICS / "export.json")
     args.tracker.log_artifact(path)
-    print(f"exported {path}: max |diff| {max_diff:.2e}, agreement {agreement:.4f}, latency {latency}")
+    timings = ", ".join(f"{k} {v['torch_ms']:.2f} ms torch / {v['onnxruntime_ms']:.2f} ms onnxruntime"
+                        for k, v in latency.items())
+    print(f"exported {path}: max |diff| {max_diff:.2e}, agreement {agreement:.4f}; latency {timings}")
     print(attacked_line(attacked))
 
 
