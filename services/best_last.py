@@ -142,10 +142,21 @@ def _epoch(info: dict, which: str) -> str:
     return "-" if value is None else str(value)
 
 
+def on_shared_images(per_image: dict, cols: list[str]) -> dict[str, np.ndarray]:
+    """Each column's outcomes on the images *every* column ran on (AutoAttack's subset when it
+    ran), in the order of the evaluated subset: one set of images per row, so that the worst case
+    is never beside a column of other images."""
+    where = {c: np.asarray(per_image.get(f"{c}_index", per_image["index"])) for c in cols}
+    shared = set(where[cols[0]].tolist()).intersection(*(set(v.tolist()) for v in where.values())) if cols else set()
+    keep = np.array(sorted(shared))
+    return {c: np.asarray(per_image[c])[np.isin(where[c], keep)] for c in cols}
+
+
 def best_last_markdown(evaluate_dir: Path, names: list[str]) -> str:
     """The report's "Best and last checkpoints" section (Markdown; "" when no best was evaluated):
     per model, a row for the last and for the best checkpoint, each attack's accuracy on the same
-    images [95% Wilson interval] (images), the epoch of each, and the exact McNemar test per attack."""
+    images (those every attack of the row ran on) [95% Wilson interval] (images), the epoch of each,
+    and the exact McNemar test per attack on those images."""
     rows, tests, notes = [], [], []
     for name in names:
         last_out, best_out = evaluate_dir / f"{name}.json", evaluate_dir / f"{best_name(name)}.json"
@@ -156,12 +167,13 @@ def best_last_markdown(evaluate_dir: Path, names: list[str]) -> str:
         record = info.get("best_checkpoint") or {}
         cols = [c for c in COLUMNS if c in pl and c in pb
                 and np.array_equal(pl.get(f"{c}_index", pl["index"]), pb.get(f"{c}_index", pb["index"]))]
-        for which, outcomes in (("last", pl), ("best", pb)):
+        last, best = on_shared_images(pl, cols), on_shared_images(pb, cols)
+        for which, outcomes in (("last", last), ("best", best)):
             cells = [_cell(outcomes[c]) if c in cols else "-" for c in COLUMNS]
             rows.append(f"| {name} ({which}) | {_epoch(info, which)} | " + " | ".join(cells) + " |")
         for c in cols:
-            only_last, only_best = discordant_pairs(pl[c], pb[c])
-            tests.append(f"| {name} | {LABELS[c]} | {len(pl[c])} | {only_last} | {only_best} | "
+            only_last, only_best = discordant_pairs(last[c], best[c])
+            tests.append(f"| {name} | {LABELS[c]} | {len(last[c])} | {only_last} | {only_best} | "
                          f"{mcnemar_exact_counts(only_last, only_best):.3g} |")
         held = record.get("best_heldout_pgd")
         how = (f"the best epoch {record.get('best_epoch')} by the held-out monitor ({record.get('best_metric')} "

@@ -263,3 +263,20 @@ def test_the_registry_takes_the_checkpoint_distill_select_names(tmp_path, select
     metrics, tags = registry.workspace_metadata(tmp_path)
     assert tags["checkpoint"] == select and metrics["autoattack"] == (30.0 if select == "best" else 20.0)
     assert f"checkpoint: {select}" in registry.version_description(metrics, tags)
+
+
+def test_best_and_last_rows_put_every_column_on_the_images_every_attack_ran_on():
+    """Natural and PGD-20 on 6 images, AutoAttack and the worst case on 3 of them: the row's cells
+    are all on those 3 (a worst case beside a column of other images would read as masking)."""
+    import numpy as np
+
+    from services.best_last import on_shared_images
+
+    per_image = {"index": np.array([10, 11, 12, 13, 14, 15]), "natural": np.array([1, 1, 1, 1, 0, 0]),
+                 "pgd20": np.array([1, 0, 1, 0, 0, 0]), "autoattack": np.array([0, 1, 0]),
+                 "autoattack_index": np.array([10, 12, 14]), "worst_case": np.array([0, 1, 0]),
+                 "worst_case_index": np.array([10, 12, 14])}
+    got = on_shared_images(per_image, ["natural", "pgd20", "autoattack", "worst_case"])
+    assert {c: v.tolist() for c, v in got.items()} == {"natural": [1, 1, 0], "pgd20": [1, 1, 0],
+                                                      "autoattack": [0, 1, 0], "worst_case": [0, 1, 0]}
+    assert all(got["worst_case"].sum() <= v.sum() for v in got.values())
