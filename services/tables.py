@@ -44,8 +44,13 @@ def checks_lines(rows: list[tuple[str, dict]]) -> list[str]:
     return lines
 
 
+PAIRED_HEADER = ["| pair | attack | images | right only for the first | right only for the second | exact McNemar p |",
+                 "|---|---|---|---|---|---|"]
+
+
 def paired_lines(paths: dict[str, Path], pairs: list[tuple[str, str]]) -> list[str]:
-    """Exact McNemar tests between models evaluated on the same images, per common attack."""
+    """Exact McNemar tests between models evaluated on the same images, per common attack, with
+    the number of those images (AutoAttack's subset is smaller than the natural and PGD-20 set)."""
     lines = []
     for a, b in pairs:
         pa, pb = (read_per_image(paths[n]) if n in paths else None for n in (a, b))
@@ -54,11 +59,10 @@ def paired_lines(paths: dict[str, Path], pairs: list[tuple[str, str]]) -> list[s
         for key, label in TABLE_COLUMNS:
             if (test := paired_test(pa, pb, key)) is not None:
                 only_a, only_b, p = test
-                lines.append(f"| {a} vs {b} | {label} | {only_a} | {only_b} | {p:.3g} |")
+                lines.append(f"| {a} vs {b} | {label} | {len(images_of(pa, key))} | {only_a} | {only_b} | {p:.3g} |")
     if not lines:
         return []
-    return ["| pair | attack | right only for the first | right only for the second | exact McNemar p |",
-            "|---|---|---|---|---|"] + lines
+    return PAIRED_HEADER + lines
 
 
 def paired_test(pa: dict[str, np.ndarray], pb: dict[str, np.ndarray], key: str) -> tuple[int, int, float] | None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from services.common import METRICS, REPORTS, cli, parser, read_params, write_json
-from services.tables import (TABLE_COLUMNS, block_cell, block_percent, comparison_rows, headline_of, headline_words,
+from services.tables import (PAIRED_HEADER, TABLE_COLUMNS, block_cell, block_percent, comparison_rows, headline_of, headline_words,
                              paired_lines, run_name, seed_cell)
 from services.tables import seed_summary as summarize_seeds
 from robustkd.methods import available_methods, get_method
@@ -73,8 +73,7 @@ def pairwise_autoattack(params, paths: dict[str, Path]) -> list[str]:
                       if "| AA |" in line]
     if not lines:
         return []
-    return ["| pair | attack | right only for the first | right only for the second | exact McNemar p |",
-            "|---|---|---|---|---|"] + lines
+    return PAIRED_HEADER + lines
 
 
 def table_text(rows: list[tuple[str, dict]], paired: list[str]) -> str:

@@ -454,7 +454,7 @@ def test_tables_show_intervals_flags_and_mcnemar(tmp_path):
     b = _written(tmp_path, "b", {"natural": [1] * 2 + [0] * 8, "pgd20": [0] * 10}, flagged=1)
     rows = [("a", read_evaluation(a)), ("b", read_evaluation(b))]
     paired = paired_lines({"a": a, "b": b}, [("b", "a")])
-    assert "| b vs a | Natural | 0 | 6 | 0.0312 |" in paired      # 2 / 2^6
+    assert "| b vs a | Natural | 10 | 0 | 6 | 0.0312 |" in paired      # 2 / 2^6
     text = table_text(rows, paired)
     assert "| a | 80.00 [49.0, 94.3] | 60.00 [31.3, 83.2] | - | - | - | passed |" in text
     assert "| b |" in text and "FLAGGED" in text and "abababababababab" in text
@@ -484,5 +484,5 @@ def test_comparison_over_seeds_mean_std_and_every_pair(tmp_path):
     assert "| darwin | 100.00 ± 0.00 | - | - | 70.00 ± 14.14 |" in text and "| 0, 1 |" in text
     pairs = pairwise_autoattack(params, paths)
     assert len(pairs) == 2 + 3 * 2                        # 3 pairs of methods, 2 seeds each
-    assert "| darwin_seed0 vs rslad_seed0 | AA | 8 | 0 | 0.00781 |" in pairs   # 2 / 2^8
-    assert "| darwin_seed0 vs ard_seed0 | AA | 0 | 0 | 1 |" in pairs
+    assert "| darwin_seed0 vs rslad_seed0 | AA | 10 | 8 | 0 | 0.00781 |" in pairs   # 2 / 2^8, on 10 images
+    assert "| darwin_seed0 vs ard_seed0 | AA | 10 | 0 | 0 | 1 |" in pairs
