@@ -238,7 +238,7 @@ def ddpm_report() -> dict | None:
     return None if numbers is None else {**(read_json(METRICS / "ddpm_info.json") or {}), **numbers}
 
 
-def deployed_file_attacked(export: dict | None) -> dict | None:
+def deployed_file_attacked(export: dict | None, eps: float) -> dict | None:
     """The section "The deployed file attacked": the export stage's attacks on models/student.onnx
     beside the PyTorch student's figures, on the same images (metrics/export.json; docs/pipeline.md)."""
     if not export or "robust_images" not in export:
@@ -250,7 +250,7 @@ def deployed_file_attacked(export: dict | None) -> dict | None:
         return f"{rec['percent']:.2f} [{rec['ci95_low']:.1f}, {rec['ci95_high']:.1f}]" if rec else "-"
 
     lines = [f"Accuracy (%) [95% Wilson interval] on the same {n:,} headline test images (the images AutoAttack "
-             "ran on, export.attack.per_class of each class), L-inf eps of the evaluation:", "",
+             f"ran on, export.attack.per_class of each class), L-inf eps {255 * eps:g}/255 (evaluate.config.eps):", "",
              f"| attack, on {n:,} images | PyTorch student | deployed ONNX file (onnxruntime) |", "|---|---|---|",
              f"| Natural on {n:,} | {cell('torch_natural_accuracy')} | {cell('onnx_natural_accuracy')} |",
              f"| PGD-20 on {n:,} (crafted on PyTorch; transferred to the file) | {cell('torch_pgd20_accuracy')} | "
@@ -309,7 +309,7 @@ def build_sections(params, evals, paths, histories, card, export, ddpm, comparis
         lines += [f"| {k.removeprefix('batch')} | {v['torch_ms']:.2f} | {v['onnxruntime_ms']:.2f} | {v['speedup']:.2f}x |"
                   for k, v in export["latency"].items()]
         sections.append({"id": "onnx", "title": "ONNX export", "markdown": "\n".join(lines)})
-    attacked = deployed_file_attacked(export)
+    attacked = deployed_file_attacked(export, params.evaluate.config.eps)
     if attacked:
         sections.append(attacked)
     if ddpm:

@@ -225,8 +225,9 @@ def test_the_export_stage_attacks_the_file_on_the_headline_images(tmp_path, monk
         assert rec["total"] == 10 and rec["ci95_low"] <= rec["percent"] <= rec["ci95_high"], key
     # the file is the student: the transferred PGD-20 fools it exactly as it fools PyTorch
     assert figures["onnx_pgd20_transfer_accuracy"] == figures["torch_pgd20_accuracy"]
-    section = deployed_file_attacked(figures)
+    section = deployed_file_attacked(figures, 8 / 255)
     assert section["title"] == "The deployed file attacked (10 images)" and "on 10 images" in section["markdown"]
+    assert "L-inf eps 8/255" in section["markdown"]
 
 
 def test_a_less_robust_file_is_registered_as_challenger_with_its_onnx_tags(tmp_path, monkeypatch, files):
