@@ -345,6 +345,7 @@ def register_onnx(onnx_path: Path, metrics: dict, tags: dict, model_name: str, n
     train_run = training_run(client, checkpoint, parent_run_id)
     if train_run is not None:
         version_tags.update(training_run_id=train_run.info.run_id)
+        log_evaluation_on_training_run(client, train_run.info.run_id, metrics)
     with keep_environment(*MLFLOW_ENV), mlflow.start_run(
             run_name="register", parent_run_id=parent_run_id,
             tags={"stage": "register", "git_commit": tags.get("git_commit", ""),
@@ -450,6 +451,18 @@ def read_onnx_attack(path: Path) -> dict | None:
         return None
     figures = json.loads(Path(path).read_text())
     return figures if "robust_images" in figures else None
+
+
+def log_evaluation_on_training_run(client, run_id: str, metrics: dict) -> None:
+    """The student's headline evaluation (every attack on the same images, ``eval_<attack>`` and
+    ``eval_images``) on the distill run that trained it, so that MLflow's own run comparison puts
+    two students side by side with their robustness, not only their training losses."""
+    figures = {f"eval_{k}": float(metrics[k]) for k, _ in TABLE_COLUMNS if metrics.get(k) is not None}
+    block = metrics.get(HEADLINE)
+    if block:
+        figures["eval_images"] = float(block["images"])
+    for key, value in figures.items():
+        client.log_metric(run_id, key, value)
 
 
 def block_tags(metrics: dict) -> dict:

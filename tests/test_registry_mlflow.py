@@ -91,6 +91,10 @@ def test_description_and_training_run_link(registered):
     assert v.tags["training_run_id"] == registered["train_run_id"]
     assert f"runs/{registered['train_run_id']})" in text
     assert "champion" in client.get_registered_model(MODEL).description
+    # the training run carries the student's headline evaluation: MLflow's compare view shows it
+    trained = client.get_run(registered["train_run_id"]).data.metrics
+    assert trained["eval_autoattack"] == pytest.approx(float(v.tags["autoattack"]), abs=0.01)
+    assert {"eval_natural", "eval_pgd20", "eval_worst_case", "eval_images"} <= set(trained)
 
 
 def test_stage_run_logs_its_dataset_with_the_data_card_hash(registered):
