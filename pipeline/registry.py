@@ -47,7 +47,7 @@ from services.results import per_image_path, read_evaluation
 from services.params import load_params
 from services.tables import (ATTACK_COLUMNS, HEADLINE, LARGER_SET, TABLE_COLUMNS, WORST, headline, headline_words,
                              images_of, larger_label, larger_set, onnx_block_reason)
-from services.tracking import MLFLOW_ENV, filter_literal, git_commit, keep_environment, setup_mlflow
+from services.tracking import MLFLOW_ENV, MODEL_TRAINING_VIEW, filter_literal, git_commit, keep_environment, setup_mlflow
 
 CHAMPION, CHALLENGER = "champion", "challenger"
 
@@ -284,7 +284,8 @@ def version_description(metrics: dict, tags: dict, train_run=None) -> str:
         lines.append("")
     if train_run is not None:
         lines += [f"Training run: [{train_run.info.run_name or 'distill'} ({train_run.info.run_id})]"
-                  f"(#/experiments/{train_run.info.experiment_id}/runs/{train_run.info.run_id}).", ""]
+                  f"(#/experiments/{train_run.info.experiment_id}/runs/{train_run.info.run_id}"
+                  f"{MODEL_TRAINING_VIEW}).", ""]
     lines.append("Input: float32 N x 3 x 32 x 32, RGB in [0, 1], not normalised. Output: logits N x classes; "
                  "the class names are in the ONNX metadata (`classes`).")
     return "\n".join(lines)

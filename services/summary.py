@@ -88,12 +88,12 @@ def accuracy_lines(rows: list[tuple[str, dict]]) -> list[str]:
 def next_steps(root: Path, mlflow_port: int) -> list[str]:
     """Where to look next: the report, MLflow (the server of MLFLOW_TRACKING_URI when it is one,
     else `make mlflow-ui` on the project's store) and the DVC plots."""
-    from .tracking import tracking_uri
+    from .tracking import experiments_url, tracking_uri
 
     uri = tracking_uri(root)
-    mlflow = (("MLflow", f"runs and the model registry at {uri}") if uri.startswith(("http://", "https://"))
+    mlflow = (("MLflow", f"runs and registry: {experiments_url(uri)}") if uri.startswith(("http://", "https://"))
               else (f"make mlflow-ui MLFLOW_PORT={mlflow_port}" if mlflow_port != 5000 else "make mlflow-ui",
-                    f"MLflow runs and the model registry at http://127.0.0.1:{mlflow_port}"))
+                    f"MLflow runs and registry: {experiments_url(f'http://127.0.0.1:{mlflow_port}')}"))
     steps = [("reports/report.html", "the report: every table, the checks, training curves (opens offline)"),
              mlflow, ("make plots", "DVC plots, offline: dvc_plots/index.html")]
     return ["Where to look next:"] + [line[:WIDTH] for line in aligned([["  " + what, how] for what, how in steps])]

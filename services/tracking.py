@@ -47,6 +47,16 @@ def tracking_uri(root: Path | None = None) -> str:
     return f"sqlite:///{(root or project_root()) / 'mlflow.db'}"
 
 
+# MLflow 3's UI opens in its GenAI view (traces, token usage) unless a page is asked for in the
+# model-training view, where the runs, their metrics and the model registry are in the sidebar.
+MODEL_TRAINING_VIEW = "?workflowType=machine_learning"
+
+
+def experiments_url(base: str) -> str:
+    """The MLflow UI's experiment list at ``base``, in the model-training view."""
+    return f"{base.rstrip('/')}/#/experiments{MODEL_TRAINING_VIEW}"
+
+
 def run_url(run_id: str, experiment_id: str, tracking: str | None = None) -> str:
     """The MLflow UI's page of a run: on the tracking server when runs go to one (``tracking``,
     default MLFLOW_TRACKING_URI), else on the UI of ``make mlflow-ui`` (``ROBUSTKD_MLFLOW_UI``,
@@ -54,7 +64,7 @@ def run_url(run_id: str, experiment_id: str, tracking: str | None = None) -> str
     tracking = tracking or tracking_uri()
     base = tracking if tracking.startswith(("http://", "https://")) else \
         os.environ.get("ROBUSTKD_MLFLOW_UI", "http://127.0.0.1:5000")
-    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}"
+    return f"{base.rstrip('/')}/#/experiments/{experiment_id}/runs/{run_id}{MODEL_TRAINING_VIEW}"
 
 
 def tracking_enabled() -> bool:

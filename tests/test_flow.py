@@ -52,7 +52,7 @@ def test_stage_runs_nest_under_the_flow_run(flow_run):
     parent_id = summary["parent_run_id"]
     parent = client.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.data.tags["prefect_flow_run_id"]
-    assert summary["mlflow_run_url"].endswith(f"/#/experiments/{parent.info.experiment_id}/runs/{parent_id}")
+    assert summary["mlflow_run_url"].endswith(f"/#/experiments/{parent.info.experiment_id}/runs/{parent_id}?workflowType=machine_learning")
     head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=repo, capture_output=True, text=True).stdout.strip()
     assert parent.data.tags["git_commit"].startswith(head)
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent_id}'")

@@ -89,7 +89,7 @@ def test_description_and_training_run_link(registered):
                   f"[{aa['ci95_low']:.1f}, {aa['ci95_high']:.1f}]", "N x 3 x 32 x 32", "8/255"):
         assert words in text, (words, text)
     assert v.tags["training_run_id"] == registered["train_run_id"]
-    assert f"runs/{registered['train_run_id']})" in text
+    assert f"runs/{registered['train_run_id']}?workflowType=machine_learning)" in text
     assert "champion" in client.get_registered_model(MODEL).description
     # the training run carries the student's headline evaluation: MLflow's compare view shows it
     trained = client.get_run(registered["train_run_id"]).data.metrics

@@ -61,7 +61,8 @@ def test_summary_is_one_narrow_table_of_the_headline_figures(root):
     assert "all 40 evaluated images" in text     # the larger set: the report's second table
     assert read_evaluation(paths["student"])["flagged"] == 0
     tail = text[text.index("Where to look next:"):]
-    for what in ("reports/report.html", "make mlflow-ui", "http://127.0.0.1:5000", "make plots"):
+    for what in ("reports/report.html", "make mlflow-ui", "http://127.0.0.1:5000/#/experiments?workflowType=machine_learning",
+                 "make plots"):
         assert what in tail, what
 
 
@@ -158,12 +159,12 @@ def test_report_header_links_the_mlflow_runs(monkeypatch):
     monkeypatch.delenv("ROBUSTKD_MLFLOW_UI", raising=False)
     local = header_markdown(params, tracker)
     assert local.startswith("Written 20") and " UTC from commit `" in local and "cpu profile" in local
-    assert "[fedcba98](http://127.0.0.1:5000/#/experiments/7/runs/fedcba9876543210)" in local
-    assert "[01234567](http://127.0.0.1:5000/#/experiments/7/runs/0123456789abcdef)" in local
+    assert "[fedcba98](http://127.0.0.1:5000/#/experiments/7/runs/fedcba9876543210?workflowType=machine_learning)" in local
+    assert "[01234567](http://127.0.0.1:5000/#/experiments/7/runs/0123456789abcdef?workflowType=machine_learning)" in local
     assert "make mlflow-ui" in local
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://mlflow.example:5000/")
     server = header_markdown(params, tracker)
-    assert "(http://mlflow.example:5000/#/experiments/7/runs/0123456789abcdef)" in server
+    assert "(http://mlflow.example:5000/#/experiments/7/runs/0123456789abcdef?workflowType=machine_learning)" in server
     assert "make mlflow-ui" not in server
     untracked = header_markdown(params, SimpleNamespace(run_id=None, experiment_id=None))
     assert "Not tracked in MLflow" in untracked and "http" not in untracked
