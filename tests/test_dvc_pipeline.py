@@ -151,7 +151,8 @@ def test_plots_render_offline(repo):
     html = (repo / "plots_out" / "index.html").read_text()
     assert not re.search(r"<script[^>]*\bsrc\s*=", html), "a script is loaded from a file or URL"
     assert not re.search(r"""(src|href)\s*=\s*["']?https?://""", html)
-    for title in ("Training loss", "Held-out PGD accuracy (%)", "Accuracy per attack (%)"):
+    for title in ("Teacher training loss", "Student training loss", "Held-out PGD accuracy (%)",
+                  "Accuracy per attack (%)"):
         assert title in html, title
     assert "rep8" in html and "rep9" in html and "offline plots:" in page.stdout
 

@@ -44,7 +44,7 @@ def test_flow_runs_every_stage_then_skips_them(flow_run):
     assert all(r["ran"] for r in summary["stages"])
     # DVC skips what is up to date: the data's hash is the same, so prepare_data and all after it
     assert not any(r["ran"] for r in rerun["stages"] if r["stage"] not in ALWAYS_RUN)
-    assert rerun["registered"]["reason"] == "already registered"
+    assert rerun["registered"]["reason"] == "this ONNX file is already registered (its aliases unchanged)"
 
 
 def test_stage_runs_nest_under_the_flow_run(flow_run):
