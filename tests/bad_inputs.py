@@ -245,13 +245,18 @@ def mlflow_case(tmp: Path) -> str:
 
 
 def second_flow_case(tmp: Path) -> str:
+    # a workspace whose `--preset cpu` validates: the flow checks params and the data folder first
+    (tmp / "params").mkdir(exist_ok=True)
+    (tmp / "params/cpu.yaml").write_text((ROOT / "params/cpu.yaml").read_text())
+    (tmp / "params.yaml").write_text("profile: mine\n")
     code = ("from pathlib import Path; import time; from pipeline.flow import workspace_lock\n"
             f"with workspace_lock(Path({str(tmp)!r})):\n    print('held', flush=True); time.sleep(300)")
     first = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, text=True)
     try:
         first.stdout.readline()
-        proc = subprocess.run([sys.executable, "-m", "pipeline.flow", "--project-dir", str(tmp)], cwd=ROOT,
-                              capture_output=True, text=True, timeout=300)
+        proc = subprocess.run([sys.executable, "-m", "pipeline.flow", "--project-dir", str(tmp), "--preset", "cpu",
+                               "--no-register"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                              env={**os.environ, "ROBUSTKD_DATA_ROOT": str(tmp)})
         return f"exit {proc.returncode}: {proc.stderr.strip()}".replace(str(tmp), "<workspace>")
     finally:
         first.kill()
