@@ -23,6 +23,7 @@ from robustkd.stats import discordant_pairs, mcnemar_exact_counts, wilson_interv
 from robustkd.utils import atomic_path
 
 from .results import details_path, info_path, per_image_path, read_per_image
+from .tables import headline_images, outcome_on
 
 LABELS = {"natural": "Natural", "pgd20": "PGD-20", "cw": "CW", "autoattack": "AA", WORST_CASE: "Worst case"}
 COLUMNS = [*ATTACKS, WORST_CASE]
@@ -143,13 +144,11 @@ def _epoch(info: dict, which: str) -> str:
 
 
 def on_shared_images(per_image: dict, cols: list[str]) -> dict[str, np.ndarray]:
-    """Each column's outcomes on the images *every* column ran on (AutoAttack's subset when it
-    ran), in the order of the evaluated subset: one set of images per row, so that the worst case
-    is never beside a column of other images."""
-    where = {c: np.asarray(per_image.get(f"{c}_index", per_image["index"])) for c in cols}
-    shared = set(where[cols[0]].tolist()).intersection(*(set(v.tolist()) for v in where.values())) if cols else set()
-    keep = np.array(sorted(shared))
-    return {c: np.asarray(per_image[c])[np.isin(where[c], keep)] for c in cols}
+    """Each column's outcomes on the headline images, those *every* attack ran on (AutoAttack's
+    subset when it ran; services.tables.headline_images), in the order of the evaluated subset:
+    one set of images per row, so that the worst case is never beside a column of other images."""
+    images = headline_images(per_image)
+    return {c: outcome_on(per_image, c, images).astype(np.asarray(per_image[c]).dtype) for c in cols}
 
 
 def best_last_markdown(evaluate_dir: Path, names: list[str]) -> str:

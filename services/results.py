@@ -26,7 +26,8 @@ def details_path(metrics_path: Path) -> Path:
 # the evaluated count and the checks' verdict. `dvc metrics show` and `dvc exp show` list every
 # leaf as a column, so the intervals, per-class accuracies and check details go to the details
 # file (issue 28: the metrics table fits on a screen).
-HEADLINE_NUMBERS = ("natural", "pgd20", "cw", "autoattack", "worst_case", "num_images", "checks_failed", "flagged")
+ACCURACY_NUMBERS = ("natural", "pgd20", "cw", "autoattack", "worst_case", "num_images")
+HEADLINE_NUMBERS = (*ACCURACY_NUMBERS, "checks_failed", "flagged")
 
 
 def split_headline(summary: dict) -> tuple[dict, dict]:
@@ -43,7 +44,7 @@ def split_headline(summary: dict) -> tuple[dict, dict]:
         numbers = {k: record["percent"] for k, record in block["accuracy"].items() if k in HEADLINE_NUMBERS}
         numbers["num_images"] = block["images"]
     else:   # no per-image outcomes to build the block from: the summary's own numbers
-        numbers = {k: summary[k] for k in HEADLINE_NUMBERS[:6] if k in summary}
+        numbers = {k: summary[k] for k in ACCURACY_NUMBERS if k in summary}
     numbers.update({k: summary[k] for k in ("checks_failed", "flagged") if k in summary})
     return numbers, summary
 

@@ -128,7 +128,7 @@ def headline_images(per_image: dict[str, np.ndarray]) -> np.ndarray:
     return np.asarray(common, dtype=np.int64)
 
 
-def _outcome_on(per_image: dict[str, np.ndarray], key: str, images: np.ndarray) -> np.ndarray | None:
+def outcome_on(per_image: dict[str, np.ndarray], key: str, images: np.ndarray) -> np.ndarray | None:
     """1/0 outcomes of ``key`` on the test-set indices ``images`` (in that order), None if ``key``
     did not run on every one of them."""
     if key not in per_image:
@@ -145,7 +145,7 @@ def _block(per_image: dict[str, np.ndarray], images: np.ndarray, keys: list[str]
     blocks go into the DVC metrics file); the worst case over exactly these columns."""
     from robustkd.stats import accuracy_record
 
-    outcomes = {k: o for k in keys if (o := _outcome_on(per_image, k, images)) is not None}
+    outcomes = {k: o for k in keys if (o := outcome_on(per_image, k, images)) is not None}
     n = int(len(images))
     block: dict = {"images": n, "accuracy": {k: accuracy_record(int(o.sum()), n) for k, o in outcomes.items()}}
     if any(k != "natural" for k in outcomes):
