@@ -8,7 +8,7 @@
   (N x 3 x 32 x 32 floats in [0, 1]), an image file as the body (``image/png``, ``image/jpeg``, ...,
   resized to 32 x 32), or a ``multipart/form-data`` upload with the file in the form field ``image``
   (``curl -F image=@cat.png``) -> {"predictions": [{"class", "class_index", "probability"}, ...]}
-- ``GET  /openapi.json``: the OpenAPI description (``/docs``: Swagger UI, scripts from a CDN).
+- ``GET  /openapi.json``: the OpenAPI description (``/docs``: Swagger UI, its files served offline by the server).
 
 Errors are JSON ``{"error": "..."}``, never a Python repr: 400 malformed JSON, an unreadable or
 truncated image or a decompression bomb, 404/405 unknown paths and methods, 408 a body not received
@@ -304,6 +304,28 @@ def header_timeout_protocol(timeout_s: float):
     return HeaderTimeoutH11
 
 
+DOCS_ASSETS = "/docs-assets"
+
+
+def mount_offline_docs(app: FastAPI) -> None:
+    """``/docs``: Swagger UI with its scripts and styles served by this process from the
+    swagger-ui-bundle package (https://pypi.org/project/swagger-ui-bundle/, Swagger UI 4.15.5).
+    FastAPI's default page loads them from a CDN, so it is blank on an offline machine. ReDoc has
+    no such package: ``/redoc`` is off (docs/operations.md, "Serving the ONNX student")."""
+    from fastapi.openapi.docs import get_swagger_ui_html
+    from fastapi.staticfiles import StaticFiles
+    from swagger_ui_bundle import swagger_ui_path
+
+    app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
+
+    @app.get("/docs", include_in_schema=False)
+    async def docs():
+        return get_swagger_ui_html(openapi_url=app.openapi_url or "/openapi.json", title=f"{app.title}: API",
+                                   swagger_js_url=f"{DOCS_ASSETS}/swagger-ui-bundle.js",
+                                   swagger_css_url=f"{DOCS_ASSETS}/swagger-ui.css",
+                                   swagger_favicon_url=f"{DOCS_ASSETS}/favicon-32x32.png")
+
+
 def create_app(student: OnnxStudent, max_batch: int = 64, max_wait_ms: float = 5.0,
                max_body_bytes: int = MAX_BODY_BYTES, model_name: str | None = None,
                decode_workers: int = DECODE_WORKERS, max_uploads: int = MAX_UPLOADS,
@@ -327,10 +349,11 @@ def create_app(student: OnnxStudent, max_batch: int = 64, max_wait_ms: float = 5
         await batcher.stop()
         pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="robustkd student", version="1", lifespan=lifespan,
+    app = FastAPI(title="robustkd student", version="1", lifespan=lifespan, docs_url=None, redoc_url=None,
                   description="The adversarially robust distilled student (ONNX, onnxruntime). Inputs are RGB "
                               f"images, {IMAGE_SIZE} x {IMAGE_SIZE}, values in [0, 1]; the model normalises them.")
     app.state.batcher = batcher
+    mount_offline_docs(app)
 
     @app.exception_handler(RequestError)
     async def request_error(request, exc: RequestError):

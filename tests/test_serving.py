@@ -78,6 +78,23 @@ def test_health_ready_and_openapi(server):
     assert "instances" in json.dumps(body["application/json"])
 
 
+def test_docs_page_loads_only_files_the_server_serves(server):
+    """/docs offline: Swagger UI's script, style and icon come from the server (swagger-ui-bundle),
+    not from a CDN; /redoc (no offline package) is off."""
+    import re
+
+    base, _ = server
+    with urllib.request.urlopen(f"{base}/docs", timeout=30) as resp:
+        page = resp.read().decode()
+    refs = re.findall(r"""(?:src|href)=["']([^"']+)["']""", page) + re.findall(r"""url: *["']([^"']+)["']""", page)
+    assert refs and not [r for r in refs if r.startswith(("http:", "https:", "//"))], refs
+    assert {"/docs-assets/swagger-ui-bundle.js", "/docs-assets/swagger-ui.css", "/openapi.json"} <= set(refs)
+    for ref in refs:
+        with urllib.request.urlopen(base + ref, timeout=30) as resp:
+            assert resp.status == 200 and len(resp.read()) > 500, ref
+    assert call(f"{base}/redoc")[0] == 404
+
+
 def test_predictions_match_onnxruntime(server):
     import onnxruntime as ort
 
