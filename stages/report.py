@@ -372,6 +372,8 @@ def main(args) -> None:
         subset += (f"; AutoAttack on {aa_info.get('description')} of it ({aa_info.get('num_images')} images, sha256 "
                    f"`{str(aa_info.get('images_sha256'))[:16]}`): the headline table has every attack on those "
                    "images, the cheaper attacks on the whole subset are a table of their own")
+    if evals:
+        subset += autoattack_version_note(evals[0][1]["info"].get("config") or {})
     title = f"Robust distillation report ({params.profile} profile)"
     intro = (f"Student `{params.distill.student.arch}` distilled with `{params.distill.method}` from a "
              f"`{params.teacher.model.arch}` teacher ({params.teacher.method}). Accuracy in percent at "
@@ -387,6 +389,19 @@ def main(args) -> None:
         tmp.write_text(render_html(title, intro, sections, header))
     args.tracker.log_artifact(REPORTS, "reports")
     print(f"report written to {REPORTS / 'report.md'} and {REPORTS / 'report.html'}")
+
+
+def autoattack_version_note(config: dict) -> str:
+    """Which AutoAttack ran, from the evaluation's recorded configuration: a cut-down custom run
+    (the tiny and smoke profiles) must not read as the standard version that papers report."""
+    version = config.get("autoattack_version")
+    if "autoattack" not in (config.get("attacks") or []) or not version:
+        return ""
+    if version != "custom":
+        return f"; AutoAttack version {version} (pyautoattack)"
+    return (f"; AutoAttack **custom** ({', '.join(config.get('autoattack_attacks') or [])}, "
+            f"{config.get('autoattack_iterations')} iterations): weaker than the standard version, "
+            "not comparable with published AutoAttack figures")
 
 
 def build_parser():
