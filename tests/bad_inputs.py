@@ -18,7 +18,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import yaml
 
 from .stage_fixtures import make_image_folder, tiny_params, write_params
 

@@ -55,6 +55,16 @@ def small_models():
     return create_model("resnet10_w8"), create_model("resnet10_w8").eval()
 
 
+@pytest.fixture(scope="session")
+def tiny_repro(tmp_path_factory) -> Path:
+    """The tiny project after one `dvc repro`, committed (tests/stage_fixtures.build_tiny_repro): one
+    build per test session, shared by the xdist workers; take a copy (``copy_project``) to use it."""
+    from .stage_fixtures import build_tiny_repro
+
+    base = tmp_path_factory.getbasetemp()
+    return build_tiny_repro(base.parent if XDIST_WORKER else base)
+
+
 # Under xdist (`make test`: -n 2 --dist loadfile, see pytest_xdist_make_scheduler below) one worker runs all
 # of a file's tests, in their order, as serially: many files build an expensive module-scoped fixture (a
 # pipeline run, a server) and some tests build on the one before. Files whose tests share state with

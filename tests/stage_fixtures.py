@@ -68,3 +68,43 @@ def project_copy(tmp: Path, params: dict | None = None) -> Path:
     sh("git init -q && git add -A && git -c user.email=t@t -c user.name=t commit -qm init", tmp)
     sh("dvc init -q && dvc config core.analytics false && dvc config core.check_update false", tmp)
     return tmp
+
+
+REPRO_STDOUT = "repro.stdout"   # beside the built project: what its one `dvc repro` printed
+
+
+def build_tiny_repro(shared: Path) -> Path:
+    """``shared/tiny``: the tiny project (:func:`project_copy`) after one ``dvc repro``, committed,
+    built once per test session and shared by the xdist workers (a file lock in ``shared``). A
+    failed build is recorded, so that a waiting worker fails with its message instead of building
+    it again. Tests take copies (:func:`copy_project`), never this folder itself."""
+    from filelock import FileLock
+
+    built, failed = shared / "tiny", shared / "tiny.failed"
+    with FileLock(str(shared / "tiny.lock")):
+        if failed.exists():
+            raise AssertionError(f"the shared tiny project failed to build:\n{failed.read_text()}")
+        if (shared / REPRO_STDOUT).exists():
+            return built
+        shutil.rmtree(built, ignore_errors=True)
+        built.mkdir(parents=True)
+        try:
+            project_copy(built)
+            out = sh("dvc repro", built).stdout
+            sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm 'tiny run'", built)
+        except BaseException as exc:
+            failed.write_text(str(exc))
+            raise
+        (shared / REPRO_STDOUT).write_text(out)
+        return built
+
+
+def copy_project(src: Path, dest: Path) -> Path:
+    """A copy of a built project (git, DVC cache and lock, MLflow store) at ``dest``; its MLflow
+    store is made to follow the new folder (services.tracking.relocate_store), so that runs logged
+    in the copy keep their artifacts in it."""
+    from services.tracking import relocate_store
+
+    shutil.copytree(src, dest, symlinks=True, dirs_exist_ok=True)
+    relocate_store(dest)
+    return dest

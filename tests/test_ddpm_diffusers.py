@@ -5,7 +5,6 @@ import json
 import numpy as np
 import pytest
 
-from .test_stages import workdir  # noqa: F401 - the module-scoped tiny pipeline
 
 
 def build_tiny_ddpm(path):
@@ -20,16 +19,16 @@ def build_tiny_ddpm(path):
 
 
 @pytest.mark.parametrize("scheduler", ["ddim", "ddpm"])
-def test_diffusers_source_samples_and_labels(workdir, tmp_path, monkeypatch, scheduler):  # noqa: F811
+def test_diffusers_source_samples_and_labels(tiny_repro, tmp_path, monkeypatch, scheduler):
     import shutil
 
     import yaml
     from stages import ingest_ddpm
 
     for sub in ("data", "models"):
-        shutil.copytree(workdir / sub, tmp_path / sub)
+        shutil.copytree(tiny_repro / sub, tmp_path / sub)   # the session's tiny run: data, teacher
     model_dir = build_tiny_ddpm(tmp_path / "ddpm")
-    params = yaml.safe_load((workdir / "params.yaml").read_text())
+    params = yaml.safe_load((tiny_repro / "params.yaml").read_text())
     params["ddpm"].update(source="diffusers", num_images=5,
                           diffusers={"model_dir": str(model_dir), "scheduler": scheduler,
                                      "inference_steps": 2, "batch_size": 3})

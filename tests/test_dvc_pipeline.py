@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from .stage_fixtures import ROOT, project_copy, sh
+from .stage_fixtures import REPRO_STDOUT, ROOT, copy_project, sh
 
 pytestmark = pytest.mark.slow
 
@@ -25,14 +25,15 @@ def ran_stages(output: str) -> list[str]:
 
 
 @pytest.fixture(scope="module")
-def repo(tmp_path_factory):
-    return project_copy(tmp_path_factory.mktemp("dvcrepo"))
+def repo(tiny_repro, tmp_path_factory):
+    """A copy of the session's tiny project after its one `dvc repro` (tests/conftest.py tiny_repro)."""
+    return copy_project(tiny_repro, tmp_path_factory.mktemp("dvcrepo"))
 
 
-def test_repro_runs_every_stage_then_reruns_only_dependants(repo):
-    first = sh("dvc repro", repo)
-    assert f"Running stage '{ALWAYS_RUN}'" in first.stdout
-    ran = ran_stages(first.stdout)
+def test_repro_runs_every_stage_then_reruns_only_dependants(tiny_repro, repo):
+    first = (tiny_repro.parent / REPRO_STDOUT).read_text()   # the first `dvc repro` of the fresh project
+    assert f"Running stage '{ALWAYS_RUN}'" in first
+    ran = ran_stages(first)
     assert sorted(ran) == sorted(["prepare_data", "train_teacher", "ingest_ddpm", "distill", "distill_reference",
                                   "evaluate", "export_onnx", "attention", "report"])
     # DVC orders independent stages as it likes; every stage runs after what it depends on

@@ -420,7 +420,7 @@ def test_stage_with_fail_on_check_writes_then_exits_1(stage_dir, monkeypatch, ca
         evaluate.run(["--model", "model.pt", "--out", "out/model.json"])
     assert err.value.code == 1
     assert json.loads((tmp / "out/model.json").read_text())["flagged"] == 1
-    lines = [l for l in capsys.readouterr().err.splitlines() if l.startswith("error:")]
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "model.pt" in lines[0]
     assert np.load(tmp / "out/model_per_image.npz", allow_pickle=False)["pgd20"].shape == (20,)
 

@@ -19,7 +19,7 @@ import yaml
 
 from services.best_last import remove_unlisted_best
 
-from .stage_fixtures import ROOT, make_image_folder, project_copy, sh, tiny_params, write_params
+from .stage_fixtures import ROOT, copy_project, make_image_folder, sh, tiny_params, write_params
 
 ALWAYS_RUN = "fingerprint_data"
 PIPELINES = ("dvc.yaml", "compare/dvc.yaml", "ablation/dvc.yaml")
@@ -132,17 +132,6 @@ def test_export_replaces_the_onnx_file_only_after_its_checks(stage_dir, monkeypa
 
 
 # ------------------------------------------------------------------ the faults, under `dvc repro`
-def smallest_params() -> dict:
-    """The tiny profile, cheaper still: one DVC run of every stage in about a minute here."""
-    p = tiny_params("raw")
-    p["teacher"]["optim"].update(epochs=1)
-    p["distill"]["optim"].update(epochs=1)
-    p["evaluate"]["config"].update(attacks=["natural", "pgd20"])
-    p["evaluate"]["autoattack_per_class"] = None
-    p["attention"]["images"] = 2
-    return p
-
-
 # What the good run produced: every file whose loss the issue found (the student's metrics,
 # metrics/evaluate/*, metrics/export*.json, data/prepared), every other output, and the lock.
 KEPT_DIRS = ("data", "metrics", "models", "reports")
@@ -174,11 +163,10 @@ def stage_error(proc) -> str:
 
 
 @pytest.fixture(scope="module")
-def good_run(tmp_path_factory):
-    """One tiny pipeline run, committed; every fault below starts from it and is undone after."""
-    repo = project_copy(tmp_path_factory.mktemp("kept"), smallest_params())
-    sh("dvc repro", repo)
-    sh("git add -A && git -c user.email=t@t -c user.name=t commit -qm 'good run'", repo)
+def good_run(tiny_repro, tmp_path_factory):
+    """One tiny pipeline run, committed (a copy of the session's, tests/conftest.py tiny_repro);
+    every fault below starts from it and is undone after."""
+    repo = copy_project(tiny_repro, tmp_path_factory.mktemp("kept"))
     assert status_clean(repo)
     return repo, snapshot(repo)
 

@@ -36,11 +36,11 @@ def test_seed_parameter_sets_run_seed_for_the_run_only(tmp_path):
 def test_mlflow_run_url(monkeypatch):
     from pipeline.flow import mlflow_run_url
 
-    assert mlflow_run_url("abc", "3", "http://10.0.0.5:5000/") == "http://10.0.0.5:5000/#/experiments/3/runs/abc"
+    assert mlflow_run_url("abc", "3", "http://10.0.0.5:5000/") == "http://10.0.0.5:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     monkeypatch.delenv("ROBUSTKD_MLFLOW_UI", raising=False)
-    assert mlflow_run_url("abc", "3", "sqlite:///x/mlflow.db") == "http://127.0.0.1:5000/#/experiments/3/runs/abc"
+    assert mlflow_run_url("abc", "3", "sqlite:///x/mlflow.db") == "http://127.0.0.1:5000/#/experiments/3/runs/abc?workflowType=machine_learning"
     monkeypatch.setenv("ROBUSTKD_MLFLOW_UI", "http://mlflow.lab:8080")
-    assert mlflow_run_url("abc", "3", "sqlite:///x/mlflow.db") == "http://mlflow.lab:8080/#/experiments/3/runs/abc"
+    assert mlflow_run_url("abc", "3", "sqlite:///x/mlflow.db") == "http://mlflow.lab:8080/#/experiments/3/runs/abc?workflowType=machine_learning"
 
 
 @pytest.mark.slow

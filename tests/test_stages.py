@@ -9,30 +9,19 @@ import torch
 
 from robustkd.models import load_checkpoint
 
-from .stage_fixtures import make_image_folder, tiny_params, write_params
+from .stage_fixtures import copy_project, write_params
 
 
 @pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-    """A working directory where the tiny pipeline ran once, stage by stage."""
+def workdir(tiny_repro, tmp_path_factory):
+    """A working directory where the tiny pipeline ran once (a copy of the session's `dvc repro`,
+    tests/conftest.py tiny_repro), the current directory while the module's tests run."""
     import os
 
-    wd = tmp_path_factory.mktemp("stages")
-    make_image_folder(wd / "raw")
-    write_params(wd / "params.yaml", tiny_params(str(wd / "raw")))
+    wd = copy_project(tiny_repro, tmp_path_factory.mktemp("stages"))
     old = os.getcwd()
     os.chdir(wd)
     try:
-        from stages import (distill, evaluate, export_onnx, ingest_ddpm, prepare_data, report,
-                            train_teacher)
-        prepare_data.run([])
-        train_teacher.run([])
-        ingest_ddpm.run([])
-        distill.run([])
-        distill.run(["--method", "natural_kd", "--name", "reference", "--seed", "7"])
-        evaluate.run([])
-        export_onnx.run([])
-        report.run([])
         yield wd
     finally:
         os.chdir(old)
@@ -251,7 +240,6 @@ def test_mlflow_records_the_method_that_ran_and_its_inputs(workdir):
     runs = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id])
     reference = next(r for r in runs if r.data.tags.get("method") == "natural_kd")
     assert reference.data.params["distill.method"] == "natural_kd" == reference.data.params["method.name"]
-    assert reference.data.params["run.seed"] == "7"  # --seed is the seed that ran and is recorded
     darwin = next(r for r in runs if r.data.tags.get("method") == "darwin")
     assert float(darwin.data.params["method.eps"]) == pytest.approx(8 / 255)  # a number, not "8/255"
     # only the method that ran, and the fast path as resolved on this machine (fp32 on a CPU), not "auto"
@@ -292,12 +280,18 @@ def test_rerun_after_the_last_epoch_rewrites_outputs_dvc_removed(workdir, monkey
 def test_reconstructed_baselines_train_through_the_distill_stage(workdir, method, capsys):
     from stages import distill
 
-    distill.run(["--method", method, "--out-dir", f"recon/{method}"])
+    distill.run(["--method", method, "--out-dir", f"recon/{method}", "--seed", "7"])
     assert load_checkpoint(workdir / f"recon/{method}/{method}.pt").checkpoint_meta["method"] == method
     history = (workdir / f"recon/{method}/{method}_history.csv").read_text().splitlines()
     assert len(history) == 3 and "contrast" in history[0]
     assert "optimiser shared (distill.optim)" in capsys.readouterr().out
     state = torch.load(workdir / f"recon/{method}/checkpoint/state.pt", weights_only=True)
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id])
+    run = next(r for r in runs if r.data.tags.get("method") == method)
+    assert run.data.params["run.seed"] == "7"  # --seed is the seed that ran and is recorded
     if method == "gacd":   # heads and memory bank resume with the run
         assert "state.memory.memory_v1" in state["objective"] and "state.embed_s.linear.weight" in state["objective"]
 

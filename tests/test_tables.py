@@ -4,7 +4,6 @@ are a block and a table of their own. On real result files (written as the evalu
 them) in temporary directories: the block's invariants, the report's two tables, the method
 tables and the registry description, and the README generator's drift check."""
 
-import json
 import os
 import subprocess
 

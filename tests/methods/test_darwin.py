@@ -4,7 +4,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from robustkd.data import Batch
 from robustkd.errors import InputError
 from robustkd.methods import create_objective
 from robustkd.methods.darwin import DarwinConfig, darwin_loss, partners_of_other_class, path_weights, triplet
