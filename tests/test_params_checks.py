@@ -135,6 +135,7 @@ def test_autoattack_custom_and_the_evaluation_cap_are_checked(tmp_path):
                         ({"max_images": 0}, "evaluate.max_images")):
         params = tiny_params("raw")
         params["evaluate"] = {**params["evaluate"], **{k: v for k, v in edit.items() if k != "config"}}
+        params["evaluate"]["config"].update(autoattack_version="standard", autoattack_attacks=[])  # tiny's: custom
         params["evaluate"]["config"].update(edit.get("config", {}))
         with pytest.raises(InputError, match=words):
             load_params(write_params(tmp_path / "params.yaml", params))
