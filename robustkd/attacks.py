@@ -16,8 +16,8 @@ import torch.nn.functional as F
 
 from .errors import InputError
 
-EPS_DEFAULT = 8 / 255  # in [0, 1] pixel units
-ALPHA_DEFAULT = 2 / 255
+EPS_DEFAULT = 8 / 255    # L-inf radius in [0, 1] pixel units: the default of every method and of the evaluation
+ALPHA_DEFAULT = 2 / 255  # attack step in [0, 1] pixel units
 
 
 @contextlib.contextmanager

@@ -68,7 +68,7 @@ class EvalConfig:
     """Evaluation settings. eps and step sizes are in [0, 1] pixel units; accuracy thresholds
     and tolerances in percentage points."""
 
-    eps: float = 8 / 255
+    eps: float = attacks.EPS_DEFAULT          # 8/255, [0, 1] pixel units
     pgd_steps: int = 20
     pgd_step_size: float = 2 / 255
     # PGD's uniform random start projected into [0, 1] before the first gradient (the project's,

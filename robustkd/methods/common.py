@@ -5,11 +5,11 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from ..attacks import model_modes
+from ..attacks import ALPHA_DEFAULT, EPS_DEFAULT, model_modes
 from ..errors import InputError
 
-EPS = 8 / 255     # L-inf radius, [0, 1] pixel units
-ALPHA = 2 / 255   # attack step, [0, 1] pixel units
+EPS = EPS_DEFAULT       # L-inf radius 8/255, [0, 1] pixel units (one home: robustkd/attacks.py)
+ALPHA = ALPHA_DEFAULT   # attack step 2/255, [0, 1] pixel units
 
 KlReduction = ("batchmean", "elementwise_mean")
 
