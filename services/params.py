@@ -311,6 +311,7 @@ def parse_params(path: Path, text: str) -> Params:
         raise InputError(f"{path}: the parameters file is empty; expected the sections "
                          f"{[f.name for f in dataclasses.fields(Params)]} (see params/ for complete files)")
     check_renamed(raw, str(path))
+    check_evaluation_seed(raw, str(path))
     params = from_dict(Params, raw, str(path))
     from .param_checks import check_params
 
@@ -332,6 +333,16 @@ def check_renamed(raw, where: str) -> None:
         block = raw.get(section)
         if isinstance(block, dict) and key in block:
             raise InputError(f"{where}: {message} (found {section}.{key}: {block[key]!r})")
+
+
+def check_evaluation_seed(raw, where: str) -> None:
+    """``evaluate.config.seed`` would be silently replaced: the attacks' random starts are seeded by
+    ``run.seed`` (or a stage's ``--seed``), the one seed a run records."""
+    evaluate = raw.get("evaluate") if isinstance(raw, dict) else None
+    config = evaluate.get("config") if isinstance(evaluate, dict) else None
+    if isinstance(config, dict) and "seed" in config:
+        raise InputError(f"{where}: evaluate.config.seed is not read: the evaluation is seeded by run.seed "
+                         f"(or the stage's --seed); remove it (found seed: {config['seed']!r})")
 
 
 def validate_methods(params: Params, where: str) -> None:

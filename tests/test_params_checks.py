@@ -200,3 +200,14 @@ def test_a_model_name_with_a_quote_is_quoted_in_mlflow_search_filters(tmp_path, 
     found = find_registered(client, "it's", "sha-it's")
     assert found is not None and found.name == "it's" and int(found.version) == 1
     assert find_registered(client, "it's", "sha-its") is None
+
+
+def test_an_evaluation_seed_is_refused_as_run_seed_is_the_one_read(tmp_path):
+    from services.params import load_params
+
+    from .stage_fixtures import tiny_params, write_params
+
+    params = tiny_params("raw")
+    params["evaluate"]["config"]["seed"] = 3
+    with pytest.raises(InputError, match=r"evaluate.config.seed is not read: the evaluation is seeded by run.seed"):
+        load_params(write_params(tmp_path / "params.yaml", params))
