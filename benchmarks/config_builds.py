@@ -1,6 +1,6 @@
 """How often one `dvc repro` parses params.yaml and builds a method's settings object.
 
-The configuration issue (docs/pipeline.md, "One resolved configuration per run") asks that a run
+The project asks that a run (docs/pipeline.md: what each stage reads and writes)
 reads its parameters once per stage and builds each typed configuration once. This counts it, in
 every stage process of a real `dvc repro` of a project (``--project``, e.g. a copy made by
 ``tests/stage_fixtures.project_copy``): a ``sitecustomize`` put first on PYTHONPATH wraps
