@@ -166,7 +166,8 @@ def training_config(objective: Objective, optim: OptimConfig, fast_record: dict,
     how it was set, distill's ``resolve_optim``), the fast path as taken on this machine
     (``run.precision``, ``run.channels_last``, ``run.compile``, ``run.compile_mode``), the resume
     inputs (``inputs.*``: one hash each of model, method, optimiser, numerics, seed, teacher
-    weights, data) and the content hash of each array set read (``data.*``: :func:`data_hash`)."""
+    weights, data) and the content hash of each array set read (``data_hash.*``: :func:`data_hash`;
+    not ``data.*``, the params section)."""
     data_ids = {name: value[0] if isinstance(value, list) else value for name, value in data.items()}
     if isinstance(data.get("generated"), list):
         data_ids["generated_fraction"] = data["generated"][1]
@@ -174,7 +175,7 @@ def training_config(objective: Objective, optim: OptimConfig, fast_record: dict,
             "optimiser": {**asdict(optim), **({"how": optim_how} if optim_how else {})},
             "run": resolved_fast_path(fast_record),
             "inputs": {k.replace(" ", "_"): v for k, v in inputs.items()},
-            "data": data_ids,
+            "data_hash": data_ids,
             **({"init": init} if init else {})}
 
 
