@@ -40,8 +40,12 @@ def parser(description: str) -> argparse.ArgumentParser:
 
 
 def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse.ArgumentParser],
-        stage: str, sections: tuple[str, ...] = ()):
-    """Run a stage main inside its MLflow stage run (``args.tracker``; see stages/tracking.py).
+        stage: str, sections: tuple[str, ...] = (), config: Path | None = None):
+    """Run a stage main inside its MLflow stage run (``args.tracker``; see services/tracking.py).
+
+    ``config``: where the stage's resolved configuration goes (``metrics/<name>_config.json``,
+    :func:`write_stage_config`) once ``main`` has succeeded; ``main`` may name another file
+    (``args.config_path``: distill's ``--name``, ``--out-dir``) or none (``--download-only``).
 
     Bad input prints one clear line and exits 2 (no traceback); so do a failed write (full disk,
     no permission: the previous outputs are kept) and a NaN/inf training loss (epoch and batch
@@ -66,9 +70,11 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
             if getattr(args, "seed", None) is not None:  # --seed (the comparison's seeds): recorded as run.seed
                 params = dataclasses.replace(params, run=dataclasses.replace(params.run, seed=args.seed))
             args.loaded_params = params
+            args.config_path = config
             with stage_run(stage, params, sections, enabled=int(os.environ.get("RANK", "0")) == 0) as tracker:
                 args.tracker = tracker
                 main(args)
+                write_stage_config(args)
         except InputError as exc:
             print(f"error: {exc}", file=sys.stderr)
             raise SystemExit(2) from None
@@ -76,6 +82,17 @@ def cli(main: Callable[[argparse.Namespace], None], build: Callable[[], argparse
             print(f"error: {exc.strerror if isinstance(exc, OutputError) else exc}", file=sys.stderr)
             raise SystemExit(1) from None
     return entry
+
+
+def write_stage_config(args) -> None:
+    """The stage's resolved configuration (services.tracking.stage_config: the tracker's ``config``,
+    the same values its MLflow run logged as params), written atomically to ``args.config_path``,
+    once, by rank 0, after the stage's own outputs (a failed stage leaves the previous file)."""
+    path = getattr(args, "config_path", None)
+    if path is None or getattr(args, "config_written", False) or int(os.environ.get("RANK", "0")) != 0:
+        return
+    write_json(args.tracker.config, path)
+    args.config_written = True
 
 
 def project_dir(cwd: Path | None = None) -> Path:

@@ -25,6 +25,7 @@ git commit of the project and the params profile.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import subprocess
@@ -122,14 +123,37 @@ def current() -> "NullTracker":
     return _CURRENT[-1] if _CURRENT else NullTracker()
 
 
+def plain(obj):
+    """``obj`` as JSON holds it (tuples as lists, paths and other objects as their text): the
+    config file and the MLflow params are then written from the same values."""
+    return json.loads(json.dumps(obj, default=str))
+
+
+def merge(into: dict, part: dict) -> dict:
+    """``part`` merged into ``into`` (nested dicts merged key by key, other values replaced)."""
+    for k, v in part.items():
+        if isinstance(v, dict) and isinstance(into.get(k), dict):
+            merge(into[k], v)
+        else:
+            into[k] = v
+    return into
+
+
 class NullTracker:
-    """Tracking switched off (or a non-zero rank of a distributed run): records nothing."""
+    """Tracking switched off (or a non-zero rank of a distributed run): records nothing in MLflow.
+
+    ``config``: every params dict the stage logged, merged (:func:`merge`, JSON values): the stage's
+    resolved configuration, written beside its outputs (services.common.write_stage_config), the
+    same whether the run is tracked or not."""
 
     run_id: str | None = None
     experiment_id: str | None = None
 
+    def __init__(self) -> None:
+        self.config: dict = {}
+
     def log_params(self, params: dict) -> None:
-        pass
+        merge(self.config, plain(params))
 
     def log_metrics(self, metrics: dict, step: int | None = None, prefix: str = "") -> None:
         pass
@@ -232,6 +256,7 @@ class MlflowTracker(NullTracker):
     NullTracker for the rest of the run, with one line: the training is never stopped by it."""
 
     def __init__(self, mlflow_module, run_id: str, experiment_id: str | None = None):
+        super().__init__()
         self._mlflow = mlflow_module
         self.run_id = run_id
         self.experiment_id = experiment_id
@@ -249,6 +274,8 @@ class MlflowTracker(NullTracker):
             say_untracked(what, exc)
 
     def log_params(self, params: dict) -> None:
+        params = plain(params)
+        super().log_params(params)
         flat = flatten(params)
         items = list(flat.items())
         for i in range(0, len(items), 100):  # MLflow's batch limit
@@ -415,6 +442,34 @@ def stage_params(raw: dict, sections: tuple[str, ...] = ()) -> dict:
     return out
 
 
+def stage_config(params, sections: tuple[str, ...] = ()) -> dict:
+    """The first part of a stage's resolved configuration: its own params sections, typed and
+    resolved (:func:`stage_params` of the loaded :class:`services.params.Params`: defaults filled in,
+    ``8/255`` a number, no other method's settings), as JSON values. What the stage resolves while it
+    runs joins it through ``tracker.log_params``: a training stage adds the method's settings as run
+    (``method.*``), the optimiser as resolved (``optimiser.*``, with the sentence saying how it was
+    set), the fast path as taken (``run.precision``, ``run.compile``, ...), its resume inputs and data
+    hashes (services/training.py :func:`~services.training.training_config`); the tracker's
+    ``config`` is the whole, written as ``metrics/<name>_config.json`` and logged as the run's params
+    (docs/pipeline.md#the-resolved-configuration-of-a-stage-run)."""
+    from dataclasses import asdict
+
+    return plain(stage_params(asdict(params), sections))
+
+
+@contextlib.contextmanager
+def _untracked(params, sections: tuple[str, ...]) -> Iterator[NullTracker]:
+    """A NullTracker that still gathers the stage's configuration (tracking off, store away)."""
+    tracker = NullTracker()
+    if params is not None:
+        tracker.log_params(stage_config(params, sections))
+    _CURRENT.append(tracker)
+    try:
+        yield tracker
+    finally:
+        _CURRENT.pop()
+
+
 @contextlib.contextmanager
 def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: bool = True,
               ) -> Iterator[NullTracker]:
@@ -425,11 +480,13 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
     server or a locked store (after the bounded retries of :func:`with_retries`) leaves the stage
     untracked, with one line saying so.
     """
-    if not (enabled and tracking_enabled()):
+    if not enabled:   # a non-zero rank of a distributed run: records nothing, writes no config
         yield NullTracker()
         return
-    from dataclasses import asdict
-
+    if not tracking_enabled():
+        with _untracked(params, sections) as tracker:
+            yield tracker
+        return
     dvc_stage = os.environ.get("DVC_STAGE", stage)
     tags = {"dvc_stage": dvc_stage, "stage": stage, "git_commit": git_commit()}
     if params is not None:
@@ -444,14 +501,15 @@ def stage_run(stage: str, params=None, sections: tuple[str, ...] = (), enabled: 
             if not store_unavailable(exc):
                 raise
             say_untracked("opening the MLflow run", exc)
-            yield NullTracker()
+            with _untracked(params, sections) as untracked:
+                yield untracked
             return
         tracker = MlflowTracker(mlflow, run.info.run_id, run.info.experiment_id)
         status = "FAILED"
         _CURRENT.append(tracker)
         try:
             if params is not None:  # the typed, resolved values (defaults included, 8/255 as a number)
-                tracker.log_params(stage_params(asdict(params), sections))
+                tracker.log_params(stage_config(params, sections))
             yield tracker
             status = "FINISHED"
         finally:

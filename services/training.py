@@ -158,23 +158,47 @@ def resolved_fast_path(record: dict) -> dict:
             "compile": record["compile"], "compile_mode": record["compile_mode"]}
 
 
+def training_config(objective: Objective, optim: OptimConfig, fast_record: dict, inputs: dict, data: dict,
+                    init: dict | None = None, optim_how: str | None = None) -> dict:
+    """What a training stage adds to its resolved configuration (services.tracking.stage_config),
+    all of it already computed by the run: the method's settings as run (``method.*``: numbers, the
+    one method), the optimiser as resolved (``optimiser.*``; ``optimiser.how``: the sentence saying
+    how it was set, distill's ``resolve_optim``), the fast path as taken on this machine
+    (``run.precision``, ``run.channels_last``, ``run.compile``, ``run.compile_mode``), the resume
+    inputs (``inputs.*``: one hash each of model, method, optimiser, numerics, seed, teacher
+    weights, data) and the content hash of each array set read (``data_hash.*``: :func:`data_hash`;
+    not ``data.*``, the params section)."""
+    data_ids = {name: value[0] if isinstance(value, list) else value for name, value in data.items()}
+    if isinstance(data.get("generated"), list):
+        data_ids["generated_fraction"] = data["generated"][1]
+    return {"method": {"name": objective.name, **asdict(objective.config)},
+            "optimiser": {**asdict(optim), **({"how": optim_how} if optim_how else {})},
+            "run": resolved_fast_path(fast_record),
+            "inputs": {k.replace(" ", "_"): v for k, v in inputs.items()},
+            "data_hash": data_ids,
+            **({"init": init} if init else {})}
+
+
 def run_training(model, objective: Objective, optim: OptimConfig, params: Params, train: ImageSet,
                  heldout: ImageSet | None, device: torch.device, checkpoint_dir: Path, history_csv: Path,
                  metrics_json: Path, teacher=None, generated: GeneratedPool | None = None,
                  fraction: float = 0.0, partner_labels=None, monitor_steps: int = 10,
                  extra_callbacks=(), rank: int = 0, world_size: int = 1, init: dict | None = None,
-                 best_file: Path | None = None, best_meta: dict | None = None) -> list[dict]:
+                 best_file: Path | None = None, best_meta: dict | None = None,
+                 optim_how: str | None = None) -> list[dict]:
     """``init``: how the model's weights were initialised (the teacher's ``teacher.pretrained``),
     recorded in the info file and MLflow; a pretrained file's hash joins the resume inputs.
     ``best_file`` (``models/<name>_best.pt``): the best held-out robust checkpoint is kept there
     (:class:`BestKeeper`, its resumable copy ``best.pt`` in ``checkpoint_dir``), with ``best_meta``
-    as the last checkpoint's metadata; its epoch and accuracy go to the info and metrics files."""
+    as the last checkpoint's metadata; its epoch and accuracy go to the info and metrics files.
+    ``optim_how``: how the optimiser was set (distill's ``resolve_optim``), in the configuration."""
     eps = getattr(objective.config, "eps", 8 / 255)
     step = getattr(objective.config, "step_size", 2 / 255)
     batches = TrainBatches(train, optim.batch_size, device, generated=generated, fraction=fraction,
                            with_partners=objective.needs_partners, partner_labels=partner_labels,
                            rank=rank, world_size=world_size, **objective.partner_options)
     history = HistoryWriter(history_csv, metrics_json)  # numbers only: DVC compares them
+    data = data_hash(train, heldout, generated, fraction, partner_labels)
     run_cfg = RunConfig(seed=params.run.seed, device=str(device), precision=params.run.precision,
                         channels_last=params.run.channels_last, compile=params.run.compile,
                         compile_mode=params.run.compile_mode, checkpoint_dir=str(checkpoint_dir),
@@ -182,7 +206,7 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     trainer = Trainer(model, objective, batches, optim, run_cfg, teacher=teacher,
                       evaluate=heldout_monitor(heldout, device, monitor_steps, eps, step, params.run.seed),
                       callbacks=[history, *extra_callbacks], is_main=rank == 0,
-                      inputs={"data": data_hash(train, heldout, generated, fraction, partner_labels),
+                      inputs={"data": data,
                               **({"init": init["pretrained_hash"]} if init and "pretrained_hash" in init else {})})
     info = {"method": objective.name, "model": getattr(model, "arch", ""), **(init or {}),
             "inputs": trainer.inputs, "fast_path": trainer.fast.record(), "fast_path_notes": trainer.fast.notes}
@@ -196,9 +220,8 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     if rank == 0:  # the text of the run beside its metrics, and the hashes resume compares
         write_json(info, info_path(metrics_json))
         tracker = tracking.current()
-        tracker.log_params({"method": {"name": objective.name, **asdict(objective.config)},
-                            "run": resolved_fast_path(trainer.fast.record()),
-                            **({"init": init} if init else {})})
+        tracker.log_params(training_config(objective, optim, trainer.fast.record(), trainer.inputs, data,
+                                           init, optim_how))
         tracker.set_tags({f"input.{k.replace(' ', '_')}": v for k, v in trainer.inputs.items()})
     resumed = trainer.try_resume()
     if resumed:

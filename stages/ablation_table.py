@@ -137,7 +137,8 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser, "ablation_table", ("ablation", "distill", "evaluate"))
+run = cli(main, build_parser, "ablation_table", ("ablation", "distill", "evaluate"),
+          config=METRICS / "ablation_config.json")
 
 if __name__ == "__main__":
     run()

@@ -86,6 +86,7 @@ def figure(x: torch.Tensor, x_adv: torch.Tensor, maps: dict, preds: dict, labels
 def main(args) -> None:
     params = read_params(args)
     cfg = params.attention
+    args.tracker.log_params({"run": {"seed": params.run.seed}})   # the seed it ran with
     ev = params.evaluate.config
     device = setup_run(params)
     test = load_imageset(PREPARED / "test.npz")
@@ -122,7 +123,7 @@ def build_parser():
     return parser(__doc__)
 
 
-run = cli(main, build_parser, "attention", ("attention", "evaluate"))
+run = cli(main, build_parser, "attention", ("attention", "evaluate"), config=METRICS / "attention_config.json")
 
 if __name__ == "__main__":
     run()

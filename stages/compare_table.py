@@ -159,7 +159,8 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser, "compare_table", ("compare", "evaluate"))
+run = cli(main, build_parser, "compare_table", ("compare", "evaluate"),
+          config=METRICS / "comparison_config.json")
 
 if __name__ == "__main__":
     run()

@@ -67,6 +67,7 @@ def main(args) -> None:
     name = args.name or ("student" if out_dir is None else method)
     model_path = (out_dir or MODELS) / f"{name}.pt"
     metrics_dir = out_dir or METRICS
+    args.config_path = metrics_dir / f"{name}_config.json"   # beside <name>_info.json
     meta = {"method": method, "teacher_arch": teacher.arch, "dataset": params.data.source, "optimiser": optim_how,
             "reconstruction": objective.method.reconstruction}
     history = run_training(student, objective, optim, params, train, heldout, device,
@@ -77,7 +78,7 @@ def main(args) -> None:
                            partner_labels=partner_labels, monitor_steps=cfg.monitor_pgd_steps,
                            extra_callbacks=[args.tracker.epoch_callback],
                            rank=dist_info.rank, world_size=dist_info.world_size,
-                           best_file=best_path(model_path), best_meta=dict(meta))
+                           best_file=best_path(model_path), best_meta=dict(meta), optim_how=optim_how)
     if not dist_info.is_main:
         return
     save_checkpoint(student, model_path, **meta, epochs=len(history))

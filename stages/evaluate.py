@@ -40,7 +40,7 @@ from services.results import (autoattack_positions, details_path, evaluated_indi
                               read_per_image, split_headline)
 from services.tables import table_blocks
 from services.common import (METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, save_arrays,
-                     setup_distributed, write_json)
+                     setup_distributed, write_json, write_stage_config)
 
 
 def subset_identity(params, indices: torch.Tensor, images: torch.Tensor, k: int | None = None) -> dict:
@@ -51,6 +51,11 @@ def subset_identity(params, indices: torch.Tensor, images: torch.Tensor, k: int 
             "indices_of": str(PREPARED / "test.npz"),
             "indices_sha256": sha256_tensor(indices.to(torch.int64)),
             "images_sha256": sha256_tensor(images)}
+
+
+def subset_hashes(identity: dict) -> dict:
+    """Of a subset's identity, what the stage's configuration records: its size and two hashes."""
+    return {key: identity[key] for key in ("num_images", "indices_sha256", "images_sha256")}
 
 
 def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], device, tracker,
@@ -86,12 +91,11 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     summary.update(eps=cfg.eps, eps_255=round(cfg.eps * 255, 4), processes=world)
     if k is not None:
         summary["per_class"] = k
+    subset = subset_identity(params, indices, test.images, k)
+    attack_subsets = {name: subset_identity(params, indices[pos], test.images[pos], params.evaluate.autoattack_per_class)
+                      for name, pos in result.positions.items()}
     info = {"model": str(model_path), "arch": model.arch, "method": model.checkpoint_meta.get("method"),
-            "optimiser": model.checkpoint_meta.get("optimiser"),
-            "subset": subset_identity(params, indices, test.images, k),
-            "attack_subsets": {name: subset_identity(params, indices[pos], test.images[pos],
-                                                     params.evaluate.autoattack_per_class)
-                               for name, pos in result.positions.items()},
+            "optimiser": model.checkpoint_meta.get("optimiser"), "subset": subset, "attack_subsets": attack_subsets,
             "threat_model": {"norm": "Linf", "eps": cfg.eps, "eps_255": round(cfg.eps * 255, 4)},
             "attacks": attack_settings(cfg), "config": asdict(cfg),
             "intervals": "95% Wilson score intervals (robustkd/stats.py)",
@@ -113,6 +117,8 @@ def evaluate_file(model_path: Path, out_path: Path, params, attacks: list[str], 
     write_json(details, details_path(out_path))
     write_json(info, info_path(out_path))
     write_json(numbers, out_path)   # last: its presence says the three beside it are complete
+    tracker.log_params({"evaluated": {model_path.stem: {   # the identity of what was evaluated
+        "subset": subset_hashes(subset), **{f"{name}_subset": subset_hashes(s) for name, s in attack_subsets.items()}}}})
     tracker.log_metrics(summary, prefix=f"{model_path.stem}/")
     tracker.log_metrics({f"images_per_s_{k}": v for k, v in result.images_per_s().items()},
                         prefix=f"{model_path.stem}/")
@@ -187,6 +193,7 @@ def main(args) -> None:
     attacks = params.evaluate.config.attacks
     if args.model:
         jobs = [(Path(args.model), Path(args.out), args.attacks or attacks)]
+        args.config_path = config_path(Path(args.out))
     else:
         out = METRICS / "evaluate"
         jobs = [(MODELS / "teacher.pt", out / "teacher.json", attacks),
@@ -206,9 +213,15 @@ def main(args) -> None:
         if dist_info.is_main:
             remove_unlisted_best(METRICS / "evaluate", params.evaluate.best_checkpoints)
     if flagged and params.evaluate.config.fail_on_check:
+        write_stage_config(args)   # the results are written (flagged): so is what produced them
         print(f"error: evaluation checks failed for {', '.join(flagged)} (evaluate.config.fail_on_check: true); "
               "results written and flagged", file=sys.stderr)
         raise SystemExit(1)
+
+
+def config_path(out: Path) -> Path:
+    """metrics/compare/rslad_seed0.json -> metrics/compare/rslad_seed0_config.json (--model, --out)."""
+    return out.with_name(f"{out.stem}_config.json")
 
 
 def build_parser():
@@ -221,7 +234,7 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser, "evaluate", ("evaluate", "run"))
+run = cli(main, build_parser, "evaluate", ("evaluate", "run"), config=METRICS / "evaluate_config.json")
 
 if __name__ == "__main__":
     run()

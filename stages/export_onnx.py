@@ -62,6 +62,7 @@ def main(args) -> None:
 
     params = read_params(args)
     cfg = params.export
+    args.tracker.log_params({"run": {"seed": params.run.seed}})   # the seed it ran with
     model = load_checkpoint(selected_path(MODELS / "student.pt", params.distill.select)).eval()  # last | best
     test = load_imageset(PREPARED / "test.npz")
     meta = model.checkpoint_meta
@@ -136,7 +137,7 @@ def build_parser():
     return parser(__doc__)
 
 
-run = cli(main, build_parser, "export_onnx", ("export",))
+run = cli(main, build_parser, "export_onnx", ("export",), config=METRICS / "export_config.json")
 
 if __name__ == "__main__":
     run()

@@ -103,6 +103,7 @@ def split_report(report: dict) -> tuple[dict, dict]:
 def main(args) -> None:
     params = read_params(args)
     cfg = params.ddpm
+    args.tracker.log_params({"run": {"seed": params.run.seed}})   # the seed it ran with
     device = setup_run(params)
     test = load_imageset(PREPARED / "test.npz")
     num_classes = test.num_classes
@@ -169,7 +170,7 @@ def build_parser():
     return parser(__doc__)
 
 
-run = cli(main, build_parser, "ingest_ddpm", ("ddpm",))
+run = cli(main, build_parser, "ingest_ddpm", ("ddpm",), config=METRICS / "ddpm_config.json")
 
 if __name__ == "__main__":
     run()

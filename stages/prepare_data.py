@@ -63,6 +63,7 @@ def main(args) -> None:
     params = read_params(args)
     cfg = params.data
     if args.download_only:
+        args.config_path = None   # not a pipeline run: the configuration of the last one stays
         if cfg.source == "imagefolder":
             print(f"data.source is imagefolder ({cfg.root}): nothing to download")
             return
@@ -81,13 +82,15 @@ def main(args) -> None:
     PREPARED.mkdir(parents=True, exist_ok=True)
     for name, data in [("train", train), ("heldout", heldout), ("test", test)]:
         save_imageset(data, PREPARED / f"{name}.npz")
-    write_json({"source": cfg.source, "root": cfg.root, "classes": train.classes,
-                "train": card(train), "heldout": card(heldout), "test": card(test),
+    cards = {"train": card(train), "heldout": card(heldout), "test": card(test)}
+    write_json({"source": cfg.source, "root": cfg.root, "classes": train.classes, **cards,
                 "file_modes": file_modes(train_and_heldout=train_all, test=test)},
                METRICS / "data_card.json")
     args.tracker.log_metrics({f"{name}_images": len(data) for name, data in
                               [("train", train), ("heldout", heldout), ("test", test)]})
     args.tracker.log_artifact(METRICS / "data_card.json")
+    args.tracker.log_params({"prepared": {name: {"sha256": c["sha256"], "num_images": c["num_images"]}
+                                          for name, c in cards.items()}})   # the data card's identity
     for name, data, context in [("train", train, "training"), ("heldout", heldout, "validation"), ("test", test, "testing")]:
         args.tracker.log_imageset(data, PREPARED / f"{name}.npz", name, context,
                                   {"source": cfg.source, "root": cfg.root})
@@ -101,7 +104,7 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser, "prepare_data", ("data",))
+run = cli(main, build_parser, "prepare_data", ("data",), config=METRICS / "data_config.json")
 
 if __name__ == "__main__":
     run()

@@ -26,6 +26,25 @@ def read_csv(path: Path) -> list[dict]:
         return [{k: float(v) if v not in ("", None) else None for k, v in row.items()} for row in csv.DictReader(fh)]
 
 
+def what_ran(metrics: Path) -> dict[str, str]:
+    """The teacher's and the student's architecture and method, from the runs' results, not from
+    params.yaml (which may have changed since): their resolved configurations
+    (``metrics/teacher_config.json``, ``metrics/student_config.json``,
+    docs/pipeline.md#the-resolved-configuration-of-a-stage-run: the method as run, ``method.name``; a
+    given teacher, ``teacher.source`` checkpoint or zoo, trained nothing here and keeps its
+    ``teacher.method``), else what the evaluation read from the checkpoints
+    (``metrics/evaluate/<model>_info.json``: arch, method), else "-"."""
+    out = {}
+    for model, section, key in (("teacher", "teacher", "model"), ("student", "distill", "student")):
+        config = read_json(metrics / f"{model}_config.json") or {}
+        evaluated = read_json(metrics / "evaluate" / f"{model}_info.json") or {}
+        params = config.get(section) or {}
+        arch = (params.get(key) or {}).get("arch") or evaluated.get("arch")
+        method = (config.get("method") or {}).get("name") or params.get("method") or evaluated.get("method")
+        out[f"{model}_arch"], out[f"{model}_method"] = str(arch or "-"), str(method or "-")
+    return out
+
+
 def header_markdown(params, tracker) -> str:
     """The line under the report's title: when it was written, from which commit, and its MLflow
     run (the pipeline's parent run, set by the Prefect flow, and this stage's run) when tracked."""
@@ -375,8 +394,9 @@ def main(args) -> None:
     if evals:
         subset += autoattack_version_note(evals[0][1]["info"].get("config") or {})
     title = f"Robust distillation report ({params.profile} profile)"
-    intro = (f"Student `{params.distill.student.arch}` distilled with `{params.distill.method}` from a "
-             f"`{params.teacher.model.arch}` teacher ({params.teacher.method}). Accuracy in percent at "
+    ran = what_ran(METRICS)
+    intro = (f"Student `{ran['student_arch']}` distilled with `{ran['student_method']}` from a "
+             f"`{ran['teacher_arch']}` teacher ({ran['teacher_method']}). Accuracy in percent at "
              f"eps = {params.evaluate.config.eps * 255:.0f}/255 (L-inf) on the test subset: {subset}; "
              "[95% Wilson interval]; an image wrong without attack counts as wrong under attack.")
     sections = build_sections(params, evals, paths, histories, read_json(METRICS / "data_card.json") or {},
@@ -408,7 +428,7 @@ def build_parser():
     return parser(__doc__)
 
 
-run = cli(main, build_parser, "report", ("profile",))
+run = cli(main, build_parser, "report", ("profile",), config=METRICS / "report_config.json")
 
 if __name__ == "__main__":
     run()

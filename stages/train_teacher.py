@@ -98,6 +98,7 @@ def main(args) -> None:
     params = read_params(args)
     cfg = params.teacher
     if args.download_only:
+        args.config_path = None   # not a pipeline run: the configuration of the last one stays
         entry = zoo_entry(cfg.zoo.name)
         print(f"zoo teacher {entry.name}: {download(entry, cfg.zoo.dir)}")
         return
@@ -117,6 +118,7 @@ def main(args) -> None:
                     "normalisation": {"mean": model.options["mean"], "std": model.options["std"]},
                     **info, "teacher weights": state_hash(model)}, METRICS / "teacher_info.json")
         write_csv([], METRICS / "teacher_history.csv")
+        args.tracker.log_params({"inputs": {"teacher_weights": state_hash(model)}})
         (CHECKPOINTS / "teacher").mkdir(parents=True, exist_ok=True)  # a declared output: nothing to resume
         print(f"teacher taken from {given} ({model.arch}, {info})")
         return
@@ -154,7 +156,8 @@ def build_parser():
     return p
 
 
-run = cli(main, build_parser, "train_teacher", ("teacher", "data", "run"))
+run = cli(main, build_parser, "train_teacher", ("teacher", "data", "run"),
+          config=METRICS / "teacher_config.json")
 
 if __name__ == "__main__":
     run()

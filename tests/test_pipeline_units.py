@@ -271,3 +271,40 @@ def test_stage_params_keep_the_stage_own_sections_and_the_method_that_runs():
     logged = stage_params(raw, ("distill", "run"))
     assert logged == {"distill": {"method": "darwin", "method_optim": {}}, "run": {"seed": 0}}
     assert raw["distill"]["settings"]["rslad"]  # the params themselves untouched
+
+
+def test_the_stage_configuration_is_what_mlflow_logged_and_is_gathered_untracked_too(tmp_path, monkeypatch):
+    """``stage_run``'s tracker gathers every params dict the stage logs (services/tracking.py
+    stage_config, then the resolved parts): the configuration file is that object, the MLflow run's
+    params are it flattened, and with tracking off the same object is gathered (and the file written)."""
+    import json
+
+    import mlflow
+
+    from services.common import cli, parser
+    from services.tracking import current
+
+    write_params(tmp_path / "params.yaml", tiny_params(str(tmp_path / "raw")))
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("DVC_STAGE", raising=False)
+    monkeypatch.delenv("ROBUSTKD_PARENT_RUN_ID", raising=False)
+
+    def main(args):
+        current().log_params({"method": {"name": "darwin", "eps": 8 / 255, "pool": ("same", "other")},
+                              "run": {"precision": "fp32"}})
+        args.tracker.log_params({"inputs": {"data": "0123abcd"}})
+
+    configs = {}
+    for tracking in ("on", "off"):
+        monkeypatch.setenv("ROBUSTKD_TRACKING", tracking)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+        cli(main, lambda: parser("x"), "distill", ("distill", "run"), config=tmp_path / f"{tracking}.json")([])
+        configs[tracking] = json.loads((tmp_path / f"{tracking}.json").read_text())
+    config = configs["on"]
+    assert config == configs["off"]
+    assert config["method"] == {"name": "darwin", "eps": pytest.approx(8 / 255), "pool": ["same", "other"]}
+    assert config["run"]["precision"] == "fp32" and isinstance(config["run"]["seed"], int)
+    assert "settings" not in config["distill"] and set(config["distill"]["method_optim"]) <= {"darwin"}
+    client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id])
+    assert run.data.params == flatten(config)

@@ -1,6 +1,7 @@
 """Each stage CLI on tiny data, in a temporary working directory."""
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -251,6 +252,87 @@ def test_mlflow_records_the_method_that_ran_and_its_inputs(workdir):
         assert darwin.data.tags[f"input.{key.replace(' ', '_')}"] == info["inputs"][key]
 
 
+# Each stage's resolved configuration (docs/pipeline.md#the-resolved-configuration-of-a-stage-run): the
+# DVC stage of the tiny run -> the file beside its outputs.
+CONFIG_FILES = {"prepare_data": "data_config.json", "train_teacher": "teacher_config.json",
+                "ingest_ddpm": "ddpm_config.json", "distill": "student_config.json",
+                "distill_reference": "reference_config.json", "evaluate": "evaluate_config.json",
+                "export_onnx": "export_config.json", "attention": "attention_config.json",
+                "report": "report_config.json"}
+
+
+NUMBER_TEXT = re.compile(r"-?\d+(\.\d*)?([eE]-?\d+)?(\s*/\s*\d+(\.\d*)?)?|-?\.\d+")   # "8/255", "0.1", "2e-4"
+
+
+def _latest_runs(workdir) -> dict:
+    import mlflow
+
+    client = mlflow.MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id],
+                              order_by=["attributes.start_time ASC"])
+    return {r.data.tags["dvc_stage"]: r for r in runs}   # the last run of each stage wrote its file
+
+
+def _leaves(obj, where=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _leaves(v, f"{where}.{k}" if where else k)
+    else:
+        yield where, obj
+
+
+def test_every_stage_writes_its_resolved_configuration_as_its_mlflow_run_logged_it(workdir):
+    from services.tracking import flatten
+
+    runs = _latest_runs(workdir)
+    for stage, name in CONFIG_FILES.items():
+        config = json.loads((workdir / "metrics" / name).read_text())
+        assert config and flatten(config) == runs[stage].data.params, stage   # the same object, flattened
+        for key, value in _leaves(config):   # numbers as numbers: no "8/255", no "0.1" strings
+            digest = isinstance(value, str) and len(value) >= 16 and all(c in "0123456789abcdef" for c in value)
+            assert digest or not (isinstance(value, str) and NUMBER_TEXT.fullmatch(value.strip())), (stage, key, value)
+        assert not any(k.startswith(("distill.settings", "teacher.settings")) for k in flatten(config)), stage
+
+
+def test_training_configurations_hold_what_ran(workdir):
+    params = __import__("yaml").safe_load((workdir / "params.yaml").read_text())
+    student = json.loads((workdir / "metrics/student_config.json").read_text())
+    reference = json.loads((workdir / "metrics/reference_config.json").read_text())
+    teacher = json.loads((workdir / "metrics/teacher_config.json").read_text())
+    # the method as run, with its settings resolved, and no other method's settings or optimiser
+    assert student["method"]["name"] == student["distill"]["method"] == "darwin"
+    assert student["method"]["eps"] == pytest.approx(8 / 255)
+    assert reference["method"]["name"] == reference["distill"]["method"] == params["distill"]["reference_method"]
+    assert set(student["distill"]["method_optim"]) <= {"darwin"} and "settings" not in student["distill"]
+    assert teacher["method"]["name"] == teacher["teacher"]["method"] and "settings" not in teacher["teacher"]
+    # the optimiser as resolved and how it was set; the fast path as taken on this CPU; the seed
+    assert student["optimiser"]["how"] == "shared (distill.optim)"
+    assert student["optimiser"]["epochs"] == params["distill"]["optim"]["epochs"]
+    for config in (student, reference, teacher):
+        assert config["run"]["precision"] == "fp32" and config["run"]["compile"] is False
+        assert config["run"]["seed"] == params["run"]["seed"]
+    # the data identity: the hashes the run's resume compares, and those of the arrays it read
+    info = json.loads((workdir / "metrics/student_info.json").read_text())
+    assert student["inputs"] == {k.replace(" ", "_"): v for k, v in info["inputs"].items()}
+    assert len(student["data_hash"]["train"]) == len(student["data_hash"]["heldout"]) == 16   # engine.array_hash
+    assert student["data"]["source"] == params["data"]["source"]     # the params section, apart
+    card = json.loads((workdir / "metrics/data_card.json").read_text())
+    prepared = json.loads((workdir / "metrics/data_config.json").read_text())["prepared"]
+    assert {s: prepared[s]["sha256"] for s in prepared} == {s: card[s]["sha256"] for s in ("train", "heldout", "test")}
+    evaluated = json.loads((workdir / "metrics/evaluate_config.json").read_text())["evaluated"]
+    student_eval = json.loads((workdir / "metrics/evaluate/student_info.json").read_text())
+    assert evaluated["student"]["subset"]["images_sha256"] == student_eval["subset"]["images_sha256"]
+
+
+def test_the_report_names_the_models_from_the_run_configurations(workdir):
+    """The report's first line reads the teacher's and the student's method and architecture
+    from the runs' configurations: what params.yaml said when they ran."""
+    params = __import__("yaml").safe_load((workdir / "params.yaml").read_text())
+    md = (workdir / "reports/report.md").read_text()
+    assert (f"Student `{params['distill']['student']['arch']}` distilled with `{params['distill']['method']}` "
+            f"from a `{params['teacher']['model']['arch']}` teacher ({params['teacher']['method']}).") in md
+
+
 def test_metrics_files_hold_numbers_only(workdir):
     def numbers(obj):
         if isinstance(obj, dict):
@@ -292,6 +374,9 @@ def test_reconstructed_baselines_train_through_the_distill_stage(workdir, method
     runs = client.search_runs([client.get_experiment_by_name("robustkd").experiment_id])
     run = next(r for r in runs if r.data.tags.get("method") == method)
     assert run.data.params["run.seed"] == "7"  # --seed is the seed that ran and is recorded
+    from services.tracking import flatten
+    config = json.loads((workdir / f"recon/{method}/{method}_config.json").read_text())   # beside its info
+    assert config["run"]["seed"] == 7 and config["method"]["name"] == method and flatten(config) == run.data.params
     if method == "gacd":   # heads and memory bank resume with the run
         assert "state.memory.memory_v1" in state["objective"] and "state.embed_s.linear.weight" in state["objective"]
 
