@@ -9,7 +9,7 @@ import yaml
 
 from robustkd.data import ImageSet
 from robustkd.errors import InputError
-from robustkd.losses import create_objective
+from robustkd.methods import create_objective
 from robustkd.engine import OptimConfig
 from robustkd.models import create_model, load_checkpoint
 from services.params import Params, load_params
