@@ -14,7 +14,7 @@ writes JSON (``--out``).
 
 Cases
 - training steps (images/s): DARWIN n=10 (the project's defaults), the straightforward DARWIN of
-  ``robustkd.reference`` (each branch, path point and weight its own forward), DARWIN's
+  ``tests/darwin_reference.py`` (each branch, path point and weight its own forward), DARWIN's
   implementation options (batching joint/split, joint BN, bf16, channels_last, torch.compile),
   RSLAD and TRADES (the teacher's objective, on the teacher) at the same attack length; the loss of
   the first step, and the forward/backward passes each makes per batch, counted in units of one
@@ -104,7 +104,7 @@ def train_case(case: str, preset: dict, device) -> dict:
     import torch
 
     from robustkd.methods import DataInfo, attack_steps, create_objective
-    from robustkd.reference import darwin_loss_reference
+    from tests.darwin_reference import darwin_loss_reference
     from robustkd.utils import autocast, make_generator
 
     student, teacher = build(preset, device)
