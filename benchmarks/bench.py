@@ -79,7 +79,8 @@ def all_train_cases() -> list[str]:
 def build(preset: dict, device, student_path: str | None = None, teacher_path: str | None = None):
     import torch
 
-    from robustkd.models import create_model, load_checkpoint
+    from robustkd.checkpoints import load_checkpoint
+    from robustkd.models import create_model
 
     torch.manual_seed(0)
     student = (load_checkpoint(student_path) if student_path else create_model(preset["student"], 10)).to(device)
