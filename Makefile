@@ -22,7 +22,7 @@ export MLFLOW_DISABLE_TELEMETRY=true
 export PREFECT_SERVER_ANALYTICS_ENABLED=false
 
 .PHONY: setup run test test-unit test-stage test-e2e test-presets test-gpu lint typecheck plots lock preset compare ablation benchmark benchmark-gpu gpu-check clean mlflow-ui prefect-server schedule serve
-LINT_PATHS := robustkd stages services pipeline
+LINT_PATHS := robustkd stages services pipeline tools
 
 setup: $(VENV)/.installed
 
@@ -32,7 +32,7 @@ $(VENV)/.installed: pyproject.toml requirements.lock
 	$(PY) -m pip --version >/dev/null 2>&1 || $(PY) -m ensurepip >/dev/null
 	$(PY) -m pip install -q --disable-pip-version-check uv
 	$(VENV)/bin/uv pip install -q --python $(PY) $(UV_FLAGS) -c requirements.lock -e ".[pipeline,dev]"
-	$(PY) -m robustkd.tvfix
+	$(PY) -m tools.tvfix
 	touch $@
 
 # The pipeline through the Prefect flow: one task per DVC stage, MLflow runs, registry. It ends with
@@ -64,7 +64,7 @@ $(VENV)/bin/uv:
 lint: setup
 	$(VENV)/bin/ruff check $(LINT_PATHS)
 
-# mypy on robustkd and stages ([tool.mypy] in pyproject.toml; about 40 s cold, seconds with its cache)
+# mypy on robustkd, stages and tools ([tool.mypy] in pyproject.toml; about 40 s cold, seconds with its cache)
 typecheck: setup
 	$(VENV)/bin/mypy
 

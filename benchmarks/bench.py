@@ -14,7 +14,7 @@ writes JSON (``--out``).
 
 Cases
 - training steps (images/s): DARWIN n=10 (the project's defaults), the straightforward DARWIN of
-  ``robustkd.reference`` (each branch, path point and weight its own forward), DARWIN's
+  ``tests/darwin_reference.py`` (each branch, path point and weight its own forward), DARWIN's
   implementation options (batching joint/split, joint BN, bf16, channels_last, torch.compile),
   RSLAD and TRADES (the teacher's objective, on the teacher) at the same attack length; the loss of
   the first step, and the forward/backward passes each makes per batch, counted in units of one
@@ -79,7 +79,8 @@ def all_train_cases() -> list[str]:
 def build(preset: dict, device, student_path: str | None = None, teacher_path: str | None = None):
     import torch
 
-    from robustkd.models import create_model, load_checkpoint
+    from robustkd.checkpoints import load_checkpoint
+    from robustkd.models import create_model
 
     torch.manual_seed(0)
     student = (load_checkpoint(student_path) if student_path else create_model(preset["student"], 10)).to(device)
@@ -104,7 +105,7 @@ def train_case(case: str, preset: dict, device) -> dict:
     import torch
 
     from robustkd.methods import DataInfo, attack_steps, create_objective
-    from robustkd.reference import darwin_loss_reference
+    from tests.darwin_reference import darwin_loss_reference
     from robustkd.utils import autocast, make_generator
 
     student, teacher = build(preset, device)

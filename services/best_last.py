@@ -39,7 +39,7 @@ def checkpoint_record(model_path: Path) -> dict:
     chosen, and whether its weights are those of the last checkpoint beside it."""
     import torch
 
-    from robustkd.models import load_checkpoint
+    from robustkd.checkpoints import load_checkpoint
 
     best = load_checkpoint(model_path)
     last_path = model_path.with_name(model_path.name.replace("_best", ""))

@@ -58,7 +58,7 @@ def check_optim(path: str, where: str, optim) -> None:
 
 
 def check_teacher(path: str, teacher) -> None:
-    from robustkd.losses import create_objective
+    from robustkd.methods import create_objective
 
     create_objective(teacher.method, teacher.settings, where=f"{path}:teacher.settings")
     check_settings(path, "teacher.settings", teacher.settings)

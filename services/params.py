@@ -72,7 +72,7 @@ class TeacherParams:
     # last [choice]: TRADES' official code distils nothing and keeps per-epoch files; best needs the monitor.
     select: Literal["last", "best"] = "last"
     # With source: train and a ViT teacher (vit_b_4, deit_s_4), a local ImageNet 224/16 weights file
-    # (timm key names; .pth/.bin/.safetensors) adapted to 32 x 32 / 4 x 4 patches (robustkd/models/vit.py);
+    # (timm key names; .pth/.bin/.safetensors) adapted to 32 x 32 / 4 x 4 patches (robustkd/checkpoints.py);
     # empty: from scratch. The run records which (metrics/teacher_info.json "init", MLflow params).
     pretrained: str = ""
 

@@ -12,7 +12,7 @@ import torch
 from robustkd.data import GeneratedPool, ImageSet, TrainBatches
 from robustkd.engine import OptimConfig, RunConfig, Trainer, array_hash
 from robustkd.methods import Objective
-from robustkd.models import save_checkpoint
+from robustkd.checkpoints import save_checkpoint
 from robustkd.utils import atomic_path
 
 from . import tracking
@@ -52,7 +52,7 @@ class BestKeeper:
     After each epoch's monitor (``heldout_pgd<steps>`` in the epoch's metrics) a strict improvement
     writes ``store`` (in the persisted checkpoint folder, with the run's resume fingerprint) and
     ``path`` (``models/<name>_best.pt``), both atomically and in the format of the last checkpoint
-    (``robustkd.models.save_checkpoint``), with ``best_epoch`` and ``best_heldout_pgd`` in its
+    (``robustkd.checkpoints.save_checkpoint``), with ``best_epoch`` and ``best_heldout_pgd`` in its
     metadata. :meth:`resume` takes the best of the same run (same fingerprint) back after a kill.
     """
 

@@ -17,7 +17,7 @@ import torch
 from robustkd.attacks import pgd_ce
 from robustkd.attention import grad_cam, layer_for
 from robustkd.data import to_float
-from robustkd.models import load_checkpoint
+from robustkd.checkpoints import load_checkpoint
 from robustkd.utils import atomic_path, make_generator
 
 from services.common import (METRICS, MODELS, PREPARED, REPORTS, cli, load_imageset, parser, read_params,

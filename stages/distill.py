@@ -12,7 +12,8 @@ import torch
 
 from robustkd.data import GeneratedPool, to_float
 from robustkd.methods import DataInfo, create_objective
-from robustkd.models import create_model, load_checkpoint, save_checkpoint
+from robustkd.checkpoints import load_checkpoint, save_checkpoint
+from robustkd.models import create_model
 
 from services.common import (CHECKPOINTS, GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser,
                      read_params, setup_distributed)

@@ -33,7 +33,7 @@ from robustkd.errors import InputError
 from robustkd.data import to_float
 from robustkd.evaluation import (PROTOCOLS, WORST_CASE, EvaluationResult, attack_settings, check_details,
                                  evaluate_model, sha256_tensor, summarize)
-from robustkd.models import load_checkpoint
+from robustkd.checkpoints import load_checkpoint
 
 from services.best_last import best_name, evaluate_best, remove_unlisted_best
 from services.results import (autoattack_positions, details_path, evaluated_indices, info_path, per_image_path,

@@ -14,7 +14,7 @@ import torch
 
 from robustkd.data import stratified_first_k, to_float
 from robustkd.errors import InputError
-from robustkd.models import load_checkpoint
+from robustkd.checkpoints import load_checkpoint
 
 from robustkd.utils import atomic_path
 

@@ -16,7 +16,7 @@ import torch
 
 from robustkd.data import load_npz, to_chw_tensor, to_float
 from robustkd.errors import InputError
-from robustkd.models import load_checkpoint
+from robustkd.checkpoints import load_checkpoint
 from robustkd.utils import atomic_path, progress
 
 from services.common import GENERATED, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params, setup_run, write_json

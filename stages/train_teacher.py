@@ -1,9 +1,9 @@
 """Stage train_teacher: adversarially train the teacher (TRADES; PGD-AT, AT-PRM for ViTs as options), or
 take a given checkpoint (``teacher.source: checkpoint``: a robustkd checkpoint, the TRADES release
-``model_cifar_wrn.pt`` or, for a ViT teacher, an AT-PRM ``train_cifar.py`` checkpoint) or a released
-teacher of the model zoo (``teacher.source: zoo``, robustkd/teachers.py). A ViT teacher trained here
-starts from ``teacher.pretrained`` (local ImageNet weights, adapted) or from scratch; the run says
-which. Resumes after a kill.
+``model_cifar_wrn.pt`` or, for a ViT teacher, an AT-PRM ``train_cifar.py`` checkpoint; the formats:
+robustkd/checkpoints.py) or a released teacher of the model zoo (``teacher.source: zoo``,
+robustkd/teachers.py). A ViT teacher trained here starts from ``teacher.pretrained`` (local
+ImageNet weights, adapted) or from scratch; the run says which. Resumes after a kill.
 
     python -m stages.train_teacher --download-only   # fetch the zoo teacher's file (needs a network)
 """
@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import torch
 
+from robustkd.checkpoints import load_given_checkpoint, load_imagenet_weights, save_checkpoint
 from robustkd.engine import state_hash
 from robustkd.errors import InputError
 from robustkd.methods import create_objective
-from robustkd.models import create_model, load_checkpoint, save_checkpoint
-from robustkd.teachers import (download, is_robustkd_checkpoint, load_trades_release, load_zoo_teacher,
-                               unreadable_reason, zoo_entry)
-from robustkd.models.vit import convert_atprm_checkpoint, is_vit, load_imagenet_weights
+from robustkd.models import create_model
+from robustkd.models.vit import is_vit
+from robustkd.teachers import download, load_zoo_teacher, zoo_entry
 
 from services.common import (CHECKPOINTS, METRICS, MODELS, PREPARED, cli, load_imageset, parser, read_params,
                      setup_distributed, write_csv, write_json)
@@ -36,28 +36,8 @@ def load_given(cfg):
                 "published eps": entry.eps, "figures from": entry.source}
         return model, f"teacher.zoo {entry.name} ({entry.path(cfg.zoo.dir)})", info
     where = f"teacher.checkpoint {cfg.checkpoint}"
-    if is_robustkd_checkpoint(cfg.checkpoint):
-        return load_checkpoint(cfg.checkpoint, expect_arch=cfg.model.arch), where, {"format": "robustkd"}
-    if is_vit(cfg.model.arch):
-        # Not a robustkd checkpoint, a ViT: the AT-PRM authors' train_cifar.py format ({'state_dict'
-        # of a DataParallel model, 'epoch', 'opt'}, normalisation in the data loader), strictly.
-        model = convert_atprm_checkpoint(cfg.checkpoint, cfg.model.arch, **dict(cfg.model.options))
-        return model, where, {"format": model.checkpoint_meta["format"], "epoch": model.checkpoint_meta["epoch"]}
-    unreadable = unreadable_reason(cfg.checkpoint)
-    if unreadable:   # refused or corrupt: say so, not "read as the TRADES release"
-        raise InputError(f"{where}: {unreadable}")
-    # Not a robustkd checkpoint: the TRADES release format (a plain state dict of TRADES'
-    # models/wideresnet.py WideResNet, [0, 1] inputs, no normalisation), into teacher.model.
-    if cfg.model.arch != "wrn34_10":
-        raise InputError(f"{where}: not a robustkd checkpoint, so read as the TRADES release (a WideResNet "
-                         f"state dict), but teacher.model.arch is {cfg.model.arch!r}; expected wrn34_10")
-    opts = dict(cfg.model.options)
-    unknown = set(opts) - {"depth", "widen_factor"}
-    if unknown:
-        raise InputError(f"{where}: teacher.model.options {sorted(unknown)} unknown to wrn34_10")
-    model = load_trades_release(cfg.checkpoint, int(opts.get("depth", 34)), int(opts.get("widen_factor", 10)))
-    model.options = {**{k: v for k, v in model.options.items() if k in ("num_classes", "mean", "std")}, **opts}
-    return model, where, {"format": "TRADES release (plain WideResNet state dict, no normalisation)"}
+    model, info = load_given_checkpoint(cfg.checkpoint, cfg.model.arch, dict(cfg.model.options))
+    return model, where, info
 
 
 def given_teacher(path: str, cfg, classes: list[str]):

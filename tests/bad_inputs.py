@@ -103,7 +103,7 @@ class Code:
 
 
 def checkpoint_case(tmp: Path, make) -> str:
-    from robustkd.models import load_checkpoint
+    from robustkd.checkpoints import load_checkpoint
 
     path = tmp / "student.pt"
     make(path)
@@ -111,7 +111,8 @@ def checkpoint_case(tmp: Path, make) -> str:
 
 
 def truncated_model(path: Path) -> None:
-    from robustkd.models import create_model, save_checkpoint
+    from robustkd.checkpoints import save_checkpoint
+    from robustkd.models import create_model
 
     save_checkpoint(create_model("resnet10_w8", 10), path)
     path.write_bytes(path.read_bytes()[:3000])

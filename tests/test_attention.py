@@ -87,7 +87,7 @@ def test_the_stage_draws_the_three_models_on_the_same_clean_and_pgd_images(tmp_p
     from PIL import Image
 
     from robustkd.data import ImageSet
-    from robustkd.models import save_checkpoint
+    from robustkd.checkpoints import save_checkpoint
     from services.common import save_imageset
     from stages import attention
 

@@ -9,9 +9,10 @@ import yaml
 
 from robustkd.data import ImageSet
 from robustkd.errors import InputError
-from robustkd.losses import create_objective
+from robustkd.methods import create_objective
 from robustkd.engine import OptimConfig
-from robustkd.models import create_model, load_checkpoint
+from robustkd.checkpoints import load_checkpoint
+from robustkd.models import create_model
 from services.params import Params, load_params
 from services.training import BestKeeper, best_path, run_training
 
@@ -216,7 +217,7 @@ def test_the_evaluation_and_the_report_of_best_and_last(tmp_path):
     section gives both rows, labelled, and the exact McNemar test on the paired outcomes."""
     import json
 
-    from robustkd.models import save_checkpoint
+    from robustkd.checkpoints import save_checkpoint
     from services.best_last import best_last_markdown, evaluate_best
 
     models, out = tmp_path / "models", tmp_path / "metrics" / "evaluate"

@@ -362,7 +362,8 @@ def test_bad_settings_are_input_errors():
 def stage_dir(tmp_path, monkeypatch):
     """A prepared 20-image test set, an untrained checkpoint and a tiny params.yaml."""
     from robustkd.data import ImageSet
-    from robustkd.models import create_model, save_checkpoint
+    from robustkd.checkpoints import save_checkpoint
+    from robustkd.models import create_model
     from services.common import save_imageset
 
     from .stage_fixtures import tiny_params, write_params

@@ -67,7 +67,8 @@ def stage_dir(tmp_path, monkeypatch):
     """Prepared tiny data, a teacher, a student and a reference checkpoint, tracking off."""
     import torch
 
-    from robustkd.models import create_model, save_checkpoint
+    from robustkd.checkpoints import save_checkpoint
+    from robustkd.models import create_model
     from stages import prepare_data
 
     make_image_folder(tmp_path / "raw", train_per_class=3, test_per_class=1)

@@ -47,12 +47,14 @@ def test_stages_holds_only_stage_scripts():
 
 # The layer rules: folder -> imports it must not make (a module or a package prefix).
 FORBIDDEN = {
-    "robustkd": ("stages", "services", "pipeline", "benchmarks", "mlflow", "prefect", "dvc"),
+    "robustkd": ("stages", "services", "pipeline", "benchmarks", "tools", "mlflow", "prefect", "dvc"),
     "services": ("stages", "pipeline", "benchmarks", "prefect"),
     "stages": ("pipeline", "benchmarks", "prefect"),
     "benchmarks": ("stages", "pipeline"),
     # the pipeline orchestrates and serves: no training or attack code runs in its processes
     "pipeline": ("stages", "robustkd.engine", "robustkd.methods", "robustkd.attacks", "services.training"),
+    # environment tools (the torchvision fix, run by `make setup` before anything else works): standalone
+    "tools": ("robustkd", "services", "stages", "pipeline", "benchmarks"),
 }
 
 

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from robustkd.errors import InputError
-from robustkd.models import (available_models, count_parameters, create_model, load_checkpoint,
-                             save_checkpoint)
+from robustkd.checkpoints import load_checkpoint, save_checkpoint
+from robustkd.models import available_models, count_parameters, create_model
 
 
 @pytest.mark.parametrize("name,expected", [("resnet18", 11_173_962), ("mobilenetv2", 2_296_922),

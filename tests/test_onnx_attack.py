@@ -197,7 +197,8 @@ def test_the_export_stage_attacks_the_file_on_the_headline_images(tmp_path, monk
     (services.results.headline_indices), counts and intervals in metrics/export.json, and the
     report's section names the count."""
     from robustkd.data import ImageSet
-    from robustkd.models import create_model, save_checkpoint
+    from robustkd.checkpoints import save_checkpoint
+    from robustkd.models import create_model
     from services.common import save_imageset
     from services.params import load_params
     from services.results import headline_indices

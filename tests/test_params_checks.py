@@ -6,7 +6,8 @@ import copy
 import pytest
 
 from robustkd.errors import InputError
-from robustkd.models import create_model, save_checkpoint
+from robustkd.checkpoints import save_checkpoint
+from robustkd.models import create_model
 from services.params import load_params
 
 from .stage_fixtures import tiny_params, write_params

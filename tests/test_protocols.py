@@ -106,7 +106,8 @@ def test_ards_start_is_not_clamped_before_the_first_gradient():
 
 def test_the_stage_records_the_protocol_and_its_sources(tmp_path, monkeypatch, capsys):
     from robustkd.data import ImageSet
-    from robustkd.models import create_model, save_checkpoint
+    from robustkd.checkpoints import save_checkpoint
+    from robustkd.models import create_model
     from services.common import save_imageset
     from stages import evaluate
 

@@ -6,7 +6,7 @@ import torch
 
 from robustkd.data import ImageSet, TrainBatches
 from robustkd.engine import OptimConfig, RunConfig, Trainer
-from robustkd.losses import create_objective
+from robustkd.methods import create_objective
 from robustkd.models import create_model
 from services.training import data_hash
 

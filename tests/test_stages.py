@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from robustkd.models import load_checkpoint
+from robustkd.checkpoints import load_checkpoint
 
 from .stage_fixtures import copy_project, write_params
 

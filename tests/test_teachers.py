@@ -11,8 +11,8 @@ import torch
 
 from robustkd.errors import InputError
 from robustkd.models import count_parameters, create_model
-from robustkd.teachers import (CIFAR100_MEAN, CIFAR100_STD, ZOO, ZooEntry, load_trades_release,
-                               load_zoo_teacher, read_state_dict, trades_wrn_to_project)
+from robustkd.checkpoints import ZooEntry, load_trades_release, read_state_dict, trades_wrn_to_project
+from robustkd.teachers import CIFAR100_MEAN, CIFAR100_STD, ZOO, load_zoo_teacher
 
 from .official_wrn import WideResNet, randomise, trades_wideresnet
 
@@ -151,7 +151,7 @@ def stage_dir(tmp_path, monkeypatch, **teacher):
 
 
 def test_the_stage_takes_the_trades_release_as_a_checkpoint(tmp_path, monkeypatch):
-    from robustkd.models import load_checkpoint
+    from robustkd.checkpoints import load_checkpoint
     from stages import train_teacher
 
     official = randomise(trades_wideresnet(**SMALL), seed=5)
@@ -165,7 +165,7 @@ def test_the_stage_takes_the_trades_release_as_a_checkpoint(tmp_path, monkeypatc
 
 
 def test_the_stage_takes_a_zoo_teacher_and_says_where_a_missing_file_goes(tmp_path, monkeypatch, capsys):
-    from robustkd.models import load_checkpoint
+    from robustkd.checkpoints import load_checkpoint
     from stages import train_teacher
 
     entry = ZooEntry("Tiny2024", "cifar10", "wrn34_10", options=SMALL, clean=12.5, autoattack=3.5,
@@ -203,7 +203,7 @@ def test_zoo_params_are_checked_when_the_file_is_read(tmp_path, zoo, model, key)
 def test_dvc_repro_takes_the_released_trades_teacher_from_the_zoo_folder(tmp_path):
     """The real entry (WRN-34-10, random weights in RobustBench's file format) through `dvc repro`:
     the zoo folder is a dependency of train_teacher, so a changed file re-takes the teacher."""
-    from robustkd.models import load_checkpoint
+    from robustkd.checkpoints import load_checkpoint
 
     from .stage_fixtures import project_copy, sh, tiny_params
 
@@ -239,7 +239,7 @@ def test_a_given_teacher_holding_code_is_refused_without_the_unsafe_hint(tmp_pat
     from types import SimpleNamespace
 
     from robustkd.errors import InputError
-    from robustkd.teachers import read_state_dict
+    from robustkd.checkpoints import read_state_dict
     from stages.train_teacher import load_given
     path = tmp_path / "teacher.pt"
     torch.save({"state": _Code()}, path)

@@ -6,9 +6,10 @@ import torch
 import torch.nn.functional as F
 
 from robustkd.errors import InputError
-from robustkd.models import CIFAR10_MEAN, CIFAR10_STD, create_model, load_checkpoint, save_checkpoint
-from robustkd.models.vit import (adapt_imagenet_state, convert_atprm_checkpoint, is_atprm_checkpoint, load_imagenet_weights,
-                          resize_pos_embed, sum_pool_patch_kernel)
+from robustkd.checkpoints import (adapt_imagenet_state, convert_atprm_checkpoint, is_atprm_checkpoint,
+                                  load_checkpoint, load_imagenet_weights, resize_pos_embed, save_checkpoint,
+                                  sum_pool_patch_kernel)
+from robustkd.models import CIFAR10_MEAN, CIFAR10_STD, create_model
 
 from .official_vit import VisionTransformer, randomise
 

@@ -1,16 +1,15 @@
-"""The model registry, the ``Classifier`` every model is (``Normalize`` then a backbone) and the
-project's checkpoints. Architecture files register themselves here (``robustkd.models``)."""
+"""The model registry and the ``Classifier`` every model is (``Normalize`` then a backbone).
+Architecture files register themselves here (``robustkd.models``); the project's checkpoints:
+robustkd/checkpoints.py."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
 from ..errors import InputError
-from ..utils import atomic_torch_save
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2471, 0.2435, 0.2616)
@@ -37,6 +36,7 @@ class Classifier(nn.Module):
     # attributes set outside __init__ would read as that union (backbone: see BACKBONES).
     backbone: Any
     checkpoint_meta: dict
+    zoo_entry: Any    # a released teacher's robustkd.checkpoints.ZooEntry (load_entry_file)
 
     def __init__(self, arch: str, options: dict, backbone: nn.Module, mean, std):
         super().__init__()
@@ -92,65 +92,3 @@ def create_model(name: str, num_classes: int = 10, mean=CIFAR10_MEAN, std=CIFAR1
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
-def save_checkpoint(model: Classifier, path: str | os.PathLike, **meta) -> None:
-    """Atomically write architecture name, options, weights and plain metadata."""
-    bare = _unwrap(model)
-    state = {k: v.detach().cpu() for k, v in bare.state_dict().items()}
-    atomic_torch_save({"arch": bare.arch, "options": _plain(bare.options),
-                       "state_dict": state, "meta": _plain(meta)}, path)
-
-
-def load_checkpoint(path: str | os.PathLike, map_location="cpu", expect_arch: str | None = None
-                    ) -> Classifier:
-    """Rebuild the model of a checkpoint (``weights_only=True``) and return it in eval mode."""
-    if not os.path.exists(path):
-        raise InputError(f"checkpoint {path} does not exist")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as exc:  # noqa: BLE001 - any unreadable file is bad input
-        from ..utils import load_error_reason
-
-        raise InputError(f"checkpoint {path} cannot be read: {load_error_reason(exc, path)}") from None
-    missing = {"arch", "options", "state_dict"} - set(ckpt if isinstance(ckpt, dict) else {})
-    if missing:
-        raise InputError(f"checkpoint {path} lacks keys {sorted(missing)}: not a robustkd model checkpoint")
-    if expect_arch is not None and ckpt["arch"] != expect_arch:
-        raise InputError(f"checkpoint {path} holds architecture {ckpt['arch']!r}, expected {expect_arch!r}")
-    options = dict(ckpt["options"])
-    num_classes = options.pop("num_classes")
-    mean, std = options.pop("mean"), options.pop("std")
-    model = create_model(ckpt["arch"], num_classes, mean, std, **options)
-    try:
-        model.load_state_dict(ckpt["state_dict"])
-    except RuntimeError as exc:
-        raise InputError(f"checkpoint {path} does not match architecture {ckpt['arch']!r} "
-                         f"with options {ckpt['options']}: {exc}") from None
-    model.checkpoint_meta = ckpt.get("meta", {})
-    return model.eval()
-
-
-def load_state_into(model: Classifier, path: str | os.PathLike) -> None:
-    """Load a checkpoint's weights into an existing model, checking the architecture first."""
-    other = load_checkpoint(path, expect_arch=model.arch)
-    if other.options != model.options:
-        raise InputError(f"checkpoint {path} has options {other.options}, the model {model.options}")
-    model.load_state_dict(other.state_dict())
-
-
-def _unwrap(model: nn.Module) -> nn.Module:
-    return getattr(model, "module", model)
-
-
-def _plain(value):
-    """Metadata restricted to types ``weights_only=True`` loads: no pickled objects."""
-    if isinstance(value, dict):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (str, int, float, bool)) or value is None:
-        return value
-    if isinstance(value, torch.Tensor):
-        return value.detach().cpu()
-    return str(value)

@@ -10,10 +10,10 @@ transforms and DataLoader workers then work; the compiled ops (``torchvision.ops
 ``torchvision.io`` decoders) stay unavailable, and this project uses neither.
 
 It must act in every interpreter, subprocesses too (DataLoader spawn workers, MLflow's
-requirement inference), so ``python -m robustkd.tvfix`` installs, only when the import really
-fails, a ``.pth`` file into site-packages. The ``.pth`` adds a tiny import hook that runs the
-fix lazily, the first time anything imports torchvision: interpreters that never import it
-(dvc, pip) pay nothing. On a machine with a matching torchvision nothing is installed.
+requirement inference), so ``python -m tools.tvfix`` (from the repository root) installs, only
+when the import really fails, a ``.pth`` file into site-packages. The ``.pth`` adds a tiny import
+hook that runs the fix lazily, the first time anything imports torchvision: interpreters that
+never import it (dvc, pip) pay nothing. On a machine with a matching torchvision nothing is installed.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from pathlib import Path
 HOOK_MODULE = "_robustkd_tvfix_hook"
 PTH_NAME = "robustkd_tvfix.pth"
 
-HOOK_SOURCE = '''"""Installed by robustkd.tvfix: defines torchvision's nms op schemas before torchvision loads."""
+HOOK_SOURCE = '''"""Installed by tools.tvfix: defines torchvision's nms op schemas before torchvision loads."""
 import sys
 
 

@@ -2,7 +2,8 @@
 
 Every branch and every path point gets its own forward pass, and the weights w(.|.) get their
 own forward passes too. It is slow on purpose: the tests check the project's
-:func:`robustkd.methods.darwin.darwin_loss` against it, and the benchmark measures the speed-up.
+:func:`robustkd.methods.darwin.darwin_loss` against it (tests/methods/test_darwin.py), and the
+benchmark measures the speed-up (benchmarks/bench.py). A test oracle, not part of the core.
 """
 
 from __future__ import annotations
@@ -10,8 +11,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .attacks import kl_per_sample, model_modes, project, random_start
-from .methods.darwin import DarwinConfig, triplet
+from robustkd.attacks import kl_per_sample, model_modes, project, random_start
+from robustkd.methods.darwin import DarwinConfig, triplet
 
 
 def _path(student, start_img, label, cfg: DarwinConfig, ascend: bool, generator):
