@@ -58,9 +58,8 @@ def check_optim(path: str, where: str, optim) -> None:
 
 
 def check_teacher(path: str, teacher) -> None:
-    from robustkd.methods import create_objective
-
-    create_objective(teacher.method, teacher.settings, where=f"{path}:teacher.settings")
+    """The teacher's settings block itself is built and checked once, with every method's
+    (services.params.validate_methods, before these checks)."""
     check_settings(path, "teacher.settings", teacher.settings)
     check_optim(path, "teacher.optim", teacher.optim)
     positive(path, "teacher.monitor_pgd_steps", teacher.monitor_pgd_steps, allow_zero=True)
