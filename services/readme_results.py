@@ -290,6 +290,25 @@ def _images(ms: list[dict], block_of) -> str:
     return ", ".join(map(str, counts)) or "-"
 
 
+def _teacher_md5s(lock: Path, key: str, stages_named: str = "") -> set[str]:
+    """The md5s a lock file records for models/teacher.pt, in ``key`` (deps or outs) of its stages
+    whose name matches the regular expression ``stages_named``."""
+    stages = (yaml.safe_load(lock.read_text()) or {}).get("stages", {}) if lock.is_file() else {}
+    return {e.get("md5") for name, st in stages.items() if re.search(stages_named, name)
+            for e in st.get(key, []) or [] if e.get("path") == "models/teacher.pt" and e.get("md5")}
+
+
+def compared_teacher_differs(root: Path) -> str | None:
+    """When the comparison runs (compare/dvc.lock) distilled from another models/teacher.pt than the
+    one the main pipeline's lock records: the two md5s, else None."""
+    # the comparison's runs are the foreach items <method>-<seed> (older items may linger in the lock)
+    compared = _teacher_md5s(root / COMPARE_LOCK, "deps", r"@[a-z0-9_]+-\d+$")
+    current = _teacher_md5s(root / "dvc.lock", "outs")
+    if not compared or not current or compared == current:
+        return None
+    return f"models/teacher.pt md5 {', '.join(sorted(m[:12] for m in compared))}, now {', '.join(sorted(m[:12] for m in current))}"
+
+
 def comparison(root: Path) -> str:
     """The Markdown between the comparison markers, from the comparison runs under ``root``."""
     root = Path(root)
@@ -305,12 +324,18 @@ def comparison(root: Path) -> str:
     rows, paths = comparison_rows(root / EVALUATED / "teacher.json", [(run_name(m, s), p) for m, s, p in runs])
     names = {run_name(m, s) for m, s, _ in runs}
     teacher = next(((n, m) for n, m in rows if n not in names), None)
+    stale_teacher = compared_teacher_differs(root)
+    if stale_teacher:
+        teacher = None   # another teacher than the one these students were distilled from: not like with like
     by_name = dict(rows)
     commit, date, dirty = results_commit(root, COMPARED)
     seeds = sorted({s for _, s, _ in runs})
     out += [f"{CMP_RUN_LINE}`{commit}` ({date})" + (", with uncommitted changes to the results" if dirty else "")
             + f": {len(runs)} runs, {', '.join(map(_label, seeds_of))} x seeds {', '.join(map(str, seeds))} "
             f"({_lock_words(root, runs)}); every run with its intervals: `reports/comparison.md`.", ""]
+    if stale_teacher:
+        out += [f"The students of these runs were distilled from another teacher ({stale_teacher}) than the one "
+                f"evaluated above: the teacher's row is left out (`make compare` re-runs them from it).", ""]
     heads = [m for _, m in rows]
     counts = sorted({b["images"] for m in heads if (b := headline_of(m))})
     on = (f"every column on the same {counts[0]:,} test images ({headline_words(heads[0])})" if len(counts) == 1

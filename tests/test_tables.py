@@ -318,3 +318,23 @@ def test_readme_comparison_uses_the_locked_runs_and_check_detects_its_drift(work
     readme.write_text(README)
     assert readme_results.main(["--root", str(workdir)]) == 0
     assert "No comparison run is committed" in _block(readme.read_text(), "comparison")
+
+
+def test_the_readme_comparison_drops_a_teacher_the_students_were_not_distilled_from(tmp_path):
+    """compare/dvc.lock's distill items record another models/teacher.pt than dvc.lock's: the
+    comparison's teacher row would not be like with like, so it is left out and the README says why."""
+    import yaml
+
+    from services.readme_results import compared_teacher_differs
+
+    def lock(path, stages):
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(yaml.safe_dump({"schema": "2.0", "stages": stages}))
+
+    teacher = lambda md5: [{"path": "models/teacher.pt", "md5": md5}]  # noqa: E731
+    lock(tmp_path / "dvc.lock", {"train_teacher": {"outs": teacher("a" * 32)}})
+    lock(tmp_path / "compare/dvc.lock", {"distill@darwin-0": {"deps": teacher("a" * 32)},
+                                         "distill@darwin": {"deps": teacher("c" * 32)}})   # an old item: ignored
+    assert compared_teacher_differs(tmp_path) is None
+    lock(tmp_path / "compare/dvc.lock", {"distill@darwin-0": {"deps": teacher("b" * 32)}})
+    assert compared_teacher_differs(tmp_path) == f"models/teacher.pt md5 {'b' * 12}, now {'a' * 12}"
