@@ -309,12 +309,20 @@ DOCS_ASSETS = "/docs-assets"
 
 def mount_offline_docs(app: FastAPI) -> None:
     """``/docs``: Swagger UI with its scripts and styles served by this process from the
-    swagger-ui-bundle package (https://pypi.org/project/swagger-ui-bundle/, Swagger UI 4.15.5).
-    FastAPI's default page loads them from a CDN, so it is blank on an offline machine. ReDoc has
-    no such package: ``/redoc`` is off (docs/operations.md, "Serving the ONNX student")."""
+    swagger-ui-py package (https://pypi.org/project/swagger-ui-py/, Swagger UI 5, which reads the
+    OpenAPI 3.1 description FastAPI writes; Swagger UI 4 refuses it). FastAPI's default page loads
+    them from a CDN, so it is blank on an offline machine. ReDoc has no such package: ``/redoc`` is
+    off (docs/operations.md, "Serving the ONNX student")."""
+    import importlib.util
+    from pathlib import Path
+
     from fastapi.openapi.docs import get_swagger_ui_html
     from fastapi.staticfiles import StaticFiles
-    from swagger_ui_bundle import swagger_ui_path
+
+    spec = importlib.util.find_spec("swagger_ui")   # its folder only: the package's web-framework glue is not needed
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("the server's /docs needs the swagger-ui-py package (pip install swagger-ui-py==25.7.1)")
+    swagger_ui_path = Path(spec.submodule_search_locations[0]) / "static"
 
     app.mount(DOCS_ASSETS, StaticFiles(directory=str(swagger_ui_path)), name="docs-assets")
 

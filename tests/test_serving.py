@@ -79,7 +79,7 @@ def test_health_ready_and_openapi(server):
 
 
 def test_docs_page_loads_only_files_the_server_serves(server):
-    """/docs offline: Swagger UI's script, style and icon come from the server (swagger-ui-bundle),
+    """/docs offline: Swagger UI's script, style and icon come from the server (swagger-ui-py),
     not from a CDN; /redoc (no offline package) is off."""
     import re
 
@@ -93,6 +93,11 @@ def test_docs_page_loads_only_files_the_server_serves(server):
         with urllib.request.urlopen(base + ref, timeout=30) as resp:
             assert resp.status == 200 and len(resp.read()) > 500, ref
     assert call(f"{base}/redoc")[0] == 404
+    # FastAPI writes OpenAPI 3.1, which Swagger UI 4 refuses ("Unable to render this definition"):
+    # the served bundle must carry Swagger UI 5's OpenAPI 3.1 plugin
+    assert call(f"{base}/openapi.json")[1]["openapi"].startswith("3.1")
+    with urllib.request.urlopen(f"{base}/docs-assets/swagger-ui-bundle.js", timeout=30) as resp:
+        assert b"OpenAPI31" in resp.read()
 
 
 def test_predictions_match_onnxruntime(server):
