@@ -255,19 +255,27 @@ def load_into(model: Classifier, mapped: dict, unexpected: list[str], source: st
     BatchNorm's ``num_batches_tracked``), shapes equal; else one error naming the keys in the
     file's terms (``file_key`` maps a model key back)."""
     target = model.backbone.state_dict()
-    unexpected = list(unexpected) + [file_key(k) for k in mapped if k not in target]
-    missing = [file_key(k) for k in target if k not in mapped and not _OPTIONAL.search(k)]
-    if unexpected or missing:
-        raise InputError(f"{source}: the file's keys do not match architecture {model.arch!r} "
-                         f"{model.options}: unexpected keys {_few(unexpected)}; missing keys {_few(missing)}")
-    shapes = [f"{file_key(k)}: file {tuple(v.shape)}, model {tuple(target[k].shape)}"
-              for k, v in mapped.items() if tuple(v.shape) != tuple(target[k].shape)]
-    if shapes:
-        raise InputError(f"{source}: tensor shapes differ from architecture {model.arch!r} {model.options}: "
-                         f"{_few(shapes)}")
+    check_keys(target, mapped, source, f"{model.arch!r} {model.options}", _few, unexpected=unexpected,
+               file_key=file_key, optional=lambda k: bool(_OPTIONAL.search(k)))
     filled = {**{k: v for k, v in target.items() if _OPTIONAL.search(k)}, **mapped}
     model.backbone.load_state_dict(filled, strict=True)
     return model
+
+
+def check_keys(target: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor], source: str, described: str,
+               few, order=list, unexpected=(), file_key=lambda key: key, optional=lambda key: False) -> None:
+    """Every key of ``mapped`` in ``target`` and every non-``optional`` key of ``target`` in
+    ``mapped``, with equal shapes; else one error naming the keys in the file's terms (``file_key``),
+    listed by ``few`` in ``order``. The one strict check of every weights format here."""
+    unexpected = list(unexpected) + [file_key(k) for k in mapped if k not in target]
+    missing = [file_key(k) for k in target if k not in mapped and not optional(k)]
+    if unexpected or missing:
+        raise InputError(f"{source}: the file's keys do not match architecture {described}: unexpected keys "
+                         f"{few(order(unexpected))}; missing keys {few(order(missing))}")
+    shapes = [f"{file_key(k)}: file {tuple(v.shape)}, model {tuple(target[k].shape)}"
+              for k, v in mapped.items() if tuple(v.shape) != tuple(target[k].shape)]
+    if shapes:
+        raise InputError(f"{source}: tensor shapes differ from architecture {described}: {few(shapes)}")
 
 
 def _few(keys: list[str], limit: int = 8) -> str:
@@ -346,15 +354,8 @@ def read_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def _strict(model_keys: dict[str, torch.Tensor], mapped: dict[str, torch.Tensor], source: str, arch: str,
             allowed_missing: frozenset = frozenset()) -> None:
-    unexpected = sorted(k for k in mapped if k not in model_keys)
-    missing = sorted(k for k in model_keys if k not in mapped and k not in allowed_missing)
-    if unexpected or missing:
-        raise InputError(f"{source}: the file's keys do not match architecture {arch!r}: unexpected keys "
-                         f"{_first_few(unexpected)}; missing keys {_first_few(missing)}")
-    shapes = [f"{k}: file {tuple(v.shape)}, model {tuple(model_keys[k].shape)}"
-              for k, v in mapped.items() if tuple(v.shape) != tuple(model_keys[k].shape)]
-    if shapes:
-        raise InputError(f"{source}: tensor shapes differ from architecture {arch!r}: {_first_few(shapes)}")
+    check_keys(model_keys, mapped, source, repr(arch), _first_few, order=sorted,
+               optional=lambda k: k in allowed_missing)
 
 
 def _first_few(keys: list[str], limit: int = 8) -> str:

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import torch
 
+from robustkd.attacks import ALPHA_DEFAULT, EPS_DEFAULT
+from robustkd.checkpoints import save_checkpoint
 from robustkd.data import GeneratedPool, ImageSet, TrainBatches
 from robustkd.engine import OptimConfig, RunConfig, Trainer, array_hash
 from robustkd.methods import Objective
-from robustkd.checkpoints import save_checkpoint
 from robustkd.utils import atomic_path
 
 from . import tracking
@@ -192,8 +193,8 @@ def run_training(model, objective: Objective, optim: OptimConfig, params: Params
     (:class:`BestKeeper`, its resumable copy ``best.pt`` in ``checkpoint_dir``), with ``best_meta``
     as the last checkpoint's metadata; its epoch and accuracy go to the info and metrics files.
     ``optim_how``: how the optimiser was set (distill's ``resolve_optim``), in the configuration."""
-    eps = getattr(objective.config, "eps", 8 / 255)
-    step = getattr(objective.config, "step_size", 2 / 255)
+    eps = getattr(objective.config, "eps", EPS_DEFAULT)        # the held-out monitor's attack
+    step = getattr(objective.config, "step_size", ALPHA_DEFAULT)
     batches = TrainBatches(train, optim.batch_size, device, generated=generated, fraction=fraction,
                            with_partners=objective.needs_partners, partner_labels=partner_labels,
                            rank=rank, world_size=world_size, **objective.partner_options)
